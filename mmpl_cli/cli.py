@@ -1,0 +1,197 @@
+"""The `mmpl` command line: thin Typer commands that parse, call one function and map errors to exit
+codes (0 done, 1 failure, 2 bad input, 3 interrupted). Rich progress on a terminal, plain log lines
+otherwise (SLURM logs), `--json` for machines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from mmpl_cli import __version__
+from mmpl_cli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, MMPLError
+
+app = typer.Typer(
+    name="mmpl", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Render long AI video from a YAML shot list with Macro-from-Micro Planning (MMPL).",
+)
+
+
+class Seeding(str, Enum):
+    terminal = "terminal"
+    midpoint = "midpoint"
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mmpl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Render long AI video from a YAML shot list with Macro-from-Micro Planning (MMPL)."""
+
+
+def _fail(exc: BaseException) -> None:
+    if isinstance(exc, KeyboardInterrupt):
+        typer.echo("mmpl: interrupted", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if isinstance(exc, MMPLError):
+        typer.echo(f"mmpl: error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code)
+    if os.environ.get("MMPL_DEBUG"):
+        raise exc
+    typer.echo(f"mmpl: unexpected error: {type(exc).__name__}: {exc}\n"
+               "(set MMPL_DEBUG=1 to see the traceback)", err=True)
+    raise typer.Exit(EXIT_FAILURE)
+
+
+ShotsArg = Annotated[Path, typer.Argument(help="The YAML shot list.", show_default=False)]
+ProfileOpt = Annotated[Optional[str], typer.Option(
+    "--profile", help="Profile name (see profiles/) or path to a profile YAML; overrides defaults.profile.")]
+SeedingOpt = Annotated[Seeding, typer.Option(
+    "--seeding", help="terminal: next segment starts from the terminal plan (throughput); "
+                      "midpoint: from the midpoint plan (lower memory peak).")]
+
+
+@app.command()
+def render(
+    shots: ShotsArg,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder [default: renders/<shot list name>].")] = None,
+    profile: ProfileOpt = None,
+    seeding: SeedingOpt = Seeding.terminal,
+    model_path: Annotated[Optional[str], typer.Option(
+        "--model-path", help="Diffusers-format Wan folder; overrides the profile's model.path.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Render every shot of SHOTS to <out>/<shot id>.mp4 (and per-segment MP4s under <out>/segments/)."""
+    from mmpl_cli.render import RenderRequest
+    from mmpl_cli.render import render as run_render
+
+    request = RenderRequest(shots=shots, out=out, profile=profile, seeding=seeding.value,
+                            model_path=model_path, device=device)
+    try:
+        with _progress() as progress:
+            paths = run_render(request, progress)
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes one message and an exit code
+        if isinstance(exc, typer.Exit):
+            raise
+        _fail(exc)
+    for path in paths:
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
+def plan(
+    shots: ShotsArg,
+    profile: ProfileOpt = None,
+    seeding: SeedingOpt = Seeding.terminal,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Show segments, frames and tasks of every shot without loading any weights."""
+    from mmpl_cli.render import RenderRequest, prepare
+
+    try:
+        shot_list, prof, plans = prepare(RenderRequest(shots=shots, profile=profile, seeding=seeding.value))
+    except BaseException as exc:  # noqa: BLE001
+        _fail(exc)
+    summary = {
+        "shot_list": str(shots),
+        "profile": prof.name,
+        "seeding": seeding.value,
+        "shots": [p.summary() for p in plans],
+        "total_frames": sum(p.frames for p in plans),
+        "total_tasks": sum(len(p.tasks) for p in plans),
+    }
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    typer.echo(f"{shots}: {len(plans)} shot(s), profile {prof.name} "
+               f"({prof.width}x{prof.height}, {prof.fps} fps), {seeding.value} seeding")
+    for p in plans:
+        typer.echo(f"  {p.shot.id}: {p.frames} frames = {p.frames / p.fps:.3f} s, {len(p.segments)} segment(s), "
+                   f"{len(p.tasks)} tasks, strategy {p.strategy}, {p.sampler.steps} {p.sampler.scheduler} steps")
+        for s in p.segments:
+            typer.echo(f"    s{s.index:03d}: frames {s.video_from}-{s.video_from + s.kept - 1}  \"{s.prompt}\"")
+
+
+# --------------------------------------------------------------------------------------------
+# Progress: a Rich bar on a terminal, plain lines otherwise.
+
+
+class _PlainProgress:
+    def __init__(self):
+        self.started = time.perf_counter()
+
+    def task_started(self, task, index, total):
+        self.index, self.total = index, total
+
+    def step(self, done, total):
+        pass
+
+    def task_finished(self, task, seconds):
+        elapsed = time.perf_counter() - self.started
+        print(f"[{elapsed:7.1f}s] {self.index + 1}/{self.total} {task.id} done in {seconds:.1f}s", flush=True)
+
+    def message(self, text):
+        print(text, flush=True)
+
+
+class _RichProgress:
+    def __init__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), transient=False)
+        self.tasks = self.bar.add_task("tasks", total=None)
+        self.steps = self.bar.add_task("steps", total=None)
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+    def task_started(self, task, index, total):
+        self.bar.update(self.tasks, total=total, completed=index, description="tasks")
+        self.bar.update(self.steps, completed=0, total=None, description=f"  {task.id}")
+
+    def step(self, done, total):
+        self.bar.update(self.steps, completed=done, total=total)
+
+    def task_finished(self, task, seconds):
+        self.bar.advance(self.tasks)
+
+    def message(self, text):
+        self.bar.console.print(text)
+
+
+class _progress:
+    def __enter__(self):
+        self.impl = _RichProgress().__enter__() if sys.stdout.isatty() else _PlainProgress()
+        return self.impl
+
+    def __exit__(self, *exc):
+        if isinstance(self.impl, _RichProgress):
+            self.impl.__exit__(*exc)
+        return False
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    app()

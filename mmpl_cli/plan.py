@@ -1,0 +1,187 @@
+"""Plan: shot + profile -> segments, frame accounting and the task graph. Pure; no torch, no files.
+
+Frame accounting (documented in README):
+
+* a shot lasts `frames = round(duration * fps)` pixel frames (at least 1);
+* a segment is one model window of `latents` latents = 1 + 4 * (latents - 1) pixel frames (81 for Wan);
+* terminal seeding keeps the whole window; mid-point seeding keeps the frames up to the midpoint
+  anchor (49 for Wan), because what follows the midpoint is never populated;
+* a later segment starts from a re-encode of the previous segment's last frames, so its first
+  `overlap` pixel frames (the initial latents: 5 for Wan) repeat frames already in the video and
+  are dropped; no frame appears twice at a join;
+* the last segment is cut so that the video has exactly `frames` frames.
+
+Seeds derive from (shot seed, segment index) only: never from a rank, a device or a list position.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from mmpl_cli.errors import InputError, Problem
+from mmpl_cli.profiles import Profile, Sampler
+from mmpl_cli.shotlist import Shot, ShotList
+
+SEEDINGS = ["terminal", "midpoint"]
+LATENT_STAGES = ("initial", "plan", "populate_stage_one", "populate_stage_two")
+
+
+@dataclass(frozen=True)
+class Task:
+    id: str  # "<shot>/s000/plan"; stable across runs and machines
+    shot: str
+    kind: str  # initial | plan | populate_stage_one | populate_stage_two | full | decode | stitch
+    segment: int | None
+    deps: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    index: int
+    prompt: str  # the prompt in force when the segment's first new frame is shown
+    noise_seed: int  # seeds the segment's noise for all of its groups
+    keep_from: int  # first pixel frame of this segment that goes into the video
+    keep_to: int  # one past the last
+    video_from: int  # where those frames land in the shot's video
+
+    @property
+    def kept(self) -> int:
+        return self.keep_to - self.keep_from
+
+
+@dataclass(frozen=True)
+class ShotPlan:
+    shot: Shot
+    profile: Profile
+    sampler: Sampler
+    strategy: str
+    seeding: str
+    frames: int
+    segments: tuple[SegmentPlan, ...]
+    tasks: tuple[Task, ...]
+
+    @property
+    def fps(self) -> int:
+        return self.profile.fps
+
+    def task(self, task_id: str) -> Task:
+        return next(t for t in self.tasks if t.id == task_id)
+
+    def summary(self) -> dict:
+        return {
+            "id": self.shot.id,
+            "frames": self.frames,
+            "fps": self.fps,
+            "duration_s": self.frames / self.fps,
+            "requested_duration_s": self.shot.duration,
+            "segments": len(self.segments),
+            "strategy": self.strategy,
+            "seeding": self.seeding,
+            "width": self.profile.width,
+            "height": self.profile.height,
+            "seed": self.shot.seed,
+            "sampler": dict(self.sampler.__dict__),
+            "segment_plan": [
+                {"index": s.index, "prompt": s.prompt, "keep": [s.keep_from, s.keep_to],
+                 "video_frames": [s.video_from, s.video_from + s.kept]}
+                for s in self.segments
+            ],
+            "tasks": [{"id": t.id, "kind": t.kind, "segment": t.segment, "deps": list(t.deps)} for t in self.tasks],
+        }
+
+
+def derive_seed(shot_seed: int, name: str) -> int:
+    """A 63-bit seed from the shot seed and a stable name, the same on every machine."""
+    digest = hashlib.sha256(f"{shot_seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def segment_task_id(shot_id: str, segment: int, kind: str) -> str:
+    return f"{shot_id}/s{segment:03d}/{kind}"
+
+
+def frame_accounting(frames: int, window: int, overlap: int) -> list[tuple[int, int, int]]:
+    """(keep_from, keep_to, video_from) per segment so that the video has exactly `frames` frames."""
+    if window <= overlap:
+        raise ValueError("a segment must add frames beyond its initial overlap")
+    out = [(0, min(window, frames), 0)]
+    produced = out[0][1]
+    while produced < frames:
+        take = min(window - overlap, frames - produced)
+        out.append((overlap, overlap + take, produced))
+        produced += take
+    return out
+
+
+def plan_shot(shot: Shot, profile: Profile, seeding: str, shot_list_path: str = "") -> ShotPlan:
+    if seeding not in SEEDINGS:
+        raise InputError(Problem("", None, "seeding", f"expected one of {', '.join(SEEDINGS)}, found '{seeding}'"))
+    layout = profile.layout
+    frames = max(1, round(shot.duration * profile.fps))
+    overlap = profile.pixel_frames(len(layout.initial))
+    if shot.strategy == "full":
+        window = profile.segment_frames
+        if frames > window:
+            raise InputError(Problem(
+                shot_list_path, shot.line, f"{shot.id}.duration",
+                f"the 'full' strategy renders one window of {window} frames ({window / profile.fps:g} s at "
+                f"{profile.fps} fps), found {shot.duration:g} s", "use strategy 'mmpl' for longer shots"))
+        seeding = "terminal"
+    else:
+        window = profile.pixel_frames(layout.last_latent(seeding) + 1)
+
+    segments = []
+    for index, (keep_from, keep_to, video_from) in enumerate(frame_accounting(frames, window, overlap)):
+        segments.append(SegmentPlan(
+            index=index,
+            prompt=shot.prompt_at(video_from / profile.fps),
+            noise_seed=derive_seed(shot.seed, f"segment-{index}"),
+            keep_from=keep_from, keep_to=keep_to, video_from=video_from,
+        ))
+
+    tasks: list[Task] = []
+    decodes = []
+    for seg in segments:
+        k = seg.index
+
+        def tid(kind: str, k: int = k) -> str:
+            return segment_task_id(shot.id, k, kind)
+
+        if shot.strategy == "full":
+            tasks.append(Task(tid("full"), shot.id, "full", k, ()))
+            latent_tasks = [tid("full")]
+        else:
+            # The hand-over reads the previous segment's initial and planning latents (the macro chain).
+            handover = (segment_task_id(shot.id, k - 1, "initial"), segment_task_id(shot.id, k - 1, "plan")) if k else ()
+            tasks.append(Task(tid("initial"), shot.id, "initial", k, handover))
+            tasks.append(Task(tid("plan"), shot.id, "plan", k, (tid("initial"),)))
+            tasks.append(Task(tid("populate_stage_one"), shot.id, "populate_stage_one", k,
+                              (tid("initial"), tid("plan"))))
+            latent_tasks = [tid("initial"), tid("plan"), tid("populate_stage_one")]
+            if seeding == "terminal":
+                tasks.append(Task(tid("populate_stage_two"), shot.id, "populate_stage_two", k,
+                                  (tid("initial"), tid("plan"), tid("populate_stage_one"))))
+                latent_tasks.append(tid("populate_stage_two"))
+        tasks.append(Task(tid("decode"), shot.id, "decode", k, tuple(latent_tasks)))
+        decodes.append(tid("decode"))
+    tasks.append(Task(f"{shot.id}/stitch", shot.id, "stitch", None, tuple(decodes)))
+
+    sampler = profile.sampler.with_overrides(shot.sampler_overrides)
+    return ShotPlan(shot=shot, profile=profile, sampler=sampler, strategy=shot.strategy, seeding=seeding,
+                    frames=frames, segments=tuple(segments), tasks=tuple(tasks))
+
+
+def plan_shot_list(shot_list: ShotList, profile: Profile, seeding: str) -> list[ShotPlan]:
+    """Plan every shot; problems in any of them are reported together."""
+    plans, problems = [], []
+    for shot in shot_list.shots:
+        try:
+            plans.append(plan_shot(shot, profile, seeding, str(shot_list.path)))
+        except InputError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise InputError(problems)
+    return plans
+
+

@@ -1,0 +1,298 @@
+"""Profiles: which model, at what size and frame rate, with which sampler, planning layout and costs.
+
+A profile is data (YAML under `profiles/`), read into frozen dataclasses here. This module knows
+nothing of torch: it only says where weights should be and whether the files are there.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from mmpl_cli.errors import InputError, Problem
+from mmpl_cli.yamlio import Fields, Located, load_yaml
+
+BUILTIN_PREFIX = "builtin:"
+# What a Diffusers-format Wan folder must hold for us to load it (diffusers' own layout).
+REQUIRED_MODEL_FILES = {
+    "transformer": ["config.json", "*.safetensors"],
+    "vae": ["config.json", "*.safetensors"],
+    "text_encoder": ["config.json", "*.safetensors"],
+    "tokenizer": ["tokenizer_config.json"],
+}
+SCHEDULERS = ["unipc", "euler"]
+DTYPES = ["float32", "bfloat16", "float16"]
+
+
+@dataclass(frozen=True)
+class Sampler:
+    scheduler: str = "unipc"  # diffusers UniPCMultistepScheduler or FlowMatchEulerDiscreteScheduler
+    steps: int = 50
+    shift: float = 5.0  # flow-matching timestep shift
+    guidance: float = 5.0  # classifier-free guidance scale; 1.0 turns CFG off
+
+    def with_overrides(self, overrides: dict) -> "Sampler":
+        return Sampler(**{**self.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One group of a segment: the latents it denoises and the clean latents it may attend to."""
+
+    targets: tuple[int, ...]
+    sees: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The index groups of one segment (seeds/001 App. C.2); latent indices inside a segment."""
+
+    latents: int  # latents per segment (21 for Wan's 81-frame window)
+    initial: tuple[int, ...]  # the initial group, handed over from the previous segment
+    plan: Stage  # micro plan: early, midpoint and terminal planning latents, jointly
+    populate_stage_one: Stage
+    populate_stage_two: Stage
+    terminal_anchor: tuple[int, ...]  # planning latents that seed the next segment (terminal seeding)
+    midpoint_anchor: tuple[int, ...]  # ... (mid-point seeding)
+
+    def stages(self) -> dict[str, Stage]:
+        return {
+            "plan": self.plan,
+            "populate_stage_one": self.populate_stage_one,
+            "populate_stage_two": self.populate_stage_two,
+        }
+
+    def anchor(self, seeding: str) -> tuple[int, ...]:
+        return self.terminal_anchor if seeding == "terminal" else self.midpoint_anchor
+
+    def last_latent(self, seeding: str) -> int:
+        """The last latent that is populated: mid-point seeding never fills what follows the midpoint."""
+        return self.latents - 1 if seeding == "terminal" else max(self.midpoint_anchor)
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    source: str  # the file it was read from
+    description: str
+    model_path: str  # as written: "builtin:tiny", an absolute path, or relative to the profile
+    model_path_env: str | None  # environment variable that overrides model_path
+    dtype: str
+    width: int
+    height: int
+    fps: int
+    vae_temporal: int  # pixel frames per latent after the first (Wan's causal VAE: 4)
+    vae_spatial: int  # pixels per latent side (Wan VAE: 8)
+    max_sequence_length: int  # text tokens fed to the transformer
+    sampler: Sampler
+    layout: Layout
+    noise_blend: float  # App. G: weight of the adjacent planning latent's noise at a populating edge
+    costs: dict[str, float] = field(default_factory=dict)  # seconds per stage on the reference GPU
+    memory_gb: dict[str, float] = field(default_factory=dict)  # peak memory per seeding mode
+
+    @property
+    def segment_frames(self) -> int:
+        return 1 + self.vae_temporal * (self.layout.latents - 1)
+
+    def pixel_frames(self, latents: int) -> int:
+        """Pixel frames that `latents` consecutive latents from a segment start decode to."""
+        return 0 if latents <= 0 else 1 + self.vae_temporal * (latents - 1)
+
+    def resolve_model_path(self, override: str | None = None) -> Path:
+        """Where the weights are: --model-path, then the profile's environment variable, then the file."""
+        raw = override or (os.environ.get(self.model_path_env) if self.model_path_env else None) or self.model_path
+        if raw.startswith(BUILTIN_PREFIX):
+            return Path(str(resources.files("mmpl_cli.assets"))) / raw[len(BUILTIN_PREFIX):]
+        path = Path(os.path.expandvars(raw)).expanduser()
+        if not path.is_absolute():
+            path = Path(self.source).parent / path
+        return path
+
+    def missing_model_files(self, override: str | None = None) -> list[str]:
+        """Relative paths that a Diffusers-format folder for this profile lacks (empty when complete)."""
+        root = self.resolve_model_path(override)
+        if not root.is_dir():
+            return [str(root)]
+        missing = []
+        for sub, patterns in REQUIRED_MODEL_FILES.items():
+            for pattern in patterns:
+                if not list((root / sub).glob(pattern)):
+                    missing.append(f"{sub}/{pattern}")
+        return missing
+
+
+def builtin_profiles_dir() -> Path:
+    return Path(str(resources.files("mmpl_cli.profile_files")))
+
+
+def list_profiles() -> list[str]:
+    return sorted(p.stem for p in builtin_profiles_dir().glob("*.yaml"))
+
+
+def find_profile(name_or_path: str, relative_to: Path | None = None) -> Path:
+    """A profile name ('tiny') names a shipped profile; anything with a slash or .yaml is a file."""
+    looks_like_path = "/" in name_or_path or name_or_path.endswith((".yaml", ".yml"))
+    if looks_like_path:
+        path = Path(name_or_path).expanduser()
+        if not path.is_absolute() and relative_to is not None and not path.exists():
+            path = relative_to / path
+        return path
+    path = builtin_profiles_dir() / f"{name_or_path}.yaml"
+    if not path.exists():
+        import difflib
+
+        names = list_profiles()
+        close = difflib.get_close_matches(name_or_path, names, n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'?" if close else f"known profiles: {', '.join(names)}"
+        raise InputError(Problem("", None, "profile", f"unknown profile '{name_or_path}'", hint))
+    return path
+
+
+def load_profile(name_or_path: str, relative_to: Path | None = None) -> Profile:
+    path = find_profile(name_or_path, relative_to)
+    data = load_yaml(path, "profile")
+    problems: list[Problem] = []
+    profile = parse_profile(data, str(path), problems)
+    if problems:
+        raise InputError(problems)
+    assert profile is not None
+    return profile
+
+
+def _indices(f: Fields, mapping: Located, key: str, prefix: str, latents: int) -> tuple[int, ...]:
+    values = f.get(mapping, key, prefix, "list", required=True, default=[])
+    line = f.line_of(mapping, key)
+    out = []
+    for v in values:
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < latents:
+            f.add(line, f"{prefix}.{key}", f"expected latent indices 0..{latents - 1}, found {v!r}")
+            return ()
+        out.append(v)
+    if len(set(out)) != len(out):
+        f.add(line, f"{prefix}.{key}", "expected distinct latent indices, found a repeated one")
+    return tuple(sorted(out))
+
+
+def _stage(f: Fields, layout: Located, key: str, latents: int) -> Stage:
+    m = f.get(layout, key, "layout", "mapping", required=True)
+    if m is None:
+        return Stage((), ())
+    prefix = f"layout.{key}"
+    f.unknown_keys(m, {"targets", "sees"}, prefix)
+    return Stage(_indices(f, m, "targets", prefix, latents), _indices(f, m, "sees", prefix, latents))
+
+
+def parse_profile(data, file: str, problems: list[Problem]) -> Profile | None:
+    f = Fields(file, problems)
+    root = f.mapping(data, 1, "")
+    if root is None:
+        return None
+    f.unknown_keys(root, {"name", "description", "model", "video", "sampler", "text", "layout",
+                          "noise_init", "costs", "memory_gb"}, "")
+    name = f.get(root, "name", "", "str", required=True, default="?")
+    description = f.get(root, "description", "", "str", default="")
+
+    model = f.get(root, "model", "", "mapping", required=True) or Located()
+    f.unknown_keys(model, {"path", "path_env", "dtype"}, "model")
+    model_path = f.get(model, "path", "model", "str", required=True, default="")
+    path_env = f.get(model, "path_env", "model", "str")
+    dtype = f.get(model, "dtype", "model", "str", default="float32", choices=DTYPES)
+
+    video = f.get(root, "video", "", "mapping", required=True) or Located()
+    f.unknown_keys(video, {"width", "height", "fps", "vae_temporal", "vae_spatial"}, "video")
+    vae_spatial = f.get(video, "vae_spatial", "video", "int", default=8, minimum=1)
+    width = f.get(video, "width", "video", "int", required=True, default=16, minimum=16)
+    height = f.get(video, "height", "video", "int", required=True, default=16, minimum=16)
+    for key, value in (("width", width), ("height", height)):
+        if value % (2 * vae_spatial):
+            f.add(f.line_of(video, key), f"video.{key}",
+                  f"expected a multiple of {2 * vae_spatial} (VAE stride x patch size), found {value}")
+    fps = f.get(video, "fps", "video", "int", required=True, default=16, minimum=1)
+    vae_temporal = f.get(video, "vae_temporal", "video", "int", default=4, minimum=1)
+
+    sampler_map = f.get(root, "sampler", "", "mapping", required=True) or Located()
+    sampler = parse_sampler(f, sampler_map, "sampler", Sampler())
+
+    text = f.get(root, "text", "", "mapping") or Located()
+    f.unknown_keys(text, {"max_sequence_length"}, "text")
+    max_seq = f.get(text, "max_sequence_length", "text", "int", default=512, minimum=1)
+
+    lay = f.get(root, "layout", "", "mapping", required=True) or Located()
+    f.unknown_keys(lay, {"latents", "initial", "plan", "populate_stage_one", "populate_stage_two",
+                         "terminal_anchor", "midpoint_anchor"}, "layout")
+    latents = f.get(lay, "latents", "layout", "int", required=True, default=21, minimum=3)
+    layout = Layout(
+        latents=latents,
+        initial=_indices(f, lay, "initial", "layout", latents),
+        plan=_stage(f, lay, "plan", latents),
+        populate_stage_one=_stage(f, lay, "populate_stage_one", latents),
+        populate_stage_two=_stage(f, lay, "populate_stage_two", latents),
+        terminal_anchor=_indices(f, lay, "terminal_anchor", "layout", latents),
+        midpoint_anchor=_indices(f, lay, "midpoint_anchor", "layout", latents),
+    )
+    _check_layout(f, lay, layout)
+
+    noise = f.get(root, "noise_init", "", "mapping") or Located()
+    f.unknown_keys(noise, {"alpha"}, "noise_init")
+    alpha = f.get(noise, "alpha", "noise_init", "float", default=0.5, minimum=0.0, maximum=1.0)
+
+    costs = _number_map(f, root, "costs", ["initial", "plan", "populate_stage_one", "populate_stage_two",
+                                           "handover", "decode"])
+    memory = _number_map(f, root, "memory_gb", ["terminal", "midpoint"])
+
+    return Profile(
+        name=name, source=file, description=description, model_path=model_path, model_path_env=path_env,
+        dtype=dtype, width=width, height=height, fps=fps, vae_temporal=vae_temporal, vae_spatial=vae_spatial,
+        max_sequence_length=max_seq, sampler=sampler, layout=layout,
+        noise_blend=alpha, costs=costs, memory_gb=memory,
+    )
+
+
+SAMPLER_KEYS = {"scheduler", "steps", "shift", "guidance"}
+
+
+def parse_sampler(f: Fields, m: Located, prefix: str, base: Sampler) -> Sampler:
+    """Sampler fields over `base`: a profile's own settings, or a shot list's overrides."""
+    f.unknown_keys(m, SAMPLER_KEYS, prefix)
+    return base.with_overrides({
+        "scheduler": f.get(m, "scheduler", prefix, "str", choices=SCHEDULERS),
+        "steps": f.get(m, "steps", prefix, "int", minimum=1, maximum=1000),
+        "shift": f.get(m, "shift", prefix, "float", exclusive_minimum=0.0),
+        "guidance": f.get(m, "guidance", prefix, "float", minimum=0.0),
+    })
+
+
+def _number_map(f: Fields, root: Located, key: str, allowed: list[str]) -> dict[str, float]:
+    m = f.get(root, key, "", "mapping") or Located()
+    f.unknown_keys(m, set(allowed), key)
+    out = {}
+    for k in m:
+        if k in allowed:
+            v = f.get(m, k, key, "float", minimum=0.0)
+            if v is not None:
+                out[k] = v
+    return out
+
+
+def _check_layout(f: Fields, lay: Located, layout: Layout) -> None:
+    """The groups must tile the segment and only look at latents that exist when they run."""
+    line = lay.line
+    groups = [layout.initial, layout.plan.targets, layout.populate_stage_one.targets,
+              layout.populate_stage_two.targets]
+    flat = [i for g in groups for i in g]
+    if sorted(flat) != list(range(layout.latents)):
+        f.add(line, "layout", f"expected the groups to cover latents 0..{layout.latents - 1} exactly once")
+    available = set(layout.initial)
+    for key, stage in layout.stages().items():
+        early = set(stage.sees) - available
+        if early:
+            f.add(line, f"layout.{key}.sees", f"latents {sorted(early)} are not generated before this stage")
+        available |= set(stage.targets)
+    if not set(layout.terminal_anchor) <= set(layout.plan.targets):
+        f.add(line, "layout.terminal_anchor", "expected planning latents")
+    if not set(layout.midpoint_anchor) <= set(layout.plan.targets):
+        f.add(line, "layout.midpoint_anchor", "expected planning latents")
+    if layout.terminal_anchor and max(layout.terminal_anchor) != layout.latents - 1:
+        f.add(line, "layout.terminal_anchor", "expected to end at the last latent of the segment")

@@ -1,0 +1,81 @@
+"""Sampling math: schedulers, classifier-free guidance, the denoising loop and noise initialization.
+
+Pure functions of tensors (k-diffusion style): no files, no ranks, no model loading. The solvers
+themselves are diffusers' (UniPC and flow-match Euler); this module only wires them up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+from mmpl_cli.profiles import Sampler
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> flow prediction
+StepCallback = Callable[[int, int], None]  # (step done, steps in all)
+
+
+def make_scheduler(sampler: Sampler, num_train_timesteps: int = 1000):
+    """A fresh diffusers scheduler for one group, configured as Wan2.1 ships it (flow matching, shift)."""
+    if sampler.scheduler == "unipc":
+        scheduler = UniPCMultistepScheduler(
+            num_train_timesteps=num_train_timesteps, prediction_type="flow_prediction",
+            use_flow_sigmas=True, flow_shift=sampler.shift,
+        )
+    elif sampler.scheduler == "euler":
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=sampler.shift)
+    else:
+        raise ValueError(f"unknown scheduler {sampler.scheduler!r}")
+    scheduler.set_timesteps(sampler.steps)
+    return scheduler
+
+
+def guided(cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022): uncond + scale * (cond - uncond)."""
+    if uncond is None:
+        return cond
+    return uncond + scale * (cond - uncond)
+
+
+def sample(model_fn: ModelFn, x: torch.Tensor, scheduler, callback: StepCallback | None = None) -> torch.Tensor:
+    """Run `scheduler`'s timesteps from noise `x`; `model_fn` already applies guidance."""
+    timesteps = scheduler.timesteps
+    for i, t in enumerate(timesteps):
+        flow = model_fn(x, t)
+        x = scheduler.step(flow, t, x, return_dict=False)[0]
+        if callback is not None:
+            callback(i + 1, len(timesteps))
+    return x
+
+
+def blend_edge_noise(noise: torch.Tensor, targets: Sequence[int], anchors: set[int], alpha: float) -> torch.Tensor:
+    """Noise initialization at planning-to-content boundaries (seeds/001 App. G, Eq. 14).
+
+    `noise` holds one noise latent per latent index of the segment, [C, F, H, W]. For each edge of
+    a contiguous run of `targets` whose two neighbours outside the run are planning latents
+    (`anchors`), the edge latent starts from alpha * eps(adjacent) + (1 - alpha) * eps(next one
+    over) instead of fresh noise. The blend is rescaled to unit variance so that the sampler
+    still starts from N(0, I); the paper does not say how it handles this, and without it the
+    edge latent would start with too little noise. Returns the target noise, [C, len(targets), H, W].
+    """
+    out = noise[:, list(targets)].clone()
+    scale = (alpha**2 + (1 - alpha) ** 2) ** 0.5
+    order = {index: pos for pos, index in enumerate(targets)}
+    for pos, index in enumerate(targets):
+        for step in (-1, 1):
+            if index + step in order:
+                continue  # not an edge on this side
+            near, far = index + step, index + 2 * step
+            if near in anchors and far in anchors:
+                out[:, pos] = (alpha * noise[:, near] + (1 - alpha) * noise[:, far]) / scale
+                break
+    return out
+
+
+def segment_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
+    """One segment's noise, [C, F, H, W] in float32, drawn on the CPU so every device agrees."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    # Drawn with a batch axis, as diffusers' pipelines draw it, so the same seed gives the same noise.
+    return torch.randn((1, *shape), generator=generator, dtype=torch.float32)[0]

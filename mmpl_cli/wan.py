@@ -1,0 +1,350 @@
+"""The Wan backend: text, VAE and the one engine primitive, on diffusers' Wan modules.
+
+    denoise(noise, frames, sees, context, text) -> latents
+
+denoises the target latents at explicit frame positions `frames`, attending to the clean
+`context` latents whose frames are in `sees`, with classifier-free guidance. The clean context is
+run through the model once per task (at t = 0, group by group, each group seeing what it saw when
+it was generated) and its self-attention keys/values are kept in a cache that every denoising
+step reuses. Everything else is diffusers' own `WanTransformer3DModel.forward`: we only add what it
+lacks, installed into the loaded model:
+
+* `ExplicitFrameRope` replaces `model.rope`: the temporal rotary angle of each latent is taken
+  from its frame index in the segment instead of its position in the tensor;
+* `ContextCacheAttnProcessor` replaces every self-attention processor: it appends the visible
+  cached keys/values to the group's own, and can record the group's keys/values into a cache.
+
+Outside `_active(...)` both behave exactly like diffusers' stock modules. Per-frame timesteps use
+diffusers' per-token timestep path (`timestep` of shape [B, tokens]).
+
+Stops at tensors: knows nothing of shot lists, files in a render folder or ffmpeg.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
+from transformers import AutoTokenizer, UMT5EncoderModel
+
+from mmpl_cli.errors import InputError, Problem
+from mmpl_cli.profiles import Sampler
+from mmpl_cli.sampling import StepCallback, guided, make_scheduler, sample
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --------------------------------------------------------------------------------------------
+# What diffusers lacks: explicit frame positions and a cache of clean context keys/values.
+
+
+class ContextCache:
+    """Self-attention keys/values of clean context latents, per layer, with the frame of each token."""
+
+    def __init__(self, num_layers: int):
+        self.keys: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self.values: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self.token_frames: list[torch.Tensor] = []  # frame index of every cached token, per recorded group
+
+    def record(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        self.keys[layer].append(key)
+        self.values[layer].append(value)
+
+    def visible(self, frames: Sequence[int]) -> "CacheView":
+        """Keys/values of the cached tokens whose frame is in `frames`, concatenated once per layer."""
+        if not self.token_frames or not frames:
+            return CacheView(None, None)
+        token_frames = torch.cat(self.token_frames)
+        wanted = torch.tensor(sorted(set(frames)), device=token_frames.device)
+        index = torch.nonzero(torch.isin(token_frames, wanted)).flatten()
+        if index.numel() == 0:
+            return CacheView(None, None)
+        index = index.to(self.keys[0][0].device)
+        keys = [torch.cat(k, dim=1).index_select(1, index) for k in self.keys]
+        values = [torch.cat(v, dim=1).index_select(1, index) for v in self.values]
+        return CacheView(keys, values)
+
+
+@dataclass
+class CacheView:
+    keys: list[torch.Tensor] | None  # per layer, [B, tokens, heads, head_dim]
+    values: list[torch.Tensor] | None
+
+
+@dataclass
+class _Session:
+    """What one forward call of the transformer needs beyond diffusers' arguments."""
+
+    frames: torch.Tensor  # frame index of each latent in the input, [F]
+    context: CacheView = field(default_factory=lambda: CacheView(None, None))
+    record_into: ContextCache | None = None  # store this group's keys/values here
+    attn_mask: torch.Tensor | None = None  # only for the recompute-everything reference path
+
+
+_SESSION: contextvars.ContextVar[_Session | None] = contextvars.ContextVar("mmpl_session", default=None)
+
+
+@contextlib.contextmanager
+def _active(session: _Session) -> Iterator[None]:
+    token = _SESSION.set(session)
+    try:
+        yield
+    finally:
+        _SESSION.reset(token)
+
+
+class ExplicitFrameRope(torch.nn.Module):
+    """Wan's 3-D RoPE with the temporal angle taken from explicit frame indices."""
+
+    def __init__(self, stock: torch.nn.Module):
+        super().__init__()
+        self.stock = stock  # diffusers' WanRotaryPosEmbed: its tables and splits are reused as they are
+
+    def forward(self, hidden_states: torch.Tensor):
+        session = _SESSION.get()
+        if session is None:
+            return self.stock(hidden_states)
+        stock = self.stock
+        _, _, num_frames, height, width = hidden_states.shape
+        p_t, p_h, p_w = stock.patch_size
+        ppf, pph, ppw = num_frames // p_t, height // p_h, width // p_w
+        if session.frames.numel() != ppf:
+            raise ValueError(f"{session.frames.numel()} frame positions for {ppf} latent frames")
+        split = [stock.t_dim, stock.h_dim, stock.w_dim]
+        out = []
+        for table in (stock.freqs_cos, stock.freqs_sin):
+            t_tab, h_tab, w_tab = table.split(split, dim=1)
+            t = t_tab[session.frames.to(t_tab.device)].view(ppf, 1, 1, -1).expand(ppf, pph, ppw, -1)
+            h = h_tab[:pph].view(1, pph, 1, -1).expand(ppf, pph, ppw, -1)
+            w = w_tab[:ppw].view(1, 1, ppw, -1).expand(ppf, pph, ppw, -1)
+            out.append(torch.cat([t, h, w], dim=-1).reshape(1, ppf * pph * ppw, 1, -1))
+        return out[0], out[1]
+
+
+class ContextCacheAttnProcessor:
+    """Self-attention that also attends to cached clean context; diffusers' processor otherwise."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, layer: int):
+        self.layer = layer
+        self.stock = WanAttnProcessor()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        session = _SESSION.get()
+        if session is None:
+            self.stock._attention_backend = self._attention_backend
+            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        cos, sin = rotary_emb
+        query = apply_rotary_emb(query, (cos[0, :, 0], sin[0, :, 0]), use_real=True, sequence_dim=1)
+        key = apply_rotary_emb(key, (cos[0, :, 0], sin[0, :, 0]), use_real=True, sequence_dim=1)
+        if session.record_into is not None:
+            session.record_into.record(self.layer, key, value)
+        if session.context.keys is not None:
+            key = torch.cat([session.context.keys[self.layer], key], dim=1)
+            value = torch.cat([session.context.values[self.layer], value], dim=1)
+        out = dispatch_attention_fn(query, key, value, attn_mask=session.attn_mask, dropout_p=0.0,
+                                    is_causal=False, backend=self._attention_backend)
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def install_engine_modules(transformer: WanTransformer3DModel) -> WanTransformer3DModel:
+    """Put explicit-frame RoPE and the cache processor into a diffusers Wan transformer (idempotent)."""
+    if not isinstance(transformer.rope, ExplicitFrameRope):
+        transformer.rope = ExplicitFrameRope(transformer.rope)
+    for layer, block in enumerate(transformer.blocks):
+        if not isinstance(block.attn1.processor, ContextCacheAttnProcessor):
+            backend = getattr(block.attn1.processor, "_attention_backend", None)
+            block.attn1.set_processor(ContextCacheAttnProcessor(layer))
+            block.attn1.processor._attention_backend = backend
+    return transformer
+
+
+# --------------------------------------------------------------------------------------------
+# The primitive.
+
+
+@dataclass(frozen=True)
+class ContextGroup:
+    """Clean latents of one earlier group, and the frames that group attended to when it was made."""
+
+    latents: torch.Tensor  # [C, F, H, W], model space
+    frames: tuple[int, ...]
+    sees: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Text:
+    """Prompt embeddings for one group: the prompt and, with guidance, the negative prompt."""
+
+    cond: torch.Tensor  # [1, tokens, dim]
+    uncond: torch.Tensor | None
+
+
+class WanBackend:
+    """Text encoding, VAE and `denoise` on one device; built from a Diffusers-format Wan folder."""
+
+    def __init__(self, pipe: WanPipeline, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 max_sequence_length: int = 512):
+        self.pipe = pipe
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.max_sequence_length = max_sequence_length
+        self.transformer = install_engine_modules(pipe.transformer)
+        self.vae = pipe.vae
+        self._text_cache: dict[str, torch.Tensor] = {}
+        z = self.vae.config.z_dim
+        self._latents_mean = torch.tensor(self.vae.config.latents_mean, dtype=torch.float32).view(z, 1, 1, 1)
+        self._latents_std = torch.tensor(self.vae.config.latents_std, dtype=torch.float32).view(z, 1, 1, 1)
+
+    # -- loading ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_folder(cls, root: Path, device: str = "cpu", dtype: str = "float32",
+                    max_sequence_length: int = 512) -> "WanBackend":
+        """Load a Diffusers-format folder offline (no hub access, safetensors only, no pickles)."""
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        torch_dtype = DTYPES[dtype]
+        root = Path(root)
+        try:
+            transformer = WanTransformer3DModel.from_pretrained(root / "transformer", torch_dtype=torch_dtype,
+                                                                use_safetensors=True)
+            vae = AutoencoderKLWan.from_pretrained(root / "vae", torch_dtype=torch.float32, use_safetensors=True)
+            text_encoder = UMT5EncoderModel.from_pretrained(root / "text_encoder", torch_dtype=torch_dtype,
+                                                            use_safetensors=True)
+            tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+        except (OSError, ValueError) as exc:
+            raise InputError(Problem(str(root), None, "model.path", f"cannot load the Wan model: {exc}")) from None
+        pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
+                           scheduler=make_scheduler(Sampler(steps=1)))
+        pipe.to(device)
+        for module in (transformer, vae, text_encoder):
+            module.eval().requires_grad_(False)
+        return cls(pipe, device=device, dtype=torch_dtype, max_sequence_length=max_sequence_length)
+
+    # -- text ------------------------------------------------------------------------------
+
+    def encode_text(self, prompt: str) -> torch.Tensor:
+        """Prompt embeddings as diffusers' Wan pipeline makes them; each distinct prompt is encoded once."""
+        if prompt not in self._text_cache:
+            with torch.no_grad():
+                embeds, _ = self.pipe.encode_prompt(prompt, do_classifier_free_guidance=False,
+                                                    max_sequence_length=self.max_sequence_length,
+                                                    device=self.device, dtype=self.dtype)
+            self._text_cache[prompt] = embeds
+        return self._text_cache[prompt]
+
+    def text(self, prompt: str, negative_prompt: str, guidance: float) -> Text:
+        return Text(self.encode_text(prompt), self.encode_text(negative_prompt) if guidance != 1.0 else None)
+
+    # -- VAE -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Model-space latents [C, F, H, W] -> pixels [3, 1 + 4(F-1), H*8, W*8] in [-1, 1]."""
+        x = latents.float().cpu() * self._latents_std + self._latents_mean
+        x = x.unsqueeze(0).to(self.device, self.vae.dtype)
+        return self.vae.decode(x, return_dict=False)[0][0].float().clamp(-1, 1).cpu()
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels [3, F, H, W] in [-1, 1] -> model-space latents [C, 1 + (F-1)/4, H/8, W/8] (posterior mode)."""
+        x = pixels.unsqueeze(0).to(self.device, self.vae.dtype)
+        z = self.vae.encode(x).latent_dist.mode()[0].float().cpu()
+        return (z - self._latents_mean) / self._latents_std
+
+    # -- the primitive ---------------------------------------------------------------------
+
+    def _forward(self, x: torch.Tensor, frames: Sequence[int], t: torch.Tensor | float, text: torch.Tensor,
+                 context: CacheView | None = None, record_into: ContextCache | None = None,
+                 attn_mask: torch.Tensor | None = None, frame_timesteps: torch.Tensor | None = None) -> torch.Tensor:
+        """One transformer evaluation of latents x [C, F, H, W] at frame positions `frames`."""
+        model = self.transformer
+        _, num_frames, height, width = x.shape
+        p_t, p_h, p_w = model.config.patch_size
+        tokens_per_frame = (height // p_h) * (width // p_w)
+        if frame_timesteps is None:
+            frame_timesteps = torch.full((num_frames,), float(t))
+        timestep = frame_timesteps.to(self.device, torch.float32).repeat_interleave(tokens_per_frame)[None]
+        session = _Session(frames=torch.tensor(list(frames), dtype=torch.long),
+                           context=context or CacheView(None, None), record_into=record_into, attn_mask=attn_mask)
+        with _active(session):
+            out = model(hidden_states=x[None].to(self.device, self.dtype), timestep=timestep,
+                        encoder_hidden_states=text, return_dict=False)[0]
+        if record_into is not None:
+            record_into.token_frames.append(
+                torch.tensor(list(frames)).repeat_interleave(tokens_per_frame).to(self.device))
+        return out[0].float()
+
+    def build_cache(self, context: Sequence[ContextGroup], text: torch.Tensor) -> ContextCache:
+        """Run the clean context once (t = 0), group by group, recording self-attention keys/values."""
+        cache = ContextCache(len(self.transformer.blocks))
+        for group in context:
+            self._forward(group.latents, group.frames, 0.0, text, context=cache.visible(group.sees), record_into=cache)
+        return cache
+
+    @torch.no_grad()
+    def denoise(self, noise: torch.Tensor, frames: Sequence[int], sees: Sequence[int],
+                context: Sequence[ContextGroup], text: Text, sampler: Sampler,
+                callback: StepCallback | None = None, recompute_context: bool = False) -> torch.Tensor:
+        """Denoise `noise` [C, F, H, W] at `frames`, attending to the context frames in `sees`.
+
+        With `recompute_context` the context is not cached but run again inside every forward pass
+        (one sequence, block visibility by attention mask): the slow reference the cache must equal.
+        """
+        # 1. Check inputs
+        if noise.shape[1] != len(frames):
+            raise ValueError(f"{noise.shape[1]} noise latents for {len(frames)} frames")
+        # 2. Prepare the context: one cache per text, cond and uncond see different text
+        texts = [text.cond] + ([text.uncond] if text.uncond is not None and sampler.guidance != 1.0 else [])
+        if recompute_context:
+            evaluate = self._recomputing_evaluator(frames, sees, context, texts)
+        else:
+            views = [self.build_cache(context, emb).visible(sees) for emb in texts]
+
+            def evaluate(x: torch.Tensor, t: torch.Tensor, which: int) -> torch.Tensor:
+                return self._forward(x, frames, t, texts[which], context=views[which])
+
+        # 3. Denoise
+        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            cond = evaluate(x, t, 0)
+            uncond = evaluate(x, t, 1) if len(texts) > 1 else None
+            return guided(cond, uncond, sampler.guidance)
+
+        return sample(model_fn, noise.float().clone(), make_scheduler(sampler), callback)
+
+    def _recomputing_evaluator(self, frames, sees, context, texts):
+        """Reference path: [context groups..., targets] in one pass, visibility by attention mask."""
+        groups = [(tuple(g.frames), set(g.sees)) for g in context] + [(tuple(frames), set(sees))]
+        owner = [(gi, f) for gi, (g_frames, _) in enumerate(groups) for f in g_frames]
+        allowed = torch.tensor([[gi == gj or (gj < gi and fj in groups[gi][1]) for gj, fj in owner]
+                                for gi, _ in owner])
+        all_frames = [f for _, f in owner]
+        clean = [g.latents.float() for g in context]
+        context_steps = torch.zeros(len(all_frames) - len(frames))
+        p_h, p_w = self.transformer.config.patch_size[1:]
+
+        def evaluate(x: torch.Tensor, t: torch.Tensor, which: int) -> torch.Tensor:
+            per_frame = (x.shape[2] // p_h) * (x.shape[3] // p_w)
+            mask = allowed.repeat_interleave(per_frame, 0).repeat_interleave(per_frame, 1)[None, None]
+            steps = torch.cat([context_steps, torch.full((len(frames),), float(t))])
+            out = self._forward(torch.cat([*clean, x.float()], dim=1), all_frames, t, texts[which],
+                                attn_mask=mask.to(self.device), frame_timesteps=steps)
+            return out[:, -len(frames):]
+
+        return evaluate

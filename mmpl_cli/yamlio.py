@@ -1,0 +1,200 @@
+"""Safe YAML loading that remembers where every value came from, plus field checks.
+
+Stops at plain Python values: mappings come back as `Located` dicts that know the line of each
+key, so that the shot-list and profile layers can name file, line and field in every error.
+Only the safe loader is used: no object tags, no arbitrary constructors.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmpl_cli.errors import InputError, Problem
+
+
+class Located(dict):
+    """A mapping from YAML that knows its own line and the line of each key (1-based)."""
+
+    line: int
+    key_lines: dict[str, int]
+
+
+class LocatedList(list):
+    line: int
+    item_lines: list[int]
+
+
+class _LineLoader(yaml.SafeLoader):
+    pass
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> Located:
+    loader.flatten_mapping(node)
+    out = Located()
+    out.line = node.start_mark.line + 1
+    out.key_lines = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, (str, int, float, bool)) or key is None:
+            raise yaml.constructor.ConstructorError(
+                None, None, "mapping keys must be plain words", key_node.start_mark
+            )
+        key = str(key)
+        if key in out:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key '{key}'", key_node.start_mark
+            )
+        out[key] = loader.construct_object(value_node, deep=True)
+        out.key_lines[key] = key_node.start_mark.line + 1
+    return out
+
+
+def _construct_sequence(loader: _LineLoader, node: yaml.SequenceNode) -> LocatedList:
+    out = LocatedList(loader.construct_object(child, deep=True) for child in node.value)
+    out.line = node.start_mark.line + 1
+    out.item_lines = [child.start_mark.line + 1 for child in node.value]
+    return out
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
+
+
+def load_yaml(path: Path, what: str) -> Any:
+    """Read a YAML file safely; every failure is an InputError naming the file and line."""
+    name = str(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(Problem(name, None, "", f"{what} not found")) from None
+    except IsADirectoryError:
+        raise InputError(Problem(name, None, "", f"expected a {what} file, found a directory")) from None
+    except OSError as exc:
+        raise InputError(Problem(name, None, "", f"cannot read {what}: {exc.strerror}")) from None
+    if b"\x00" in raw:
+        raise InputError(Problem(name, None, "", f"expected a YAML {what}, found a binary file"))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise InputError(Problem(name, line, "", "expected UTF-8 text, found bytes that are not UTF-8")) from None
+    try:
+        return yaml.load(text, Loader=_LineLoader)  # noqa: S506 - _LineLoader is a SafeLoader
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        detail = exc.problem or str(exc)
+        raise InputError(Problem(name, line, "", f"invalid YAML: {detail}")) from None
+    except yaml.YAMLError as exc:
+        raise InputError(Problem(name, None, "", f"invalid YAML: {exc}")) from None
+
+
+class Fields:
+    """Collects problems while reading typed fields out of one Located mapping."""
+
+    def __init__(self, file: str, problems: list[Problem]):
+        self.file = file
+        self.problems = problems
+
+    def add(self, line: int | None, field: str, message: str, hint: str = "") -> None:
+        self.problems.append(Problem(self.file, line, field, message, hint))
+
+    def line_of(self, mapping: Any, key: str) -> int | None:
+        if isinstance(mapping, Located):
+            return mapping.key_lines.get(key, mapping.line)
+        return None
+
+    def mapping(self, value: Any, line: int | None, field: str) -> Located | None:
+        if isinstance(value, Located):
+            return value
+        self.add(line, field, f"expected a mapping of keys to values, found {describe(value)}")
+        return None
+
+    def unknown_keys(self, mapping: Located, allowed: set[str] | list[str], prefix: str) -> None:
+        for key in mapping:
+            if key not in allowed:
+                close = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.6)
+                hint = f"did you mean '{close[0]}'?" if close else f"allowed keys: {', '.join(sorted(allowed))}"
+                self.add(mapping.key_lines.get(key), join(prefix, key), f"unknown key '{key}'", hint)
+
+    def get(self, mapping: Located, key: str, prefix: str, kind: str, *, required: bool = False,
+            default: Any = None, minimum: float | None = None, exclusive_minimum: float | None = None,
+            maximum: float | None = None, choices: list[str] | None = None) -> Any:
+        """Read mapping[key] as `kind` ('str', 'int', 'float', 'bool', 'list', 'mapping')."""
+        field = join(prefix, key)
+        line = self.line_of(mapping, key)
+        if key not in mapping or mapping[key] is None:
+            if required:
+                self.add(mapping.line, field, f"missing required field '{key}'")
+            return default
+        value = mapping[key]
+        if kind == "str":
+            if not isinstance(value, str):
+                self.add(line, field, f"expected text, found {describe(value)}")
+                return default
+            if choices is not None and value not in choices:
+                close = difflib.get_close_matches(value, choices, n=1, cutoff=0.5)
+                hint = f"did you mean '{close[0]}'?" if close else ""
+                self.add(line, field, f"expected one of {', '.join(choices)}, found '{value}'", hint)
+                return default
+            return value
+        if kind == "bool":
+            if not isinstance(value, bool):
+                self.add(line, field, f"expected true or false, found {describe(value)}")
+                return default
+            return value
+        if kind in ("int", "float"):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+            if kind == "float":
+                ok = ok or isinstance(value, float)
+            if not ok:
+                expected = "a whole number" if kind == "int" else "a number"
+                self.add(line, field, f"expected {expected}, found {describe(value)}")
+                return default
+            if isinstance(value, float) and not math.isfinite(value):
+                self.add(line, field, f"expected a finite number, found {value}")
+                return default
+            if minimum is not None and value < minimum:
+                self.add(line, field, f"expected a number >= {minimum:g}, found {value:g}")
+                return default
+            if exclusive_minimum is not None and value <= exclusive_minimum:
+                self.add(line, field, f"expected a number > {exclusive_minimum:g}, found {value:g}")
+                return default
+            if maximum is not None and value > maximum:
+                self.add(line, field, f"expected a number <= {maximum:g}, found {value:g}")
+                return default
+            return float(value) if kind == "float" else int(value)
+        if kind == "list":
+            if not isinstance(value, list):
+                self.add(line, field, f"expected a list, found {describe(value)}")
+                return default
+            return value
+        if kind == "mapping":
+            return self.mapping(value, line, field) or default
+        raise ValueError(f"unknown field kind {kind!r}")
+
+
+def join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def describe(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return f"'{str(value).lower()}' (true/false)"
+    if isinstance(value, (int, float)):
+        return f"the number {value}"
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return f"the text '{shown}'"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
