@@ -124,6 +124,11 @@ def plan(
                    f"{len(p.tasks)} tasks, strategy {p.strategy}, {p.sampler.steps} {p.sampler.scheduler} steps")
         for s in p.segments:
             typer.echo(f"    s{s.index:03d}: frames {s.video_from}-{s.video_from + s.kept - 1}  \"{s.prompt}\"")
+        last = p.segments[-1]
+        if len(p.segments) > 1 and last.kept * 4 < p.profile.segment_frames:
+            shorter = last.video_from / p.fps
+            typer.echo(f"    note: the last segment adds only {last.kept} frame(s); a duration of {shorter:g} s "
+                       "would need one segment fewer")
 
 
 # --------------------------------------------------------------------------------------------

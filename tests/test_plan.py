@@ -1,0 +1,89 @@
+"""Frame accounting and the task graph, for both seeding modes (pure; no model)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mmpl_cli.errors import InputError
+from mmpl_cli.plan import derive_seed, frame_accounting, plan_shot
+from mmpl_cli.profiles import load_profile
+from mmpl_cli.shotlist import PromptChange, Shot
+
+PROFILE = load_profile("tiny")
+
+
+def shot(duration: float, strategy: str = "mmpl", prompts=(PromptChange(0.0, "x"),), seed: int = 0) -> Shot:
+    return Shot(id="s", prompts=tuple(prompts), duration=duration, seed=seed, negative_prompt="", init_image=None,
+                strategy=strategy, sampler_overrides={}, line=1)
+
+
+@pytest.mark.parametrize("seeding, window", [("terminal", 81), ("midpoint", 49)])
+@pytest.mark.parametrize("duration", [0.05, 1, 3, 5, 81 / 16, 82 / 16, 10, 14, 60, 61.3])
+def test_frame_accounting(seeding, window, duration):
+    plan = plan_shot(shot(duration), PROFILE, seeding)
+    frames = max(1, round(duration * 16))
+    assert plan.frames == frames
+    segs = plan.segments
+    # the video is exactly the kept frames, back to back: nothing lost, nothing shown twice
+    assert sum(s.kept for s in segs) == frames
+    assert [s.video_from for s in segs] == [sum(x.kept for x in segs[:i]) for i in range(len(segs))]
+    assert segs[0].keep_from == 0
+    for s in segs[1:]:
+        # a later segment's initial latents (5 pixel frames) re-encode frames already shown: dropped
+        assert s.keep_from == PROFILE.pixel_frames(len(PROFILE.layout.initial)) == 5
+    for s in segs[:-1]:
+        assert s.keep_to == window
+    assert segs[-1].keep_to <= window
+    # the fewest segments that can hold the shot
+    assert len(segs) == 1 + max(0, -(-(frames - window) // (window - 5)))
+
+
+def test_paper_sixty_seconds_is_twelve_segments_with_terminal_seeding():
+    # 60 s at 16 fps = 960 frames = 81 + 76 * 11.56.. -> 13 windows; the paper counts 12 five-second
+    # segments because its 81-frame windows overlap; we keep every frame exactly once.
+    plan = plan_shot(shot(60), PROFILE, "terminal")
+    assert plan.frames == 960
+    assert len(plan.segments) == 13
+
+
+def test_task_graph_terminal_and_midpoint():
+    term = plan_shot(shot(9), PROFILE, "terminal")  # 144 frames: 81 + 63
+    kinds = [t.kind for t in term.tasks]
+    assert kinds.count("populate_stage_two") == len(term.segments) == 2
+    assert term.task("s/s001/initial").deps == ("s/s000/initial", "s/s000/plan")  # the macro chain
+    assert term.task("s/s000/populate_stage_two").deps == ("s/s000/initial", "s/s000/plan", "s/s000/populate_stage_one")
+    mid = plan_shot(shot(9), PROFILE, "midpoint")
+    assert "populate_stage_two" not in [t.kind for t in mid.tasks]
+    # tasks are listed in an order that respects their dependencies
+    for p in (term, mid):
+        seen = set()
+        for t in p.tasks:
+            assert set(t.deps) <= seen
+            seen.add(t.id)
+
+
+def test_seeds_depend_on_shot_seed_and_segment_only():
+    a = plan_shot(shot(10, seed=1), PROFILE, "terminal")
+    b = plan_shot(shot(10, seed=1), PROFILE, "midpoint")
+    c = plan_shot(shot(10, seed=2), PROFILE, "terminal")
+    assert a.segments[0].noise_seed == b.segments[0].noise_seed == derive_seed(1, "segment-0")
+    assert a.segments[0].noise_seed != a.segments[1].noise_seed
+    assert a.segments[0].noise_seed != c.segments[0].noise_seed
+
+
+def test_prompt_schedule_per_segment():
+    p = plan_shot(shot(14, prompts=(PromptChange(0, "a"), PromptChange(5, "b"), PromptChange(9.5, "c"))),
+                  PROFILE, "terminal")
+    # segments start at frames 0, 81, 157 = 0 s, 5.06 s, 9.81 s
+    assert [s.prompt for s in p.segments] == ["a", "b", "c"]
+
+
+def test_full_strategy_is_one_window():
+    assert len(plan_shot(shot(5, "full"), PROFILE, "terminal").segments) == 1
+    with pytest.raises(InputError, match="one window of 81 frames"):
+        plan_shot(shot(6, "full"), PROFILE, "terminal")
+
+
+def test_frame_accounting_rejects_windows_without_new_frames():
+    with pytest.raises(ValueError):
+        frame_accounting(100, 5, 5)
