@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from enum import Enum
@@ -16,7 +17,7 @@ from typing import Annotated, Optional
 import typer
 
 from mmpl_cli import __version__
-from mmpl_cli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, MMPLError
+from mmpl_cli.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, MMPLError
 
 app = typer.Typer(
     name="mmpl", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -74,22 +75,99 @@ def render(
     model_path: Annotated[Optional[str], typer.Option(
         "--model-path", help="Diffusers-format Wan folder; overrides the profile's model.path.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    restart: Annotated[bool, typer.Option(
+        "--restart", help="Forget every finished task in the output folder and render from scratch.")] = False,
 ) -> None:
-    """Render every shot of SHOTS to <out>/<shot id>.mp4 (and per-segment MP4s under <out>/segments/)."""
-    from mmpl_cli.render import RenderRequest
-    from mmpl_cli.render import render as run_render
+    """Render every shot of SHOTS to <out>/<shot id>.mp4 (and per-segment MP4s under <out>/segments/).
+
+    Every finished task is kept in the output folder: running the same command again after an
+    interruption, a crash or an edit of the shot list reuses all work that is still valid.
+    SIGINT, SIGTERM and SIGUSR1 stop cleanly (exit code 3).
+    """
+    from mmpl_cli.request import RenderRequest, check
 
     request = RenderRequest(shots=shots, out=out, profile=profile, seeding=seeding.value,
-                            model_path=model_path, device=device)
+                            model_path=model_path, device=device, restart=restart)
+    try:
+        checked = check(request)  # bad input stops here: exit 2, nothing written, torch not even imported
+    except BaseException as exc:  # noqa: BLE001
+        _fail(exc)
+    from mmpl_cli.render import Interrupted, StopFlag
+    from mmpl_cli.render import render as run_render
+
+    stop = StopFlag()
+
+    def on_signal(signum, frame):
+        name = signal.Signals(signum).name
+        if stop.reason is not None:  # a second signal: stop at once (writes are atomic either way)
+            raise Interrupted(f"stopped by {name}")
+        stop.request(name)
+        typer.echo(f"mmpl: {name} received, stopping after the current step", err=True)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, on_signal)
     try:
         with _progress() as progress:
-            paths = run_render(request, progress)
+            paths = run_render(checked, progress, stop)
     except BaseException as exc:  # noqa: BLE001 - every failure becomes one message and an exit code
         if isinstance(exc, typer.Exit):
             raise
+        if isinstance(exc, MMPLError) and exc.exit_code != EXIT_BAD_INPUT:
+            typer.echo(f"mmpl: {exc}\nfinished tasks are kept; resume with: {request.resume_command()}", err=True)
+            raise typer.Exit(exc.exit_code) from None
         _fail(exc)
     for path in paths:
         typer.echo(f"wrote {path}")
+
+
+@app.command()
+def status(
+    folder: Annotated[Path, typer.Argument(help="A render folder (the --out of mmpl render).", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """Show, per shot, segment and task, what is done, missing or invalid, and what remains."""
+    from mmpl_cli.store import DONE, RenderStore
+
+    try:
+        store = RenderStore(folder)
+        manifest = store.read_manifest()
+    except BaseException as exc:  # noqa: BLE001
+        _fail(exc)
+    counts = store.computed_counts()
+    shots, tasks = [], []
+    for shot in manifest["shots"]:
+        states = []
+        for t in shot["tasks"]:
+            state = store.state(t["id"], t["hash"])
+            states.append(state)
+            tasks.append({"id": t["id"], "shot": shot["id"], "kind": t["kind"], "segment": t["segment"],
+                          "state": state, "computed": counts.get(t["id"], 0)})
+        segments = {}
+        for t, state in zip(shot["tasks"], states):
+            if t["segment"] is not None:
+                segments.setdefault(t["segment"], {})[t["kind"]] = state
+        video = store.shot_video(shot["id"])
+        shots.append({"id": shot["id"], "done": states.count(DONE), "total": len(states),
+                      "complete": all(s == DONE for s in states),
+                      "video": str(video) if states[-1] == DONE else None,
+                      "segments": [{"index": k, "tasks": v} for k, v in sorted(segments.items())]})
+    remaining = sum(1 for t in tasks if t["state"] != DONE)
+    report = {"folder": str(folder), "profile": manifest["profile"]["name"],
+              "seeding": manifest["request"]["seeding"], "shots": shots, "tasks": tasks,
+              "remaining": remaining, "resume": manifest.get("resume")}
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    typer.echo(f"{folder}: profile {report['profile']}, {report['seeding']} seeding")
+    for shot in shots:
+        line = f"  {shot['id']}: {shot['done']}/{shot['total']} tasks done"
+        typer.echo(line + (f", video {shot['video']}" if shot["video"] else ""))
+        for seg in shot["segments"]:
+            typer.echo(f"    s{seg['index']:03d}: " + ", ".join(f"{k} {v}" for k, v in seg["tasks"].items()))
+    if remaining:
+        typer.echo(f"{remaining} task(s) remain; resume with: {report['resume']}")
+    else:
+        typer.echo("everything is done")
 
 
 @app.command()
@@ -100,7 +178,7 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
     """Show segments, frames and tasks of every shot without loading any weights."""
-    from mmpl_cli.render import RenderRequest, prepare
+    from mmpl_cli.request import RenderRequest, prepare
 
     try:
         shot_list, prof, plans = prepare(RenderRequest(shots=shots, profile=profile, seeding=seeding.value))
@@ -142,10 +220,16 @@ class _PlainProgress:
     def task_started(self, task, index, total):
         self.index, self.total = index, total
 
+    def task_reused(self, task, index, total):
+        self.reused = getattr(self, "reused", 0) + 1
+
     def step(self, done, total):
         pass
 
     def task_finished(self, task, seconds):
+        if getattr(self, "reused", 0):
+            print(f"reused {self.reused} finished task(s) from the render folder", flush=True)
+            self.reused = 0
         elapsed = time.perf_counter() - self.started
         print(f"[{elapsed:7.1f}s] {self.index + 1}/{self.total} {task.id} done in {seconds:.1f}s", flush=True)
 
@@ -172,6 +256,9 @@ class _RichProgress:
     def task_started(self, task, index, total):
         self.bar.update(self.tasks, total=total, completed=index, description="tasks")
         self.bar.update(self.steps, completed=0, total=None, description=f"  {task.id}")
+
+    def task_reused(self, task, index, total):
+        self.bar.update(self.tasks, total=total, completed=index + 1, description="tasks")
 
     def step(self, done, total):
         self.bar.update(self.steps, completed=done, total=total)

@@ -16,7 +16,9 @@ Seeds derive from (shot seed, segment index) only: never from a rank, a device o
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 from dataclasses import dataclass
 
 from mmpl_cli.errors import InputError, Problem
@@ -185,3 +187,46 @@ def plan_shot_list(shot_list: ShotList, profile: Profile, seeding: str) -> list[
     return plans
 
 
+
+
+LATENT_KINDS = ("initial", "plan", "populate_stage_one", "populate_stage_two", "full")
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def task_hashes(plan: ShotPlan, model_fingerprint: str, init_image_digest: str | None = None) -> dict[str, str]:
+    """A content hash per task from everything its output depends on, and its inputs' hashes (Merkle).
+
+    A segment's tasks depend on the prompt in force in that segment, the negative prompt, the
+    sampler, the segment's noise seed, the model and the hashes of the tasks they read. So an edit
+    from second 20 of a shot leaves every earlier segment's hash alone, and an edit of one shot
+    leaves other shots alone. Output paths, shot order and the shot id are not part of any hash
+    (the id only says where a task's file lives).
+    """
+    profile = plan.profile
+    model = {
+        "weights": model_fingerprint, "dtype": profile.dtype, "size": [profile.width, profile.height],
+        "vae": [profile.vae_temporal, profile.vae_spatial], "text_tokens": profile.max_sequence_length,
+        "layout": dataclasses.asdict(profile.layout), "noise_blend": profile.noise_blend,
+    }
+    sampler = dataclasses.asdict(plan.sampler)
+    hashes: dict[str, str] = {}
+    for task in plan.tasks:
+        parts: dict = {"kind": task.kind, "deps": [hashes[d] for d in task.deps]}
+        seg = plan.segments[task.segment] if task.segment is not None else None
+        if task.kind == "initial" and task.segment > 0:
+            parts.update(model=model, anchor=list(profile.layout.anchor(plan.seeding)))  # VAE hand-over only
+        elif task.kind == "initial" and init_image_digest is not None:
+            parts.update(model=model, init_image=init_image_digest)
+        elif task.kind in LATENT_KINDS:
+            parts.update(model=model, prompt=seg.prompt, negative_prompt=plan.shot.negative_prompt,
+                         sampler=sampler, noise_seed=seg.noise_seed)
+        elif task.kind == "decode":
+            parts.update(model=model, keep=[seg.keep_from, seg.keep_to], fps=plan.fps,
+                         last_latent=profile.layout.last_latent(plan.seeding))
+        else:  # stitch
+            parts.update(fps=plan.fps)
+        hashes[task.id] = _digest(parts)
+    return hashes

@@ -123,6 +123,20 @@ class Profile:
         return missing
 
 
+def model_fingerprint(root: Path) -> str:
+    """Identifies a weights folder without reading the weights: every file's path and size, plus the
+    text of its small JSON files (configs). Changing or replacing weights changes it."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        digest.update(f"{rel}:{path.stat().st_size}\n".encode())
+        if path.suffix == ".json" and path.stat().st_size < 1_000_000:
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def builtin_profiles_dir() -> Path:
     return Path(str(resources.files("mmpl_cli.profile_files")))
 

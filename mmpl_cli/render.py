@@ -15,13 +15,34 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from mmpl_cli import video
-from mmpl_cli.errors import InputError, Problem
+from mmpl_cli.errors import EXIT_INTERRUPTED, InputError, MMPLError, Problem
 from mmpl_cli.plan import ShotPlan, Task, segment_task_id
 from mmpl_cli.sampling import blend_edge_noise, segment_noise
+from mmpl_cli.request import Checked
+from mmpl_cli.store import RenderStore
 from mmpl_cli.wan import ContextGroup, WanBackend
 
 Results = dict[str, dict]  # task id -> {"latents": tensor} | {"path": Path}
+
+
+class Interrupted(MMPLError):
+    """A signal asked us to stop; finished tasks are kept and the same command resumes."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
+class StopFlag:
+    """Set from a signal handler; checked between denoising steps and between tasks."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    def request(self, reason: str) -> None:
+        self.reason = reason
+
+    def check(self) -> None:
+        if self.reason is not None:
+            raise Interrupted(f"stopped by {self.reason}")
 
 
 class Progress:
@@ -29,22 +50,13 @@ class Progress:
 
     def task_started(self, task: Task, index: int, total: int) -> None: ...
 
+    def task_reused(self, task: Task, index: int, total: int) -> None: ...
+
     def step(self, done: int, total: int) -> None: ...
 
     def task_finished(self, task: Task, seconds: float) -> None: ...
 
     def message(self, text: str) -> None: ...
-
-
-@dataclass
-class OutputPaths:
-    root: Path
-
-    def shot(self, shot_id: str) -> Path:
-        return self.root / f"{shot_id}.mp4"
-
-    def segment(self, shot_id: str, index: int) -> Path:
-        return self.root / "segments" / shot_id / f"s{index:03d}.mp4"
 
 
 def load_init_image(path: Path, width: int, height: int) -> torch.Tensor:
@@ -70,12 +82,13 @@ def to_uint8_frames(pixels: torch.Tensor) -> np.ndarray:
 class ShotRunner:
     """Executes the tasks of one ShotPlan with one backend."""
 
-    def __init__(self, backend: WanBackend, plan: ShotPlan, outputs: OutputPaths,
-                 progress: Progress | None = None):
+    def __init__(self, backend: WanBackend, plan: ShotPlan, store: RenderStore,
+                 progress: Progress | None = None, stop: "StopFlag | None" = None):
         self.backend = backend
         self.plan = plan
-        self.outputs = outputs
+        self.store = store  # only asked where files go; the caller saves results
         self.progress = progress or Progress()
+        self.stop = stop or StopFlag()
         profile = plan.profile
         self.layout = profile.layout
         self.latent_shape = (backend.vae.config.z_dim, self.layout.latents,
@@ -85,6 +98,10 @@ class ShotRunner:
 
     def _noise(self, segment: int) -> torch.Tensor:
         return segment_noise(self.plan.segments[segment].noise_seed, self.latent_shape)
+
+    def _step(self, done: int, total: int) -> None:
+        self.stop.check()  # a signal abandons the task between two denoising steps
+        self.progress.step(done, total)
 
     def _text(self, segment: int):
         return self.backend.text(self.plan.segments[segment].prompt, self.plan.shot.negative_prompt,
@@ -111,7 +128,7 @@ class ShotRunner:
                                  self.plan.profile.noise_blend)
         # 3. Denoise against the cached clean context
         latents = self.backend.denoise(noise, stage.targets, stage.sees, context, self._text(segment),
-                                       self.plan.sampler, callback=self.progress.step)
+                                       self.plan.sampler, callback=self._step)
         return {"latents": latents}
 
     # -- the tasks -------------------------------------------------------------------------
@@ -132,7 +149,7 @@ class ShotRunner:
             return {"latents": self.backend.encode(clip)[:, : len(initial)]}
         noise = self._noise(0)[:, list(initial)]
         latents = self.backend.denoise(noise, initial, (), [], self._text(0), self.plan.sampler,
-                                       callback=self.progress.step)
+                                       callback=self._step)
         return {"latents": latents}
 
     def _handover(self, results: Results, previous: int) -> torch.Tensor:
@@ -166,7 +183,7 @@ class ShotRunner:
         """Stock Wan: every latent of one window jointly from text (the reference strategy)."""
         frames = tuple(range(self.layout.latents))
         latents = self.backend.denoise(self._noise(task.segment), frames, (), [], self._text(task.segment),
-                                       self.plan.sampler, callback=self.progress.step)
+                                       self.plan.sampler, callback=self._step)
         return {"latents": latents}
 
     def segment_latents(self, results: Results, segment: int) -> torch.Tensor:
@@ -189,62 +206,15 @@ class ShotRunner:
         seg = self.plan.segments[task.segment]
         pixels = self.backend.decode(self.segment_latents(results, task.segment))
         frames = to_uint8_frames(pixels[:, seg.keep_from:seg.keep_to])
-        path = video.write_mp4(frames, self.outputs.segment(self.plan.shot.id, seg.index), self.plan.fps)
-        return {"path": path, "frames": len(frames)}
+        return {"frames": frames, "target": self.store.segment_video(self.plan.shot.id, seg.index)}
 
     def _run_stitch(self, task: Task, results: Results) -> dict:
         parts = [results[dep]["path"] for dep in task.deps]
-        path = video.stitch(parts, self.outputs.shot(self.plan.shot.id), self.plan.fps)
-        return {"path": path}
+        return {"parts": parts, "target": self.store.shot_video(self.plan.shot.id)}
 
 
 # --------------------------------------------------------------------------------------------
-# A whole shot list on one device.
-
-
-@dataclass(frozen=True)
-class RenderRequest:
-    shots: Path
-    out: Path | None = None  # default: renders/<shot list name>/
-    profile: str | None = None  # overrides the shot list's defaults.profile
-    seeding: str = "terminal"
-    model_path: str | None = None  # overrides the profile's model folder
-    device: str = "auto"
-
-
-def prepare(request: RenderRequest):
-    """Read, validate and plan everything; raises InputError before anything is written."""
-    from mmpl_cli.plan import plan_shot_list
-    from mmpl_cli.profiles import load_profile
-    from mmpl_cli.shotlist import load_shot_list
-
-    shot_list = load_shot_list(request.shots)
-    profile_name = request.profile or shot_list.profile
-    try:
-        profile = load_profile(profile_name, relative_to=request.shots.parent)
-    except InputError as exc:
-        if request.profile is None:  # it came from the shot list: point at it
-            exc = InputError([Problem(str(request.shots), None, "defaults.profile", p.message, p.hint)
-                              if not p.file else p for p in exc.problems])
-        raise exc from None
-    plans = plan_shot_list(shot_list, profile, request.seeding)
-    return shot_list, profile, plans
-
-
-def check_weights(profile, model_path: str | None) -> Path:
-    root = profile.resolve_model_path(model_path)
-    missing = profile.missing_model_files(model_path)
-    if missing:
-        how = "pass --model-path DIR"
-        if profile.model_path_env:
-            how += f" or set {profile.model_path_env}"
-        if missing == [str(root)]:
-            message = f"model folder not found: {root}"
-        else:
-            message = f"model folder {root} lacks: {', '.join(missing)}"
-        raise InputError(Problem(profile.source, None, "model.path", message,
-                                 f"expected a Diffusers-format Wan folder; {how}"))
-    return root
+# A whole shot list on one device, through the render folder's store.
 
 
 def pick_device(device: str) -> str:
@@ -255,33 +225,105 @@ def pick_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def render(request: RenderRequest, progress: Progress | None = None) -> list[Path]:
-    """Render every shot of a shot list; returns the stitched MP4 paths in shot order."""
+def _versions() -> dict[str, str]:
+    import diffusers
+    import transformers
+
+    from mmpl_cli import __version__
+
+    return {"mmpl": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__}
+
+
+def _manifest(request, shot_list, profile, root, fingerprint, plans, hashes) -> dict:
+    return {
+        "request": {"shots": str(request.shots), "profile": request.profile, "seeding": request.seeding,
+                    "model_path": request.model_path, "device": request.device},
+        "resume": request.resume_command(),
+        "versions": _versions(),
+        "profile": {"name": profile.name, "source": profile.source, "model_path": str(root),
+                    "model_fingerprint": fingerprint},
+        "shot_list": {"path": str(shot_list.path), "shots": [
+            {**{k: v for k, v in shot.__dict__.items() if k not in ("prompts", "init_image")},
+             "prompts": [[c.at, c.prompt] for c in shot.prompts],
+             "init_image": str(shot.init_image) if shot.init_image else None}
+            for shot in shot_list.shots]},
+        "shots": [{**{k: v for k, v in p.summary().items() if k != "tasks"},
+                   "tasks": [{"id": t.id, "kind": t.kind, "segment": t.segment, "deps": list(t.deps),
+                              "hash": hashes[t.id]} for t in p.tasks]}
+                  for p in plans],
+    }
+
+
+class _LazyResults(dict):
+    """Results by task id: what this run computed, or else what the store holds for the task's hash."""
+
+    def __init__(self, store: RenderStore, hashes: dict[str, str]):
+        super().__init__()
+        self.store, self.hashes = store, hashes
+
+    def __missing__(self, task_id: str) -> dict:
+        found = self.store.load(task_id, self.hashes[task_id])
+        if found is None:
+            raise MMPLError(f"{task_id} is needed but its result is gone from the render folder; run again")
+        self[task_id] = found
+        return found
+
+
+def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | None = None) -> list[Path]:
+    """Render every shot of a checked request, reusing every valid finished task; returns the videos."""
     import time
 
+    from mmpl_cli.plan import task_hashes
+    from mmpl_cli.profiles import model_fingerprint
+
     progress = progress or Progress()
-    # 1. Check inputs: everything is validated before a file is written
-    shot_list, profile, plans = prepare(request)
-    root = check_weights(profile, request.model_path)
+    stop = stop or StopFlag()
+    # 1. Check inputs: the request was validated (request.check) before anything is written
+    request, shot_list, profile, plans = checked.request, checked.shot_list, checked.profile, checked.plans
+    root, digests = checked.model_root, checked.image_digests
+    store = RenderStore(checked.out, warn=progress.message)
     device = pick_device(request.device)
-    out = OutputPaths(request.out or Path("renders") / shot_list.name)
-    # 2. Load the model once for every shot
-    progress.message(f"loading {profile.name} from {root} on {device}")
-    backend = WanBackend.from_folder(root, device=device, dtype=profile.dtype,
-                                     max_sequence_length=profile.max_sequence_length)
-    # 3. Run each shot's tasks in dependency order
-    out.root.mkdir(parents=True, exist_ok=True)
+    fingerprint = model_fingerprint(root)
+    hashes = {}
+    for plan in plans:
+        hashes.update(task_hashes(plan, fingerprint, digests.get(plan.shot.id)))
+
+    # 2. Open the render folder: an explicit restart forgets everything, otherwise resume
+    if request.restart:
+        store.restart([p.shot.id for p in plans])
+    store.clean_temporary_files()
+    store.write_manifest(_manifest(request, shot_list, profile, root, fingerprint, plans, hashes))
+
+    # 3. Run what is not done yet, in dependency order; the model loads only if something is left
+    backend = None
     total = sum(len(p.tasks) for p in plans)
-    done = 0
+    index = 0
     paths = []
     for plan in plans:
-        runner = ShotRunner(backend, plan, out, progress)
-        results: Results = {}
+        results = _LazyResults(store, hashes)
+        runner = None
         for task in plan.tasks:
-            progress.task_started(task, done, total)
+            stop.check()
+            task_hash = hashes[task.id]
+            found = store.load(task.id, task_hash)  # warns about, and ignores, an unusable file
+            if found is not None:
+                results[task.id] = found
+                progress.task_reused(task, index, total)
+                index += 1
+                continue
+            if backend is None:
+                progress.message(f"loading {profile.name} from {root} on {device}")
+                backend = WanBackend.from_folder(root, device=device, dtype=profile.dtype,
+                                                 max_sequence_length=profile.max_sequence_length)
+            runner = runner or ShotRunner(backend, plan, store, progress, stop)
+            progress.task_started(task, index, total)
+            store.log("started", task.id, task_hash)
             started = time.perf_counter()
-            results[task.id] = runner.run(task, results)
-            done += 1
+            result = runner.run(task, results)
+            results[task.id] = store.save(task.id, task_hash, result, plan.fps)
+            store.log("finished", task.id, task_hash, seconds=round(time.perf_counter() - started, 3))
             progress.task_finished(task, time.perf_counter() - started)
-        paths.append(results[plan.tasks[-1].id]["path"])
+            index += 1
+        paths.append(store.shot_video(plan.shot.id))
     return paths

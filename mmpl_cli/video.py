@@ -1,15 +1,15 @@
 """Video files: write MP4 from frames, stitch MP4s, count frames. Uses the ffmpeg binary that ships
 in the imageio-ffmpeg wheel, with commands built by ffmpeg-python. Knows nothing of models.
 
-Files are written under a temporary name in the same folder and renamed into place, so a reader
-never sees half a video. Output is H.264, yuv420p, constant frame rate, bit-exact flags on, so the
-same frames give the same bytes.
+Writes exactly the path it is given; making that atomic is the caller's business (the store
+writes to a temporary name and renames). Output is H.264, yuv420p, constant frame rate, bit-exact
+flags on, so the same frames give the same bytes.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,24 +30,18 @@ def ffmpeg_binary() -> str:
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
-
-
 def _run(stream, path: Path, input_bytes: bytes | None = None) -> None:
-    tmp = _tmp(path)
-    cmd = stream.output(str(tmp), **BITEXACT).overwrite_output().global_args("-nostdin", "-loglevel", "error")
+    cmd = stream.output(str(path), **BITEXACT).overwrite_output().global_args("-nostdin", "-loglevel", "error")
     args = cmd.compile(cmd=ffmpeg_binary())
     if input_bytes is not None:
         args = [a for a in args if a != "-nostdin"]
-    proc = subprocess.run(args, input=input_bytes, capture_output=True)
+    try:
+        proc = subprocess.run(args, input=input_bytes, capture_output=True)
+    except OSError as exc:
+        raise VideoError(f"cannot run ffmpeg ({args[0]}): {exc.strerror or exc}") from None
     if proc.returncode != 0:
-        tmp.unlink(missing_ok=True)
         tail = proc.stderr.decode(errors="replace").strip().splitlines()[-5:]
-        raise VideoError(f"ffmpeg could not write {path}: " + " | ".join(tail))
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+        raise VideoError(f"ffmpeg failed (exit {proc.returncode}) writing {path.name}: " + " | ".join(tail))
 
 
 def write_mp4(frames: np.ndarray, path: Path, fps: int) -> Path:
@@ -55,8 +49,7 @@ def write_mp4(frames: np.ndarray, path: Path, fps: int) -> Path:
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected uint8 frames [F, H, W, 3], found {frames.dtype} {frames.shape}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    count, height, width, _ = frames.shape
+    _, height, width, _ = frames.shape
     stream = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{width}x{height}", framerate=fps)
     _run(_Encoded(stream, fps), path, np.ascontiguousarray(frames).tobytes())
     return path
@@ -78,14 +71,10 @@ class _Encoded:
 def stitch(parts: Sequence[Path], path: Path, fps: int) -> Path:
     """Join MP4s made by write_mp4 end to end (concat demuxer, no re-encode)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    listing = _tmp(path).with_suffix(".txt")
-    listing.write_text("".join(f"file '{Path(p).resolve()}'\n" for p in parts))
-    try:
-        stream = ffmpeg.input(str(listing), format="concat", safe=0)
-        _run(_Encoded(stream, fps, copy=True), path)
-    finally:
-        listing.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(prefix="mmpl-concat-") as folder:
+        listing = Path(folder) / "parts.txt"
+        listing.write_text("".join(f"file '{Path(p).resolve()}'\n" for p in parts))
+        _run(_Encoded(ffmpeg.input(str(listing), format="concat", safe=0), fps, copy=True), path)
     return path
 
 

@@ -9,8 +9,9 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 
 from mmpl_cli.plan import plan_shot
 from mmpl_cli.profiles import Sampler, load_profile
-from mmpl_cli.render import OutputPaths, ShotRunner
+from mmpl_cli.render import ShotRunner
 from mmpl_cli.sampling import blend_edge_noise
+from mmpl_cli.store import RenderStore
 from mmpl_cli.shotlist import PromptChange, Shot
 from mmpl_cli.wan import ContextGroup
 
@@ -80,7 +81,7 @@ def test_full_strategy_equals_diffusers_wan_pipeline(tiny_model_dir, backend, tm
     shot = Shot(id="peer", prompts=(PromptChange(0.0, "a red ball on a blue floor"),), duration=81 / 16, seed=3,
                 negative_prompt="blurry", init_image=None, strategy="full", sampler_overrides={"steps": 4}, line=1)
     plan = plan_shot(shot, profile, "terminal")
-    runner = ShotRunner(backend, plan, OutputPaths(tmp_path))
+    runner = ShotRunner(backend, plan, RenderStore(tmp_path))
     ours = runner.run(plan.tasks[0], {})["latents"]
 
     # diffusers' own pipeline, loaded fresh from the same folder (no mmpl modules installed)

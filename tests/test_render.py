@@ -13,7 +13,8 @@ from PIL import Image
 from conftest import REPO, run_cli
 from mmpl_cli.plan import plan_shot
 from mmpl_cli.profiles import load_profile
-from mmpl_cli.render import OutputPaths, ShotRunner, load_init_image
+from mmpl_cli.render import ShotRunner, load_init_image
+from mmpl_cli.store import RenderStore
 from mmpl_cli.shotlist import load_shot_list
 from mmpl_cli.video import count_frames, read_frames
 
@@ -81,7 +82,7 @@ def test_image_to_video_starts_from_the_image(tmp_path, tiny_model_dir, backend)
     # the initial latents are the VAE encoding of the still image, as a clip as long as the initial group
     shot_list = load_shot_list(shots)
     plan = plan_shot(shot_list.shots[0], load_profile("tiny"), "terminal")
-    initial = ShotRunner(backend, plan, OutputPaths(tmp_path)).run(plan.tasks[0], {})["latents"]
+    initial = ShotRunner(backend, plan, RenderStore(tmp_path)).run(plan.tasks[0], {})["latents"]
     image = load_init_image(tmp_path / "start.png", 96, 64)
     assert image.shape == (3, 64, 96)
     assert torch.equal(initial, backend.encode(image[:, None].expand(-1, 5, -1, -1))[:, :2])

@@ -1,0 +1,120 @@
+"""A render request and its validation: everything that can be wrong with the input is found here,
+before any file is written and before torch is imported (so bad input fails fast).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from mmpl_cli.errors import InputError, Problem
+from mmpl_cli.plan import ShotPlan, plan_shot_list
+from mmpl_cli.profiles import Profile, load_profile
+from mmpl_cli.shotlist import ShotList, load_shot_list
+from mmpl_cli.store import RenderStore
+
+
+@dataclass(frozen=True)
+class RenderRequest:
+    shots: Path
+    out: Path | None = None  # default: renders/<shot list name>/
+    profile: str | None = None  # overrides the shot list's defaults.profile
+    seeding: str = "terminal"
+    model_path: str | None = None  # overrides the profile's model folder
+    device: str = "auto"
+    restart: bool = False  # forget finished tasks and start over
+
+    def out_dir(self, shot_list_name: str) -> Path:
+        return self.out or Path("renders") / shot_list_name
+
+    def resume_command(self) -> str:
+        """The command that picks this render up where it stopped."""
+        import shlex
+
+        words = ["mmpl", "render", str(self.shots)]
+        if self.out is not None:
+            words += ["--out", str(self.out)]
+        for flag, value in (("--profile", self.profile), ("--model-path", self.model_path)):
+            if value is not None:
+                words += [flag, value]
+        if self.seeding != "terminal":
+            words += ["--seeding", self.seeding]
+        if self.device != "auto":
+            words += ["--device", self.device]
+        return shlex.join(words)
+
+
+def prepare(request: RenderRequest) -> tuple[ShotList, Profile, list[ShotPlan]]:
+    """Read, validate and plan the shot list and profile (no weights, no files written)."""
+    shot_list = load_shot_list(request.shots)
+    profile_name = request.profile or shot_list.profile
+    try:
+        profile = load_profile(profile_name, relative_to=request.shots.parent)
+    except InputError as exc:
+        if request.profile is None:  # it came from the shot list: point at it
+            exc = InputError([Problem(str(request.shots), None, "defaults.profile", p.message, p.hint)
+                              if not p.file else p for p in exc.problems])
+        raise exc from None
+    plans = plan_shot_list(shot_list, profile, request.seeding)
+    return shot_list, profile, plans
+
+
+def check_weights(profile, model_path: str | None) -> Path:
+    root = profile.resolve_model_path(model_path)
+    missing = profile.missing_model_files(model_path)
+    if missing:
+        how = "pass --model-path DIR"
+        if profile.model_path_env:
+            how += f" or set {profile.model_path_env}"
+        if missing == [str(root)]:
+            message = f"model folder not found: {root}"
+        else:
+            message = f"model folder {root} lacks: {', '.join(missing)}"
+        raise InputError(Problem(profile.source, None, "model.path", message,
+                                 f"expected a Diffusers-format Wan folder; {how}"))
+    return root
+
+
+def image_digests(shot_list) -> dict[str, str]:
+    """Content hash of every init image, reading each fully (an unreadable image fails here, early)."""
+    from mmpl_cli.store import sha256_file
+
+    out, problems = {}, []
+    for shot in shot_list.shots:
+        if shot.init_image is None:
+            continue
+        try:
+            with Image.open(shot.init_image) as img:
+                img.load()
+            out[shot.id] = sha256_file(shot.init_image)
+        except (OSError, UnidentifiedImageError) as exc:
+            problems.append(Problem(str(shot_list.path), shot.line, f"{shot.id}.init_image",
+                                    f"cannot read the image {shot.init_image}: {exc}"))
+    if problems:
+        raise InputError(problems)
+    return out
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A request whose every input has been validated: safe to start writing."""
+
+    request: RenderRequest
+    shot_list: ShotList
+    profile: Profile
+    plans: list[ShotPlan]
+    model_root: Path
+    image_digests: dict[str, str]
+    out: Path
+
+
+def check(request: RenderRequest) -> Checked:
+    """Validate everything a render needs; raises InputError (exit code 2) and writes nothing."""
+    shot_list, profile, plans = prepare(request)
+    model_root = check_weights(profile, request.model_path)
+    digests = image_digests(shot_list)
+    out = request.out_dir(shot_list.name)
+    RenderStore(out).check_usable()
+    return Checked(request, shot_list, profile, plans, model_root, digests, out)

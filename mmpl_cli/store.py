@@ -1,0 +1,276 @@
+"""The render folder. This module is the only one that writes into it. It imports torch only
+where latents are read or written, so validating a request stays quick.
+
+    <out>/<shot>.mp4                                  stitched videos
+    <out>/segments/<shot>/s000.mp4                    per-segment videos
+    <out>/.mmpl/manifest.json                         what was asked: resolved shots, profile, hashes, versions
+    <out>/.mmpl/tasks/<shot>/s000-plan.safetensors    latents of a finished task (+ metadata)
+    <out>/.mmpl/tasks/<shot>/s000-decode.json         record of a finished video task (file + sha256)
+    <out>/.mmpl/events.jsonl                          started / finished events, append-only
+
+Every file is written to a temporary name in its own folder, fsynced, renamed into place, and the
+folder fsynced: a crash leaves either the old file or the new one, never half of one. A task file
+is used only if its input hash equals the task's current hash and its content checksum verifies;
+anything else is treated as absent (with a warning) and the task is computed again.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+from mmpl_cli import video
+from mmpl_cli.errors import InputError, MMPLError, Problem
+
+STORE_VERSION = 1
+META = ".mmpl"
+TMP_MARK = ".tmp-"
+
+DONE, MISSING, INVALID, STALE = "done", "missing", "invalid", "stale"
+
+
+class StoreError(MMPLError):
+    """The disk failed us (full, read-only, gone); finished tasks stay as they are."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tensor_checksum(tensor) -> str:
+    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _disk_errors(what: Path):
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise StoreError(f"no space left on the device while writing {what}") from None
+        raise StoreError(f"cannot write {what}: {exc.strerror or exc}") from None
+
+
+class RenderStore:
+    def __init__(self, root: Path, warn: Callable[[str], None] | None = None):
+        self.root = Path(root)
+        self.meta = self.root / META
+        self.warn = warn or (lambda text: None)
+
+    # -- the folder ------------------------------------------------------------------------
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.meta / "manifest.json"
+
+    def check_usable(self) -> None:
+        """Refuse a folder with files that is not a render folder: we never write among a user's files."""
+        if not self.root.exists():
+            return
+        if not self.root.is_dir():
+            raise InputError(Problem(str(self.root), None, "--out", "expected a folder, found a file"))
+        if self.manifest_path.exists():
+            manifest = self.read_manifest()
+            if manifest.get("store_version") != STORE_VERSION:
+                raise InputError(Problem(str(self.root), None, "--out",
+                                         f"render folder of another format ({manifest.get('store_version')})",
+                                         "use --restart to render it again from scratch"))
+            return
+        if any(self.root.iterdir()):
+            raise InputError(Problem(str(self.root), None, "--out",
+                                     "this folder has files but is not an mmpl render folder (no .mmpl/manifest.json)",
+                                     "choose an empty or new folder with --out"))
+
+    def read_manifest(self) -> dict:
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except FileNotFoundError:
+            raise InputError(Problem(str(self.root), None, "", "not an mmpl render folder (no .mmpl/manifest.json)")) from None
+        except (OSError, ValueError) as exc:
+            raise InputError(Problem(str(self.manifest_path), None, "", f"unreadable manifest: {exc}")) from None
+
+    def write_manifest(self, manifest: dict) -> None:
+        self._write_bytes(self.manifest_path, json.dumps({**manifest, "store_version": STORE_VERSION},
+                                                         indent=2, sort_keys=True).encode())
+
+    def clean_temporary_files(self) -> None:
+        """Remove what an interrupted write left behind (only our own temporary names)."""
+        if not self.root.exists():
+            return
+        for path in self.root.rglob(f"*{TMP_MARK}*"):
+            if path.is_file():
+                path.unlink(missing_ok=True)
+
+    def restart(self, shot_ids: list[str]) -> None:
+        """Forget every finished task and remove the videos of these shots: the explicit fresh start."""
+        with _disk_errors(self.root):
+            shutil.rmtree(self.meta / "tasks", ignore_errors=True)
+            shutil.rmtree(self.root / "segments", ignore_errors=True)
+            for shot_id in shot_ids:
+                (self.root / f"{shot_id}.mp4").unlink(missing_ok=True)
+
+    # -- atomic writes ---------------------------------------------------------------------
+
+    def _tmp_for(self, path: Path) -> Path:
+        return path.with_name(f".{path.stem}{TMP_MARK}{uuid.uuid4().hex[:8]}{path.suffix}")
+
+    def _commit(self, tmp: Path, path: Path) -> None:
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+
+    def _write_bytes(self, path: Path, data: bytes) -> None:
+        with _disk_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._tmp_for(path)
+            try:
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                self._commit(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+
+    # -- tasks -----------------------------------------------------------------------------
+
+    def _task_file(self, task_id: str, suffix: str) -> Path:
+        shot, *rest = task_id.split("/")
+        return self.meta / "tasks" / shot / ("-".join(rest) + suffix)
+
+    def segment_video(self, shot_id: str, index: int) -> Path:
+        return self.root / "segments" / shot_id / f"s{index:03d}.mp4"
+
+    def shot_video(self, shot_id: str) -> Path:
+        return self.root / f"{shot_id}.mp4"
+
+    def state(self, task_id: str, task_hash: str) -> str:
+        """done / missing / invalid (unreadable or altered) / stale (made from other inputs)."""
+        return self._load(task_id, task_hash, quiet=True)[0]
+
+    def load(self, task_id: str, task_hash: str) -> dict | None:
+        """The finished result of a task with this hash, or None (warning if a file was unusable)."""
+        state, result = self._load(task_id, task_hash, quiet=False)
+        return result if state == DONE else None
+
+    def _load(self, task_id: str, task_hash: str, quiet: bool) -> tuple[str, dict | None]:
+        latents_file = self._task_file(task_id, ".safetensors")
+        record_file = self._task_file(task_id, ".json")
+        if latents_file.exists():
+            return self._load_latents(task_id, latents_file, task_hash, quiet)
+        if record_file.exists():
+            return self._load_record(task_id, record_file, task_hash, quiet)
+        return MISSING, None
+
+    def _invalid(self, task_id: str, why: str, quiet: bool) -> tuple[str, None]:
+        if not quiet:
+            self.warn(f"warning: {task_id}: {why}; computing it again")
+        return INVALID, None
+
+    def _load_latents(self, task_id, path, task_hash, quiet):
+        from safetensors import safe_open  # torch only where latents are read or written
+
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                latents = fh.get_tensor("latents")
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is simply not a result
+            return self._invalid(task_id, f"unreadable task file ({type(exc).__name__})", quiet)
+        if meta.get("checksum") != tensor_checksum(latents):
+            return self._invalid(task_id, "task file altered (checksum mismatch)", quiet)
+        if meta.get("hash") != task_hash:
+            return STALE, None
+        return DONE, {"latents": latents}
+
+    def _load_record(self, task_id, path, task_hash, quiet):
+        try:
+            record = json.loads(path.read_text())
+            target = self.root / record["file"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return self._invalid(task_id, "unreadable task record", quiet)
+        if record.get("hash") != task_hash:
+            return STALE, None
+        if not target.exists():
+            return MISSING, None
+        if sha256_file(target) != record.get("sha256"):
+            return self._invalid(task_id, f"{record['file']} was altered", quiet)
+        return DONE, {"path": target}
+
+    def save(self, task_id: str, task_hash: str, result: dict, fps: int) -> dict:
+        """Persist a task's result; returns it as later loads will see it."""
+        if "latents" in result:
+            from safetensors.torch import save as safetensors_bytes
+
+            latents = result["latents"].detach().cpu().float().contiguous()
+            meta = {"task": task_id, "hash": task_hash, "checksum": tensor_checksum(latents)}
+            self._write_bytes(self._task_file(task_id, ".safetensors"),
+                              safetensors_bytes({"latents": latents}, metadata=meta))
+            return {"latents": latents}
+        path: Path = result["target"]
+        with _disk_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._tmp_for(path)
+            try:
+                if "frames" in result:
+                    video.write_mp4(result["frames"], tmp, fps)
+                else:
+                    video.stitch(result["parts"], tmp, fps)
+                self._commit(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+        record = {"task": task_id, "hash": task_hash, "file": str(path.relative_to(self.root)),
+                  "sha256": sha256_file(path)}
+        self._write_bytes(self._task_file(task_id, ".json"), json.dumps(record, indent=1).encode())
+        return {"path": path}
+
+    # -- events ----------------------------------------------------------------------------
+
+    def log(self, event: str, task_id: str, task_hash: str, **extra) -> None:
+        """Append one line; a line cut short by a crash is skipped when read."""
+        line = json.dumps({"event": event, "task": task_id, "hash": task_hash, "pid": os.getpid(),
+                           "time": round(time.time(), 3), **extra}) + "\n"
+        path = self.meta / "events.jsonl"
+        with _disk_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as fh:
+                fh.write(line)
+
+    def events(self) -> list[dict]:
+        path = self.meta / "events.jsonl"
+        if not path.exists():
+            return []
+        out = []
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def computed_counts(self) -> dict[str, int]:
+        """How many times each task was computed to the end, over the folder's whole history."""
+        counts: dict[str, int] = {}
+        for e in self.events():
+            if e.get("event") == "finished":
+                counts[e["task"]] = counts.get(e["task"], 0) + 1
+        return counts
