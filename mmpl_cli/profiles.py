@@ -200,7 +200,7 @@ def _stage(f: Fields, layout: Located, key: str, latents: int) -> Stage:
 
 def parse_profile(data, file: str, problems: list[Problem]) -> Profile | None:
     f = Fields(file, problems)
-    root = f.mapping(data, 1, "")
+    root = f.mapping(data, getattr(data, "line", 1), "")
     if root is None:
         return None
     f.unknown_keys(root, {"name", "description", "model", "video", "sampler", "text", "layout",

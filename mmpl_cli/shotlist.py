@@ -81,7 +81,7 @@ def load_shot_list(path: Path) -> ShotList:
 
 def parse_shot_list(data, path: Path, problems: list[Problem]) -> ShotList | None:
     f = Fields(str(path), problems)
-    root = f.mapping(data, 1, "")
+    root = f.mapping(data, getattr(data, "line", 1), "")
     if root is None:
         return None
     f.unknown_keys(root, {"version", "defaults", "shots"}, "")
@@ -91,9 +91,7 @@ def parse_shot_list(data, path: Path, problems: list[Problem]) -> ShotList | Non
     elif version != 1 or isinstance(version, bool):
         f.add(f.line_of(root, "version"), "version", f"unsupported shot list version {version!r}; this mmpl reads version 1")
 
-    defaults = f.get(root, "defaults", "", "mapping") or Located()
-    if not hasattr(defaults, "key_lines"):
-        defaults.key_lines, defaults.line = {}, root.line
+    defaults = f.get(root, "defaults", "", "mapping") or Located(line=root.line)
     f.unknown_keys(defaults, DEFAULT_KEYS, "defaults")
     profile = f.get(defaults, "profile", "defaults", "str", default="tiny")
     default_seed = f.get(defaults, "seed", "defaults", "int", default=0, minimum=0, maximum=MAX_SEED)

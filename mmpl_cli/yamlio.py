@@ -20,8 +20,10 @@ from mmpl_cli.errors import InputError, Problem
 class Located(dict):
     """A mapping from YAML that knows its own line and the line of each key (1-based)."""
 
-    line: int
-    key_lines: dict[str, int]
+    def __init__(self, *args, line: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.line = line
+        self.key_lines: dict[str, int] = {}
 
 
 class LocatedList(list):
@@ -35,9 +37,7 @@ class _LineLoader(yaml.SafeLoader):
 
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> Located:
     loader.flatten_mapping(node)
-    out = Located()
-    out.line = node.start_mark.line + 1
-    out.key_lines = {}
+    out = Located(line=node.start_mark.line + 1)
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
         if not isinstance(key, (str, int, float, bool)) or key is None:
