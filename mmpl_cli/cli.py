@@ -5,6 +5,7 @@ otherwise (SLURM logs), `--json` for machines.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ from typing import Annotated, Optional
 import typer
 
 from mmpl_cli import __version__
-from mmpl_cli.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, MMPLError
+from mmpl_cli.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, InputError, MMPLError, Problem
 
 app = typer.Typer(
     name="mmpl", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -26,6 +27,7 @@ app = typer.Typer(
 
 
 class Seeding(str, Enum):
+    auto = "auto"
     terminal = "terminal"
     midpoint = "midpoint"
 
@@ -63,7 +65,8 @@ ProfileOpt = Annotated[Optional[str], typer.Option(
     "--profile", help="Profile name (see profiles/) or path to a profile YAML; overrides defaults.profile.")]
 SeedingOpt = Annotated[Seeding, typer.Option(
     "--seeding", help="terminal: next segment starts from the terminal plan (throughput); "
-                      "midpoint: from the midpoint plan (lower memory peak).")]
+                      "midpoint: from the midpoint plan (lower memory peak); "
+                      "auto: terminal if the profile's estimate fits the GPUs' free memory, else midpoint.")]
 
 
 @app.command()
@@ -71,12 +74,17 @@ def render(
     shots: ShotsArg,
     out: Annotated[Optional[Path], typer.Option("--out", help="Output folder [default: renders/<shot list name>].")] = None,
     profile: ProfileOpt = None,
-    seeding: SeedingOpt = Seeding.terminal,
+    seeding: SeedingOpt = Seeding.auto,
     model_path: Annotated[Optional[str], typer.Option(
         "--model-path", help="Diffusers-format Wan folder; overrides the profile's model.path.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     restart: Annotated[bool, typer.Option(
         "--restart", help="Forget every finished task in the output folder and render from scratch.")] = False,
+    workers: Annotated[Optional[int], typer.Option(
+        "--workers", min=1, help="Worker processes [default: one per visible GPU, else 1].")] = None,
+    claim_timeout: Annotated[float, typer.Option(
+        "--claim-timeout", min=1.0, help="Seconds without a heartbeat before another worker takes a task over.")] = 120.0,
+    as_worker: Annotated[Optional[str], typer.Option("--as-worker", hidden=True)] = None,
 ) -> None:
     """Render every shot of SHOTS to <out>/<shot id>.mp4 (and per-segment MP4s under <out>/segments/).
 
@@ -92,13 +100,18 @@ def render(
         checked = check(request)  # bad input stops here: exit 2, nothing written, torch not even imported
     except BaseException as exc:  # noqa: BLE001
         _fail(exc)
-    from mmpl_cli.render import Interrupted, StopFlag
+    from mmpl_cli.launch import cpu_threads, detect
+    from mmpl_cli.render import Interrupted, StopFlag, Worker
     from mmpl_cli.render import render as run_render
 
+    launch = detect()
+    children: list = []
     stop = StopFlag()
 
     def on_signal(signum, frame):
         name = signal.Signals(signum).name
+        for child in children:  # workers we started stop the same way
+            child.send_signal(signum)
         if stop.reason is not None:  # a second signal: stop at once (writes are atomic either way)
             raise Interrupted(f"stopped by {name}")
         stop.request(name)
@@ -107,17 +120,70 @@ def render(
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, on_signal)
     try:
-        with _progress() as progress:
-            paths = run_render(checked, progress, stop)
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if as_worker is not None:
+            name, count = as_worker, 1
+        elif launch.mode == "distributed":
+            name, count = launch.name, 1
+            if device == "auto" and gpus:
+                request = dataclasses.replace(request, device=f"cuda:{launch.local_rank % gpus}")
+                checked = dataclasses.replace(checked, request=request)
+            torch.set_num_threads(cpu_threads(launch.local_world_size or 1))
+        else:
+            name, count = launch.name, workers or max(1, gpus)
+        if count > 1 or (launch.mode != "plain" and as_worker is None and restart):
+            if restart:
+                if launch.mode != "plain":
+                    raise InputError(Problem("", None, "--restart",
+                                             f"--restart under {launch.mode} would let workers erase each other's work",
+                                             "run `mmpl render --restart` once on its own, or delete the folder"))
+                from mmpl_cli.store import RenderStore
+
+                RenderStore(checked.out).restart([p.shot.id for p in checked.plans])
+            code = _run_children(request, checked.out, name, count, gpus, claim_timeout, children, stop)
+            if code:
+                raise typer.Exit(code)
+            paths = [checked.out / f"{p.shot.id}.mp4" for p in checked.plans]
+        else:
+            with _progress(name if launch.mode != "plain" or as_worker else None) as progress:
+                paths = run_render(checked, progress, stop, Worker(name=name, claim_timeout=claim_timeout))
     except BaseException as exc:  # noqa: BLE001 - every failure becomes one message and an exit code
         if isinstance(exc, typer.Exit):
             raise
-        if isinstance(exc, MMPLError) and exc.exit_code != EXIT_BAD_INPUT:
+        if isinstance(exc, MMPLError) and exc.exit_code != EXIT_BAD_INPUT and not as_worker:
             typer.echo(f"mmpl: {exc}\nfinished tasks are kept; resume with: {request.resume_command()}", err=True)
             raise typer.Exit(exc.exit_code) from None
         _fail(exc)
-    for path in paths:
-        typer.echo(f"wrote {path}")
+    if as_worker is None:
+        for path in paths:
+            typer.echo(f"wrote {path}")
+
+
+def _run_children(request, out, name, count, gpus, claim_timeout, children, stop) -> int:
+    """Start `count` workers of this render as child processes (one per GPU, or on the CPU with a
+    share of its cores each) and wait for all of them; returns the exit code to report."""
+    import subprocess
+
+    from mmpl_cli.launch import cpu_threads
+
+    base = [sys.executable, "-m", "mmpl_cli", "render", str(request.shots), "--out", str(out),
+            "--claim-timeout", str(claim_timeout), "--seeding", request.seeding]
+    for flag, value in (("--profile", request.profile), ("--model-path", request.model_path)):
+        if value is not None:
+            base += [flag, value]
+    env = {**os.environ}
+    if not gpus:
+        env["OMP_NUM_THREADS"] = str(cpu_threads(count))
+    for i in range(count):
+        device = f"cuda:{i % gpus}" if gpus else "cpu"
+        children.append(subprocess.Popen(base + ["--device", device, "--as-worker", f"{name}/w{i}"], env=env))
+    codes = [child.wait() for child in children]
+    if stop.reason is not None or 3 in codes:
+        typer.echo(f"mmpl: stopped; finished tasks are kept; resume with: {request.resume_command()}", err=True)
+        return EXIT_INTERRUPTED
+    return EXIT_FAILURE if any(codes) else 0
 
 
 @app.command()
@@ -174,29 +240,47 @@ def status(
 def plan(
     shots: ShotsArg,
     profile: ProfileOpt = None,
-    seeding: SeedingOpt = Seeding.terminal,
+    seeding: SeedingOpt = Seeding.auto,
+    gpus: Annotated[int, typer.Option("--gpus", min=1, help="Simulate the schedule on this many GPUs.")] = 1,
+    gpu_memory: Annotated[Optional[float], typer.Option(
+        "--gpu-memory", help="Free memory per simulated GPU in GB, for --seeding auto [default: no limit].")] = None,
+    gantt: Annotated[Optional[Path], typer.Option("--gantt", help="Draw the simulated schedule to this PNG.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
-    """Show segments, frames and tasks of every shot without loading any weights."""
+    """Show segments, frames and tasks of every shot, and simulate the multi-GPU schedule with the
+    profile's stage costs, without loading any weights."""
+    from mmpl_cli.plan import plan_shot_list
     from mmpl_cli.request import RenderRequest, prepare
+    from mmpl_cli.schedule import choose_seeding, draw_gantt, simulate
 
     try:
         shot_list, prof, plans = prepare(RenderRequest(shots=shots, profile=profile, seeding=seeding.value))
+        if seeding is Seeding.auto:
+            chosen, why = choose_seeding(prof, [gpu_memory] * gpus if gpu_memory is not None else None)
+            if chosen != plans[0].seeding:
+                plans = plan_shot_list(shot_list, prof, chosen)
+        else:
+            why = f"{seeding.value} seeding, as asked"
     except BaseException as exc:  # noqa: BLE001
         _fail(exc)
+    schedule = simulate(plans, gpus)
+    if gantt is not None:
+        draw_gantt(schedule, gantt)
     summary = {
         "shot_list": str(shots),
         "profile": prof.name,
-        "seeding": seeding.value,
+        "seeding": plans[0].seeding,
+        "seeding_reason": why,
         "shots": [p.summary() for p in plans],
         "total_frames": sum(p.frames for p in plans),
         "total_tasks": sum(len(p.tasks) for p in plans),
+        **schedule.summary(),
     }
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
     typer.echo(f"{shots}: {len(plans)} shot(s), profile {prof.name} "
-               f"({prof.width}x{prof.height}, {prof.fps} fps), {seeding.value} seeding")
+               f"({prof.width}x{prof.height}, {prof.fps} fps), {why}")
     for p in plans:
         typer.echo(f"  {p.shot.id}: {p.frames} frames = {p.frames / p.fps:.3f} s, {len(p.segments)} segment(s), "
                    f"{len(p.tasks)} tasks, strategy {p.strategy}, {p.sampler.steps} {p.sampler.scheduler} steps")
@@ -204,9 +288,45 @@ def plan(
             typer.echo(f"    s{s.index:03d}: frames {s.video_from}-{s.video_from + s.kept - 1}  \"{s.prompt}\"")
         last = p.segments[-1]
         if len(p.segments) > 1 and last.kept * 4 < p.profile.segment_frames:
-            shorter = last.video_from / p.fps
-            typer.echo(f"    note: the last segment adds only {last.kept} frame(s); a duration of {shorter:g} s "
-                       "would need one segment fewer")
+            typer.echo(f"    note: the last segment adds only {last.kept} frame(s); a duration of "
+                       f"{last.video_from / p.fps:g} s would need one segment fewer")
+    util = ", ".join(f"{u:.0%}" for u in schedule.utilisation())
+    memory = f", peak memory about {schedule.peak_memory_gb:g} GB per GPU" if schedule.peak_memory_gb else ""
+    typer.echo(f"simulated on {gpus} GPU(s) with {prof.name}'s stage costs: makespan {schedule.makespan_s:.1f} s "
+               f"(lower bound {schedule.lower_bound_s:.1f} s; work {schedule.total_work_s:.1f} s, critical path "
+               f"{schedule.critical_path_s:.1f} s), utilisation {util}{memory}")
+    if gantt is not None:
+        typer.echo(f"wrote {gantt}")
+
+
+@app.command()
+def slurm(
+    shots: ShotsArg,
+    array: Annotated[int, typer.Option("--array", min=1, help="Number of array tasks (cooperating workers).")],
+    gpus_per_task: Annotated[int, typer.Option("--gpus-per-task", min=0, help="GPUs per array task.")] = 1,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Render folder [default: renders/<shot list name>].")] = None,
+    profile: ProfileOpt = None,
+    seeding: SeedingOpt = Seeding.auto,
+    time_limit: Annotated[str, typer.Option("--time", help="Wall time per array task (sbatch --time).")] = "24:00:00",
+    partition: Annotated[Optional[str], typer.Option("--partition", help="sbatch --partition.")] = None,
+    script: Annotated[Optional[Path], typer.Option("--script", help="Where to write the script [default: <out>.sbatch].")] = None,
+) -> None:
+    """Write a ready sbatch script: an array of tasks that all run the same `mmpl render` on one
+    render folder and cooperate; pre-emption sends SIGUSR1 two minutes ahead and requeues."""
+    from mmpl_cli.request import RenderRequest, prepare
+    from mmpl_cli.slurm import sbatch_script
+
+    request = RenderRequest(shots=shots, out=out, profile=profile, seeding=seeding.value)
+    try:
+        shot_list, _, _ = prepare(request)
+    except BaseException as exc:  # noqa: BLE001
+        _fail(exc)
+    folder = request.out_dir(shot_list.name)
+    text = sbatch_script(request, folder, array, gpus_per_task, time_limit, partition)
+    script = script or folder.with_suffix(".sbatch")
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(text)
+    typer.echo(f"wrote {script}\nsubmit it with:  sbatch {script}\nwatch it with:   mmpl status {folder}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,8 +334,9 @@ def plan(
 
 
 class _PlainProgress:
-    def __init__(self):
+    def __init__(self, prefix: str | None = None):
         self.started = time.perf_counter()
+        self.prefix = f"{prefix} " if prefix else ""
 
     def task_started(self, task, index, total):
         self.index, self.total = index, total
@@ -231,7 +352,8 @@ class _PlainProgress:
             print(f"reused {self.reused} finished task(s) from the render folder", flush=True)
             self.reused = 0
         elapsed = time.perf_counter() - self.started
-        print(f"[{elapsed:7.1f}s] {self.index + 1}/{self.total} {task.id} done in {seconds:.1f}s", flush=True)
+        print(f"{self.prefix}[{elapsed:7.1f}s] {self.index + 1}/{self.total} {task.id} done in {seconds:.1f}s",
+              flush=True)
 
     def message(self, text):
         print(text, flush=True)
@@ -271,8 +393,11 @@ class _RichProgress:
 
 
 class _progress:
+    def __init__(self, prefix: str | None = None):
+        self.prefix = prefix
+
     def __enter__(self):
-        self.impl = _RichProgress().__enter__() if sys.stdout.isatty() else _PlainProgress()
+        self.impl = _RichProgress().__enter__() if sys.stdout.isatty() and not self.prefix else _PlainProgress(self.prefix)
         return self.impl
 
     def __exit__(self, *exc):

@@ -7,6 +7,9 @@ depend on, so they can be run in any dependency order, later by several workers,
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,6 +228,13 @@ def pick_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def free_gpu_memory_gb() -> list[float] | None:
+    """Free memory of every visible GPU, or None without one."""
+    if not torch.cuda.is_available():
+        return None
+    return [torch.cuda.mem_get_info(i)[0] / 2**30 for i in range(torch.cuda.device_count())]
+
+
 def _versions() -> dict[str, str]:
     import diffusers
     import transformers
@@ -237,7 +247,7 @@ def _versions() -> dict[str, str]:
 
 def _manifest(request, shot_list, profile, root, fingerprint, plans, hashes) -> dict:
     return {
-        "request": {"shots": str(request.shots), "profile": request.profile, "seeding": request.seeding,
+        "request": {"shots": str(request.shots), "profile": request.profile, "seeding": plans[0].seeding,
                     "model_path": request.model_path, "device": request.device},
         "resume": request.resume_command(),
         "versions": _versions(),
@@ -270,12 +280,44 @@ class _LazyResults(dict):
         return found
 
 
-def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | None = None) -> list[Path]:
-    """Render every shot of a checked request, reusing every valid finished task; returns the videos."""
-    import time
+@dataclass(frozen=True)
+class Worker:
+    """Who is rendering: one of possibly many processes cooperating through the render folder."""
 
-    from mmpl_cli.plan import task_hashes
+    name: str = "main"
+    claim_timeout: float = 120.0  # seconds without a heartbeat after which a claim is taken over
+    poll: float = 0.2  # seconds between looks at the folder while others hold every ready task
+
+
+@contextlib.contextmanager
+def _heartbeat(store: RenderStore, claim: Path, interval: float):
+    """Touch the claim every `interval` seconds while the task runs (a background thread)."""
+    finished = threading.Event()
+
+    def beat():
+        while not finished.wait(interval):
+            store.heartbeat(claim)
+
+    thread = threading.Thread(target=beat, name="mmpl-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        finished.set()
+        thread.join()
+
+
+def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | None = None,
+           worker: Worker = Worker()) -> list[Path]:
+    """Render every shot of a checked request as one worker; returns the videos.
+
+    Takes ready tasks in priority order (planning chain first), claims each one in the render
+    folder, runs it and saves the result there. Every valid finished task is reused, whoever
+    made it, so resuming and cooperating with other workers are the same thing.
+    """
+    from mmpl_cli.plan import plan_shot_list, task_hashes
     from mmpl_cli.profiles import model_fingerprint
+    from mmpl_cli.schedule import choose_seeding, priorities
 
     progress = progress or Progress()
     stop = stop or StopFlag()
@@ -285,45 +327,75 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
     store = RenderStore(checked.out, warn=progress.message)
     device = pick_device(request.device)
     fingerprint = model_fingerprint(root)
-    hashes = {}
-    for plan in plans:
-        hashes.update(task_hashes(plan, fingerprint, digests.get(plan.shot.id)))
+    proposed, why = choose_seeding(profile, free_gpu_memory_gb()) if request.seeding == "auto" else (None, "")
 
     # 2. Open the render folder: an explicit restart forgets everything, otherwise resume
     if request.restart:
         store.restart([p.shot.id for p in plans])
-    store.clean_temporary_files()
+    if proposed is not None:  # the first worker's choice holds for the whole folder
+        seeding = store.seeding_decision(proposed)
+        progress.message(f"{worker.name}: {why}" if seeding == proposed else
+                         f"{worker.name}: {seeding} seeding, as recorded in the render folder")
+        if seeding != plans[0].seeding:
+            plans = plan_shot_list(shot_list, profile, seeding)
+    hashes = {}
+    for plan in plans:
+        hashes.update(task_hashes(plan, fingerprint, digests.get(plan.shot.id)))
+    store.clean_temporary_files(older_than=worker.claim_timeout)
     store.write_manifest(_manifest(request, shot_list, profile, root, fingerprint, plans, hashes))
 
-    # 3. Run what is not done yet, in dependency order; the model loads only if something is left
+    # 3. Take ready tasks in priority order until every task is done, by us or by another worker
+    plan_of = {t.id: plan for plan in plans for t in plan.tasks}
+    keys = priorities(plans)
+    order = sorted(plan_of, key=keys.__getitem__)
+    deps = {t.id: t.deps for plan in plans for t in plan.tasks}
+    results = _LazyResults(store, hashes)
+    runners: dict[str, ShotRunner] = {}
     backend = None
-    total = sum(len(p.tasks) for p in plans)
-    index = 0
-    paths = []
-    for plan in plans:
-        results = _LazyResults(store, hashes)
-        runner = None
-        for task in plan.tasks:
-            stop.check()
-            task_hash = hashes[task.id]
-            found = store.load(task.id, task_hash)  # warns about, and ignores, an unusable file
-            if found is not None:
-                results[task.id] = found
-                progress.task_reused(task, index, total)
-                index += 1
+    done: set[str] = set()
+    while len(done) < len(order):
+        stop.check()
+        ran = False
+        for task_id in order:
+            if task_id in done:
                 continue
-            if backend is None:
-                progress.message(f"loading {profile.name} from {root} on {device}")
-                backend = WanBackend.from_folder(root, device=device, dtype=profile.dtype,
-                                                 max_sequence_length=profile.max_sequence_length)
-            runner = runner or ShotRunner(backend, plan, store, progress, stop)
-            progress.task_started(task, index, total)
-            store.log("started", task.id, task_hash)
-            started = time.perf_counter()
-            result = runner.run(task, results)
-            results[task.id] = store.save(task.id, task_hash, result, plan.fps)
-            store.log("finished", task.id, task_hash, seconds=round(time.perf_counter() - started, 3))
-            progress.task_finished(task, time.perf_counter() - started)
-            index += 1
-        paths.append(store.shot_video(plan.shot.id))
-    return paths
+            task = plan_of[task_id].task(task_id)
+            if store.is_done(task_id, hashes[task_id]):
+                done.add(task_id)
+                progress.task_reused(task, len(done) - 1, len(order))
+                continue
+            if not all(d in done for d in deps[task_id]):
+                continue
+            claim = store.try_claim(task_id, worker.name, worker.claim_timeout)
+            if claim is None:
+                continue  # another worker is on it
+            try:
+                if store.is_done(task_id, hashes[task_id]):  # finished while we were looking
+                    done.add(task_id)
+                    continue
+                if backend is None:
+                    progress.message(f"{worker.name}: loading {profile.name} from {root} on {device}")
+                    backend = WanBackend.from_folder(root, device=device, dtype=profile.dtype,
+                                                     max_sequence_length=profile.max_sequence_length)
+                plan = plan_of[task_id]
+                runner = runners.setdefault(plan.shot.id, ShotRunner(backend, plan, store, progress, stop))
+                progress.task_started(task, len(done), len(order))
+                store.log("started", task_id, hashes[task_id], worker=worker.name)
+                started = time.perf_counter()
+                with _heartbeat(store, claim, max(0.5, worker.claim_timeout / 4)):
+                    result = runner.run(task, results)
+                if not store.holds(claim, task_id):
+                    progress.message(f"{worker.name}: {task_id} was taken over by another worker; dropping ours")
+                    continue
+                results[task_id] = store.save(task_id, hashes[task_id], result, plan.fps)
+                store.log("finished", task_id, hashes[task_id], worker=worker.name,
+                          seconds=round(time.perf_counter() - started, 3))
+                done.add(task_id)
+                progress.task_finished(task, time.perf_counter() - started)
+            finally:
+                store.release(task_id)
+            ran = True
+            break  # priorities may have changed: look again from the top
+        if not ran and len(done) < len(order):
+            time.sleep(worker.poll)
+    return [store.shot_video(plan.shot.id) for plan in plans]

@@ -21,7 +21,7 @@ class RenderRequest:
     shots: Path
     out: Path | None = None  # default: renders/<shot list name>/
     profile: str | None = None  # overrides the shot list's defaults.profile
-    seeding: str = "terminal"
+    seeding: str = "auto"  # auto | terminal | midpoint
     model_path: str | None = None  # overrides the profile's model folder
     device: str = "auto"
     restart: bool = False  # forget finished tasks and start over
@@ -39,7 +39,7 @@ class RenderRequest:
         for flag, value in (("--profile", self.profile), ("--model-path", self.model_path)):
             if value is not None:
                 words += [flag, value]
-        if self.seeding != "terminal":
+        if self.seeding != "auto":
             words += ["--seeding", self.seeding]
         if self.device != "auto":
             words += ["--device", self.device]
@@ -57,7 +57,8 @@ def prepare(request: RenderRequest) -> tuple[ShotList, Profile, list[ShotPlan]]:
             exc = InputError([Problem(str(request.shots), None, "defaults.profile", p.message, p.hint)
                               if not p.file else p for p in exc.problems])
         raise exc from None
-    plans = plan_shot_list(shot_list, profile, request.seeding)
+    # 'auto' is settled on the device (free memory); both modes validate alike, so plan terminal here
+    plans = plan_shot_list(shot_list, profile, "terminal" if request.seeding == "auto" else request.seeding)
     return shot_list, profile, plans
 
 

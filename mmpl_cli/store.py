@@ -37,6 +37,19 @@ TMP_MARK = ".tmp-"
 DONE, MISSING, INVALID, STALE = "done", "missing", "invalid", "stale"
 
 
+_HOST = hashlib.sha1(os.uname().nodename.encode()).hexdigest()[:8]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class StoreError(MMPLError):
     """The disk failed us (full, read-only, gone); finished tasks stay as they are."""
 
@@ -113,17 +126,47 @@ class RenderStore:
         self._write_bytes(self.manifest_path, json.dumps({**manifest, "store_version": STORE_VERSION},
                                                          indent=2, sort_keys=True).encode())
 
-    def clean_temporary_files(self) -> None:
-        """Remove what an interrupted write left behind (only our own temporary names)."""
+    def clean_temporary_files(self, older_than: float = 0.0) -> None:
+        """Remove what an interrupted write left behind: our own temporary names whose writer is a
+        dead process on this machine, or that are older than `older_than` seconds (a live worker
+        elsewhere cannot be writing them any more)."""
         if not self.root.exists():
             return
+        now = time.time()
         for path in self.root.rglob(f"*{TMP_MARK}*"):
-            if path.is_file():
-                path.unlink(missing_ok=True)
+            try:
+                writer = path.name.split(TMP_MARK, 1)[1].split("-")
+                dead_here = writer[0] == _HOST and not _alive(int(writer[1]))
+                if path.is_file() and (dead_here or now - path.stat().st_mtime >= older_than):
+                    path.unlink(missing_ok=True)
+            except (FileNotFoundError, IndexError, ValueError):
+                continue
+
+    def seeding_decision(self, proposed: str) -> str:
+        """The folder's automatic seeding choice: the first worker's `proposed` choice is recorded
+        (O_EXCL) and every later worker and resume uses it, so they all run the same task graph."""
+        path = self.meta / "seeding.json"
+        with _disk_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                for _ in range(50):  # the winner may still be writing it
+                    try:
+                        return json.loads(path.read_text())["seeding"]
+                    except (ValueError, KeyError):
+                        time.sleep(0.05)
+                return proposed
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"seeding": proposed}, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+        return proposed
 
     def restart(self, shot_ids: list[str]) -> None:
         """Forget every finished task and remove the videos of these shots: the explicit fresh start."""
         with _disk_errors(self.root):
+            (self.meta / "seeding.json").unlink(missing_ok=True)
             shutil.rmtree(self.meta / "tasks", ignore_errors=True)
             shutil.rmtree(self.root / "segments", ignore_errors=True)
             for shot_id in shot_ids:
@@ -132,7 +175,8 @@ class RenderStore:
     # -- atomic writes ---------------------------------------------------------------------
 
     def _tmp_for(self, path: Path) -> Path:
-        return path.with_name(f".{path.stem}{TMP_MARK}{uuid.uuid4().hex[:8]}{path.suffix}")
+        """A temporary name in the same folder that says which host and process is writing it."""
+        return path.with_name(f".{path.stem}{TMP_MARK}{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}{path.suffix}")
 
     def _commit(self, tmp: Path, path: Path) -> None:
         with open(tmp, "rb") as fh:
@@ -242,6 +286,91 @@ class RenderStore:
                   "sha256": sha256_file(path)}
         self._write_bytes(self._task_file(task_id, ".json"), json.dumps(record, indent=1).encode())
         return {"path": path}
+
+    def is_done(self, task_id: str, task_hash: str) -> bool:
+        """Cheap repeated check for workers that poll: verifies a file once per (size, mtime)."""
+        files = [self._task_file(task_id, ".safetensors"), self._task_file(task_id, ".json")]
+        try:
+            stamp = tuple((f.stat().st_size, f.stat().st_mtime_ns) if f.exists() else None for f in files)
+        except OSError:
+            return False
+        if stamp == (None, None):
+            return False
+        cache = self.__dict__.setdefault("_done_cache", {})
+        key = (task_id, task_hash, stamp)
+        if key not in cache:  # warns (once per version of the file) when it is unusable
+            cache[key] = self._load(task_id, task_hash, quiet=False)[0] == DONE
+        return cache[key]
+
+    # -- claims: which worker runs which task --------------------------------------------
+    #
+    # A claim is a file <task>.claim.<generation> created with O_EXCL, so one worker wins it. Its
+    # holder touches it while the task runs (a heartbeat). A claim not touched for `timeout`
+    # seconds belongs to a dead worker: another worker takes it over by creating the next
+    # generation, which again only one can do. Claims live in the render folder, so this works
+    # across processes, machines and SLURM array tasks on a shared filesystem.
+
+    def _claims(self, task_id: str) -> list[tuple[int, Path]]:
+        base = self._task_file(task_id, ".claim")
+        base = self.meta / "claims" / base.relative_to(self.meta / "tasks")
+        if not base.parent.exists():
+            return []
+        found = []
+        for path in base.parent.glob(base.name + ".*"):
+            suffix = path.name[len(base.name) + 1:]
+            if suffix.isdigit():
+                found.append((int(suffix), path))
+        return sorted(found)
+
+    def try_claim(self, task_id: str, worker: str, timeout: float) -> Path | None:
+        """Claim a task for `worker`; returns the claim file, or None if a live worker holds it."""
+        claims = self._claims(task_id)
+        if claims:
+            generation, current = claims[-1]
+            try:
+                age = time.time() - current.stat().st_mtime
+                holder = json.loads(current.read_text() or "{}")
+            except FileNotFoundError:
+                return None  # being released right now; look again later
+            except ValueError:
+                holder = {}  # written a moment ago, or cut short by a crash: judged by its age
+            dead_here = holder.get("host") == os.uname().nodename and not _alive(int(holder.get("pid", 0)))
+            if age < timeout and not dead_here:
+                return None
+            why = "its process is gone" if dead_here else f"no heartbeat for {age:.0f} s"
+            self.warn(f"{task_id}: taking over from worker {holder.get('worker', '?')} ({why})")
+            generation += 1
+        else:
+            generation = 0
+        base = self._task_file(task_id, ".claim")
+        path = self.meta / "claims" / base.relative_to(self.meta / "tasks")
+        path = path.with_name(f"{path.name}.{generation}")
+        with _disk_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return None
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"worker": worker, "pid": os.getpid(), "host": os.uname().nodename,
+                           "time": time.time()}, fh)
+        return path
+
+    def holds(self, claim: Path, task_id: str) -> bool:
+        """Whether this claim is still the newest one (nobody took the task over)."""
+        claims = self._claims(task_id)
+        return bool(claims) and claims[-1][1] == claim
+
+    @staticmethod
+    def heartbeat(claim: Path) -> None:
+        try:
+            os.utime(claim)
+        except FileNotFoundError:
+            pass
+
+    def release(self, task_id: str) -> None:
+        for _, path in self._claims(task_id):
+            path.unlink(missing_ok=True)
 
     # -- events ----------------------------------------------------------------------------
 

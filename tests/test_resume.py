@@ -33,9 +33,11 @@ def wait_for_start(out: Path, task_id: str, proc: subprocess.Popen, timeout: flo
     log = out / ".mmpl" / "events.jsonl"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if log.exists() and any(json.loads(line).get("event") == "started" and json.loads(line)["task"] == task_id
-                                for line in log.read_text().splitlines() if line.strip()):
+        events = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+        if any(e["event"] == "started" and e["task"] == task_id for e in events[-3:]):
             return
+        if any(e["event"] == "finished" and e["task"] == task_id for e in events):
+            raise AssertionError(f"{task_id} had already finished")
         if proc.poll() is not None:
             raise AssertionError(f"render ended before {task_id} started: {proc.communicate()}")
         time.sleep(0.01)
@@ -69,8 +71,9 @@ def reference(shots_file, tiny_model_dir, tmp_path_factory) -> dict[str, bytes]:
 
 def test_sigkill_at_several_points_then_resume_is_bit_identical(shots_file, tiny_model_dir, reference, tmp_path):
     out = tmp_path / "out"
-    # planning, decoding, populating, stitching: kill the moment each has started
-    for task_id in ("k/s000/plan", "k/s000/decode", "k/s001/populate_stage_one", "k/stitch"):
+    # planning, populating, decoding, stitching (in the order the worker takes them): kill the
+    # moment each has started
+    for task_id in ("k/s000/plan", "k/s001/populate_stage_one", "k/s000/decode", "k/stitch"):
         proc = start_render(shots_file, out, tiny_model_dir)
         wait_for_start(out, task_id, proc)
         proc.kill()

@@ -1,0 +1,213 @@
+"""Adaptive workload scheduling (seeds/001 Sec. 3.3): task priorities and a simulation of the schedule.
+
+Pure: plans and stage costs in, a schedule out. The same priorities order the real workers:
+the planning chain (initial frames, hand-overs, micro plans) first, because it is the critical
+path; then the task with the longest remaining path to the end of its shot (so populate stage one
+before stage two, and the last segment's populating is not left for the end), earliest segment
+first among equals; stitching last. With the 14B stage costs this rule gives the shortest
+simulated makespans of the simple rules we tried (benchmarks/schedule.py).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mmpl_cli.errors import InputError, Problem
+from mmpl_cli.plan import ShotPlan, Task
+from mmpl_cli.profiles import Profile
+
+CHAIN = ("initial", "plan")
+KIND_ORDER = {"initial": 0, "plan": 1, "full": 1, "populate_stage_one": 2, "populate_stage_two": 3,
+              "decode": 4, "stitch": 5}
+
+
+def task_cost(plan: ShotPlan, task: Task) -> float:
+    """Seconds for a task on the profile's reference device (profile `costs`)."""
+    costs = plan.profile.costs
+    if task.kind == "initial":
+        first_from_text = task.segment == 0 and plan.shot.init_image is None
+        return costs.get("initial", 0.0) if first_from_text else costs.get("handover", 0.0)
+    if task.kind == "full":
+        return sum(costs.get(k, 0.0) for k in ("initial", "plan", "populate_stage_one", "populate_stage_two"))
+    return costs.get(task.kind, 0.0)
+
+
+def priorities(plans: list[ShotPlan]) -> dict[str, tuple]:
+    """A sort key per task id; smaller runs first."""
+    keys = {}
+    for shot_index, plan in enumerate(plans):
+        children: dict[str, list[str]] = {t.id: [] for t in plan.tasks}
+        for t in plan.tasks:
+            for dep in t.deps:
+                children[dep].append(t.id)
+        remaining: dict[str, float] = {}  # longest path from the start of a task to the end of its shot
+        for t in reversed(plan.tasks):
+            remaining[t.id] = task_cost(plan, t) + max((remaining[c] for c in children[t.id]), default=0.0)
+        for t in plan.tasks:
+            segment = t.segment if t.segment is not None else 1 << 30
+            if t.kind in CHAIN:
+                keys[t.id] = (0, segment, shot_index, KIND_ORDER[t.kind])
+            else:
+                keys[t.id] = (1, -round(remaining[t.id], 6), segment, shot_index, KIND_ORDER[t.kind])
+    return keys
+
+
+@dataclass
+class Slot:
+    task: str
+    kind: str
+    shot: str
+    segment: int | None
+    device: int
+    start: float
+    end: float
+
+
+@dataclass
+class Schedule:
+    devices: int
+    seeding: str
+    makespan_s: float
+    total_work_s: float
+    critical_path_s: float
+    peak_memory_gb: float | None
+    slots: list[Slot] = field(default_factory=list)
+
+    @property
+    def lower_bound_s(self) -> float:
+        return max(self.total_work_s / self.devices, self.critical_path_s)
+
+    def utilisation(self) -> list[float]:
+        busy = [0.0] * self.devices
+        for s in self.slots:
+            busy[s.device] += s.end - s.start
+        return [b / self.makespan_s if self.makespan_s else 0.0 for b in busy]
+
+    def summary(self) -> dict:
+        return {
+            "gpus": self.devices, "seeding": self.seeding,
+            "makespan_s": round(self.makespan_s, 3), "lower_bound_s": round(self.lower_bound_s, 3),
+            "total_work_s": round(self.total_work_s, 3), "critical_path_s": round(self.critical_path_s, 3),
+            "utilisation": [round(u, 4) for u in self.utilisation()],
+            "peak_memory_gb": self.peak_memory_gb,
+        }
+
+
+def simulate(plans: list[ShotPlan], devices: int) -> Schedule:
+    """List scheduling: whenever a device is free, it takes the ready task of highest priority."""
+    if devices < 1:
+        raise ValueError("need at least one device")
+    tasks: dict[str, tuple[Task, ShotPlan, int]] = {}
+    for index, plan in enumerate(plans):
+        for task in plan.tasks:
+            tasks[task.id] = (task, plan, index)
+    cost = {tid: task_cost(plan, task) for tid, (task, plan, _) in tasks.items()}
+    waiting = {tid: set(task.deps) for tid, (task, _, _) in tasks.items()}
+    children: dict[str, list[str]] = {tid: [] for tid in tasks}
+    for tid, (task, _, _) in tasks.items():
+        for dep in task.deps:
+            children[dep].append(tid)
+
+    key = priorities(plans)
+    ready = [(key[tid], tid) for tid, (task, _, _) in tasks.items() if not task.deps]
+    heapq.heapify(ready)
+    free = list(range(devices))
+    running: list[tuple[float, int, str]] = []  # (end, device, task)
+    now, slots = 0.0, []
+    while ready or running:
+        while ready and free:
+            _, tid = heapq.heappop(ready)
+            device = min(free)
+            free.remove(device)
+            task, plan, _ = tasks[tid]
+            slots.append(Slot(tid, task.kind, plan.shot.id, task.segment, device, now, now + cost[tid]))
+            heapq.heappush(running, (now + cost[tid], device, tid))
+        now, device, tid = heapq.heappop(running)
+        free.append(device)
+        finished = [tid]
+        while running and running[0][0] == now:  # everything that ends at the same moment
+            _, other_device, other = heapq.heappop(running)
+            free.append(other_device)
+            finished.append(other)
+        for done in finished:
+            for child in children[done]:
+                waiting[child].discard(done)
+                if not waiting[child]:
+                    heapq.heappush(ready, (key[child], child))
+
+    # the longest chain of dependent work
+    longest: dict[str, float] = {}
+    for tid in tasks:  # plans list tasks in dependency order
+        task = tasks[tid][0]
+        longest[tid] = cost[tid] + max((longest[d] for d in task.deps), default=0.0)
+    seeding = plans[0].seeding if plans else "terminal"
+    memory = plans[0].profile.memory_gb.get(seeding) if plans else None
+    return Schedule(devices=devices, seeding=seeding, makespan_s=now, total_work_s=sum(cost.values()),
+                    critical_path_s=max(longest.values(), default=0.0), peak_memory_gb=memory, slots=slots)
+
+
+COLOURS = {"initial": (90, 90, 90), "plan": (214, 39, 40), "populate_stage_one": (31, 119, 180),
+           "populate_stage_two": (44, 160, 44), "decode": (148, 103, 189), "stitch": (140, 86, 75),
+           "full": (255, 127, 14)}
+
+
+def draw_gantt(schedule: Schedule, path: Path, width: int = 1400) -> Path:
+    """Tasks per device over time, coloured by stage and labelled by segment (like seeds/001 Fig. 6)."""
+    from PIL import Image, ImageDraw
+
+    row, top, left, right = 44, 40, 80, 20
+    height = top + row * schedule.devices + 60
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    span = schedule.makespan_s or 1.0
+    scale = (width - left - right) / span
+    draw.text((left, 10), f"{schedule.devices} device(s), {schedule.seeding} seeding: makespan "
+                          f"{schedule.makespan_s:.1f} s, lower bound {schedule.lower_bound_s:.1f} s", fill="black")
+    for d in range(schedule.devices):
+        y = top + d * row
+        draw.text((10, y + row // 2 - 6), f"GPU {d}", fill="black")
+    for s in schedule.slots:
+        if s.end <= s.start:
+            continue
+        y = top + s.device * row
+        x0, x1 = left + s.start * scale, left + s.end * scale
+        draw.rectangle([x0, y + 4, max(x1 - 1, x0 + 1), y + row - 4], fill=COLOURS.get(s.kind, (0, 0, 0)))
+        label = f"{s.segment}" if s.segment is not None else "S"
+        if x1 - x0 > 12:
+            draw.text((x0 + 3, y + row // 2 - 6), label, fill="white")
+    axis_y = top + row * schedule.devices + 8
+    for i in range(11):
+        x = left + (width - left - right) * i / 10
+        draw.line([x, axis_y, x, axis_y + 5], fill="black")
+        draw.text((x - 10, axis_y + 8), f"{span * i / 10:.0f}s", fill="black")
+    legend_x = left
+    for kind, colour in COLOURS.items():
+        draw.rectangle([legend_x, height - 18, legend_x + 12, height - 6], fill=colour)
+        draw.text((legend_x + 16, height - 19), kind, fill="black")
+        legend_x += 30 + 7 * len(kind)
+    path = Path(path)
+    img.save(path)
+    return path
+
+
+def choose_seeding(profile: Profile, free_gb: list[float] | None) -> tuple[str, str]:
+    """Terminal seeding when the profile's terminal-mode peak fits on every GPU, mid-point when only
+    that fits (seeds/001 App. E.3); otherwise a clear error that says what would fit."""
+    if not free_gb:
+        return "terminal", "no GPU: terminal seeding (highest throughput)"
+    smallest = min(free_gb)
+    terminal, midpoint = profile.memory_gb.get("terminal"), profile.memory_gb.get("midpoint")
+    if terminal is None:
+        return "terminal", f"profile {profile.name} gives no memory estimate: terminal seeding"
+    if terminal <= smallest:
+        return "terminal", (f"terminal seeding: needs about {terminal:g} GB, "
+                            f"the smallest of {len(free_gb)} GPU(s) has {smallest:.1f} GB free")
+    if midpoint is not None and midpoint <= smallest:
+        return "midpoint", (f"mid-point seeding: terminal needs about {terminal:g} GB but the smallest of "
+                            f"{len(free_gb)} GPU(s) has {smallest:.1f} GB free; mid-point needs about {midpoint:g} GB")
+    raise InputError(Problem(profile.source, None, "memory_gb",
+                             f"neither seeding fits: terminal needs about {terminal:g} GB, mid-point about "
+                             f"{midpoint if midpoint is not None else '?'} GB, the smallest GPU has {smallest:.1f} GB free",
+                             "free GPU memory, use GPUs with more memory, or a smaller profile"))

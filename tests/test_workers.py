@@ -1,0 +1,135 @@
+"""Several workers on one render folder: torchrun, SLURM array tasks, a killed worker, sbatch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_cli
+from mmpl_cli.store import RenderStore
+from test_resume import SHOTS, status, videos, wait_for_start
+
+
+@pytest.fixture(scope="module")
+def shots_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("shots") / "shots.yaml"
+    path.write_text(SHOTS)
+    return path
+
+
+@pytest.fixture(scope="module")
+def single(shots_file, tiny_model_dir, tmp_path_factory) -> dict[str, bytes]:
+    out = tmp_path_factory.mktemp("single")
+    proc = run_cli("render", str(shots_file), "--out", str(out), "--model-path", str(tiny_model_dir))
+    assert proc.returncode == 0, proc.stderr
+    return videos(out)
+
+
+def computed_once(out: Path) -> None:
+    report = status(out)
+    assert report["remaining"] == 0
+    assert {t["id"]: t["computed"] for t in report["tasks"]} == {t["id"]: 1 for t in report["tasks"]}
+
+
+def workers_of(out: Path) -> set[str]:
+    log = (out / ".mmpl" / "events.jsonl").read_text().splitlines()
+    return {json.loads(line)["worker"] for line in log if '"finished"' in line}
+
+
+def test_torchrun_two_ranks(shots_file, tiny_model_dir, single, tmp_path):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    out = tmp_path / "out"
+    proc = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", "29517", "-m", "mmpl_cli", "render",
+                           str(shots_file), "--out", str(out), "--model-path", str(tiny_model_dir)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert videos(out) == single
+    computed_once(out)
+    assert workers_of(out) == {"rank0", "rank1"}
+
+
+def test_two_slurm_array_tasks(shots_file, tiny_model_dir, single, tmp_path):
+    out = tmp_path / "out"
+    procs = [subprocess.Popen([sys.executable, "-m", "mmpl_cli", "render", str(shots_file), "--out", str(out),
+                               "--model-path", str(tiny_model_dir)], cwd=REPO,
+                              env={**os.environ, "SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": str(i),
+                                   "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err
+    assert videos(out) == single
+    computed_once(out)
+    assert len(workers_of(out)) == 2
+
+
+def test_plain_workers_option(shots_file, tiny_model_dir, single, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("render", str(shots_file), "--out", str(out), "--model-path", str(tiny_model_dir), "--workers", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert videos(out) == single
+    computed_once(out)
+
+
+def test_killed_worker_task_is_taken_over(shots_file, tiny_model_dir, single, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "SLURM_ARRAY_JOB_ID": "9", "OMP_NUM_THREADS": "1"}
+
+    def start(i):
+        return subprocess.Popen([sys.executable, "-m", "mmpl_cli", "render", str(shots_file), "--out", str(out),
+                                 "--model-path", str(tiny_model_dir), "--claim-timeout", "3"], cwd=REPO,
+                                env={**env, "SLURM_ARRAY_TASK_ID": str(i)}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    victim = start(0)
+    wait_for_start(out, "k/s000/decode", victim)  # the victim is alone until now: this task is its
+    survivor = start(1)
+    victim.kill()
+    victim.wait()
+    _, err = survivor.communicate(timeout=600)
+    assert survivor.returncode == 0, err
+    assert videos(out) == single
+    report = status(out)
+    assert report["remaining"] == 0
+    assert all(t["computed"] == 1 for t in report["tasks"])
+    assert not list((out / ".mmpl" / "claims").rglob("*.claim.*"))
+
+
+def test_stale_claims_are_taken_over_and_live_ones_respected(tmp_path):
+    store = RenderStore(tmp_path)
+    mine = store.try_claim("s/s000/plan", "a", timeout=60)
+    assert mine is not None and store.holds(mine, "s/s000/plan")
+    assert store.try_claim("s/s000/plan", "b", timeout=60) is None  # alive: its heartbeat is fresh
+    # a worker on another machine that stopped answering: old heartbeat
+    foreign = json.dumps({"worker": "far", "pid": 1, "host": "elsewhere", "time": 0})
+    mine.write_text(foreign)
+    os.utime(mine, (time.time() - 120, time.time() - 120))
+    taken = store.try_claim("s/s000/plan", "b", timeout=60)
+    assert taken is not None and taken.name.endswith(".claim.1")
+    assert not store.holds(mine, "s/s000/plan") and store.holds(taken, "s/s000/plan")
+    store.release("s/s000/plan")
+    assert store.try_claim("s/s000/plan", "c", timeout=60) is not None
+
+
+def test_sbatch_script(tmp_path, shots_file):
+    script = tmp_path / "job.sbatch"
+    proc = run_cli("slurm", str(shots_file), "--array", "4", "--gpus-per-task", "2", "--out", str(tmp_path / "r"),
+                   "--script", str(script), "--partition", "gpu")
+    assert proc.returncode == 0, proc.stderr
+    assert f"sbatch {script}" in proc.stdout
+    text = script.read_text()
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    directives = [line for line in text.splitlines() if line.startswith("#SBATCH")]
+    for expected in ("--array=0-3", "--gpus-per-task=2", "--signal=B:USR1@120", "--requeue", "--partition=gpu",
+                     f"--output={tmp_path / 'r'}.logs/%A_%a.out"):
+        assert f"#SBATCH {expected}" in directives
+    assert f"mmpl render {shots_file} --out {tmp_path / 'r'}" in text
+    assert "kill -USR1 $child" in text and "scontrol requeue" in text
