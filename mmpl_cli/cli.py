@@ -100,9 +100,8 @@ def render(
         checked = check(request)  # bad input stops here: exit 2, nothing written, torch not even imported
     except BaseException as exc:  # noqa: BLE001
         _fail(exc)
+    from mmpl_cli.control import Interrupted, StopFlag, Worker
     from mmpl_cli.launch import cpu_threads, detect
-    from mmpl_cli.render import Interrupted, StopFlag, Worker
-    from mmpl_cli.render import render as run_render
 
     launch = detect()
     children: list = []
@@ -120,19 +119,30 @@ def render(
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, on_signal)
     try:
-        import torch
-
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if as_worker is not None:
             name, count = as_worker, 1
+            index = int(os.environ.get("MMPL_WORKER_INDEX", "0"))
+            import torch
+
+            gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if device == "auto" and gpus:  # one GPU per worker started by the same parent
+                request = dataclasses.replace(request, device=f"cuda:{index % gpus}")
+                checked = dataclasses.replace(checked, request=request)
         elif launch.mode == "distributed":
+            import torch
+
+            gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
             name, count = launch.name, 1
             if device == "auto" and gpus:
                 request = dataclasses.replace(request, device=f"cuda:{launch.local_rank % gpus}")
                 checked = dataclasses.replace(checked, request=request)
             torch.set_num_threads(cpu_threads(launch.local_world_size or 1))
         else:
-            name, count = launch.name, workers or max(1, gpus)
+            if workers is None:  # one per GPU: only then does this process need torch
+                import torch
+
+                count = max(1, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+            name, count = launch.name, workers or count
         if count > 1 or (launch.mode != "plain" and as_worker is None and restart):
             if restart:
                 if launch.mode != "plain":
@@ -142,11 +152,13 @@ def render(
                 from mmpl_cli.store import RenderStore
 
                 RenderStore(checked.out).restart([p.shot.id for p in checked.plans])
-            code = _run_children(request, checked.out, name, count, gpus, claim_timeout, children, stop)
+            code = _run_children(request, checked.out, name, count, claim_timeout, children, stop)
             if code:
                 raise typer.Exit(code)
             paths = [checked.out / f"{p.shot.id}.mp4" for p in checked.plans]
         else:
+            from mmpl_cli.render import render as run_render
+
             with _progress(name if launch.mode != "plain" or as_worker else None) as progress:
                 paths = run_render(checked, progress, stop, Worker(name=name, claim_timeout=claim_timeout))
     except BaseException as exc:  # noqa: BLE001 - every failure becomes one message and an exit code
@@ -161,24 +173,21 @@ def render(
             typer.echo(f"wrote {path}")
 
 
-def _run_children(request, out, name, count, gpus, claim_timeout, children, stop) -> int:
-    """Start `count` workers of this render as child processes (one per GPU, or on the CPU with a
-    share of its cores each) and wait for all of them; returns the exit code to report."""
+def _run_children(request, out, name, count, claim_timeout, children, stop) -> int:
+    """Start `count` workers of this render as child processes (each takes GPU i of the visible
+    ones, or a share of the CPU cores) and wait for all of them; returns the exit code to report."""
     import subprocess
 
     from mmpl_cli.launch import cpu_threads
 
     base = [sys.executable, "-m", "mmpl_cli", "render", str(request.shots), "--out", str(out),
-            "--claim-timeout", str(claim_timeout), "--seeding", request.seeding]
+            "--claim-timeout", str(claim_timeout), "--seeding", request.seeding, "--device", request.device]
     for flag, value in (("--profile", request.profile), ("--model-path", request.model_path)):
         if value is not None:
             base += [flag, value]
-    env = {**os.environ}
-    if not gpus:
-        env["OMP_NUM_THREADS"] = str(cpu_threads(count))
     for i in range(count):
-        device = f"cuda:{i % gpus}" if gpus else "cpu"
-        children.append(subprocess.Popen(base + ["--device", device, "--as-worker", f"{name}/w{i}"], env=env))
+        env = {**os.environ, "MMPL_WORKER_INDEX": str(i), "OMP_NUM_THREADS": str(cpu_threads(count))}
+        children.append(subprocess.Popen(base + ["--as-worker", f"{name}/w{i}"], env=env))
     codes = [child.wait() for child in children]
     if stop.reason is not None or 3 in codes:
         typer.echo(f"mmpl: stopped; finished tasks are kept; resume with: {request.resume_command()}", err=True)

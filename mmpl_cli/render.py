@@ -18,34 +18,15 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from mmpl_cli.errors import EXIT_INTERRUPTED, InputError, MMPLError, Problem
+from mmpl_cli.errors import InputError, MMPLError, Problem
 from mmpl_cli.plan import ShotPlan, Task, segment_task_id
 from mmpl_cli.sampling import blend_edge_noise, segment_noise
+from mmpl_cli.control import Interrupted, StopFlag, Worker  # noqa: F401 - re-exported
 from mmpl_cli.request import Checked
 from mmpl_cli.store import RenderStore
 from mmpl_cli.wan import ContextGroup, WanBackend
 
 Results = dict[str, dict]  # task id -> {"latents": tensor} | {"path": Path}
-
-
-class Interrupted(MMPLError):
-    """A signal asked us to stop; finished tasks are kept and the same command resumes."""
-
-    exit_code = EXIT_INTERRUPTED
-
-
-class StopFlag:
-    """Set from a signal handler; checked between denoising steps and between tasks."""
-
-    def __init__(self) -> None:
-        self.reason: str | None = None
-
-    def request(self, reason: str) -> None:
-        self.reason = reason
-
-    def check(self) -> None:
-        if self.reason is not None:
-            raise Interrupted(f"stopped by {self.reason}")
 
 
 class Progress:
@@ -278,15 +259,6 @@ class _LazyResults(dict):
             raise MMPLError(f"{task_id} is needed but its result is gone from the render folder; run again")
         self[task_id] = found
         return found
-
-
-@dataclass(frozen=True)
-class Worker:
-    """Who is rendering: one of possibly many processes cooperating through the render folder."""
-
-    name: str = "main"
-    claim_timeout: float = 120.0  # seconds without a heartbeat after which a claim is taken over
-    poll: float = 0.2  # seconds between looks at the folder while others hold every ready task
 
 
 @contextlib.contextmanager

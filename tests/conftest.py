@@ -32,3 +32,36 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     full_env.pop("MMPL_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "mmpl_cli", *args], cwd=cwd or REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+# A 2-segment shot that the resume and worker tests render, interrupt and compare.
+SHOTS = """version: 1
+defaults: {steps: 6, seed: 21}
+shots:
+  - {id: k, prompt: "a lighthouse in a storm", duration: 9}
+"""
+
+
+def videos(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.mp4"))}
+
+
+@pytest.fixture(scope="session")
+def shots_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("shots") / "shots.yaml"
+    path.write_text(SHOTS)
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference_dir(shots_file, tiny_model_dir, tmp_path_factory) -> Path:
+    """The render folder of one uninterrupted single-worker render of SHOTS (copy it; don't change it)."""
+    out = tmp_path_factory.mktemp("reference")
+    proc = run_cli("render", str(shots_file), "--out", str(out), "--model-path", str(tiny_model_dir))
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference(reference_dir) -> dict[str, bytes]:
+    return videos(reference_dir)

@@ -68,8 +68,12 @@ def test_malformed_input_is_refused(case, previous_render):
     proc = run_cli("render", str(case), "--out", str(previous_render))
     location = f"{case}:{line}" if line else None
     assert_refused(proc, words + ([location] if location else []), before, previous_render)
-    # and a new output folder is not even created
-    fresh = previous_render.parent / f"never-{case.stem}"
+
+
+@pytest.mark.parametrize("case", CASES[::6], ids=lambda p: p.stem)
+def test_no_output_folder_is_created_for_bad_input(case, tmp_path):
+    words, _ = expectations(case)
+    fresh = tmp_path / "never"
     assert_refused(run_cli("render", str(case), "--out", str(fresh)), words, None, fresh)
 
 

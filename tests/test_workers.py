@@ -5,32 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
-
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, videos
 from mmpl_cli.store import RenderStore
-from test_resume import SHOTS, status, videos, wait_for_start
-
-
-@pytest.fixture(scope="module")
-def shots_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("shots") / "shots.yaml"
-    path.write_text(SHOTS)
-    return path
-
-
-@pytest.fixture(scope="module")
-def single(shots_file, tiny_model_dir, tmp_path_factory) -> dict[str, bytes]:
-    out = tmp_path_factory.mktemp("single")
-    proc = run_cli("render", str(shots_file), "--out", str(out), "--model-path", str(tiny_model_dir))
-    assert proc.returncode == 0, proc.stderr
-    return videos(out)
+from test_resume import status, wait_for_start
 
 
 def computed_once(out: Path) -> None:
@@ -44,19 +26,19 @@ def workers_of(out: Path) -> set[str]:
     return {json.loads(line)["worker"] for line in log if '"finished"' in line}
 
 
-def test_torchrun_two_ranks(shots_file, tiny_model_dir, single, tmp_path):
+def test_torchrun_two_ranks(shots_file, tiny_model_dir, reference, tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     out = tmp_path / "out"
     proc = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", "29517", "-m", "mmpl_cli", "render",
                            str(shots_file), "--out", str(out), "--model-path", str(tiny_model_dir)],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert videos(out) == single
+    assert videos(out) == reference
     computed_once(out)
     assert workers_of(out) == {"rank0", "rank1"}
 
 
-def test_two_slurm_array_tasks(shots_file, tiny_model_dir, single, tmp_path):
+def test_two_slurm_array_tasks(shots_file, tiny_model_dir, reference, tmp_path):
     out = tmp_path / "out"
     procs = [subprocess.Popen([sys.executable, "-m", "mmpl_cli", "render", str(shots_file), "--out", str(out),
                                "--model-path", str(tiny_model_dir)], cwd=REPO,
@@ -66,20 +48,20 @@ def test_two_slurm_array_tasks(shots_file, tiny_model_dir, single, tmp_path):
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err
-    assert videos(out) == single
+    assert videos(out) == reference
     computed_once(out)
     assert len(workers_of(out)) == 2
 
 
-def test_plain_workers_option(shots_file, tiny_model_dir, single, tmp_path):
+def test_plain_workers_option(shots_file, tiny_model_dir, reference, tmp_path):
     out = tmp_path / "out"
     proc = run_cli("render", str(shots_file), "--out", str(out), "--model-path", str(tiny_model_dir), "--workers", "2")
     assert proc.returncode == 0, proc.stderr
-    assert videos(out) == single
+    assert videos(out) == reference
     computed_once(out)
 
 
-def test_killed_worker_task_is_taken_over(shots_file, tiny_model_dir, single, tmp_path):
+def test_killed_worker_task_is_taken_over(shots_file, tiny_model_dir, reference, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "SLURM_ARRAY_JOB_ID": "9", "OMP_NUM_THREADS": "1"}
 
@@ -96,7 +78,7 @@ def test_killed_worker_task_is_taken_over(shots_file, tiny_model_dir, single, tm
     victim.wait()
     _, err = survivor.communicate(timeout=600)
     assert survivor.returncode == 0, err
-    assert videos(out) == single
+    assert videos(out) == reference
     report = status(out)
     assert report["remaining"] == 0
     assert all(t["computed"] == 1 for t in report["tasks"])
