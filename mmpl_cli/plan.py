@@ -26,7 +26,6 @@ from mmpl_cli.profiles import Profile, Sampler
 from mmpl_cli.shotlist import Shot, ShotList
 
 SEEDINGS = ["terminal", "midpoint"]
-LATENT_STAGES = ("initial", "plan", "populate_stage_one", "populate_stage_two")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from mmpl_cli.errors import InputError, MMPLError, Problem
 from mmpl_cli.plan import ShotPlan, Task, segment_task_id
 from mmpl_cli.sampling import blend_edge_noise, segment_noise
-from mmpl_cli.control import Interrupted, StopFlag, Worker  # noqa: F401 - re-exported
+from mmpl_cli.control import StopFlag, Worker
 from mmpl_cli.request import Checked
 from mmpl_cli.store import RenderStore
 from mmpl_cli.wan import ContextGroup, WanBackend
