@@ -353,13 +353,16 @@ class _PlainProgress:
     def task_reused(self, task, index, total):
         self.reused = getattr(self, "reused", 0) + 1
 
+    def flush_reused(self):
+        if getattr(self, "reused", 0):
+            print(f"{self.prefix}reused {self.reused} finished task(s) from the render folder", flush=True)
+            self.reused = 0
+
     def step(self, done, total):
         pass
 
     def task_finished(self, task, seconds):
-        if getattr(self, "reused", 0):
-            print(f"reused {self.reused} finished task(s) from the render folder", flush=True)
-            self.reused = 0
+        self.flush_reused()
         elapsed = time.perf_counter() - self.started
         print(f"{self.prefix}[{elapsed:7.1f}s] {self.index + 1}/{self.total} {task.id} done in {seconds:.1f}s",
               flush=True)
@@ -412,6 +415,8 @@ class _progress:
     def __exit__(self, *exc):
         if isinstance(self.impl, _RichProgress):
             self.impl.__exit__(*exc)
+        else:
+            self.impl.flush_reused()
         return False
 
 
