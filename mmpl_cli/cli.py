@@ -180,11 +180,8 @@ def _run_children(request, out, name, count, claim_timeout, children, stop) -> i
 
     from mmpl_cli.launch import cpu_threads
 
-    base = [sys.executable, "-m", "mmpl_cli", "render", str(request.shots), "--out", str(out),
-            "--claim-timeout", str(claim_timeout), "--seeding", request.seeding, "--device", request.device]
-    for flag, value in (("--profile", request.profile), ("--model-path", request.model_path)):
-        if value is not None:
-            base += [flag, value]
+    base = [sys.executable, "-m", "mmpl_cli", "render", *dataclasses.replace(request, out=out).render_args(),
+            "--claim-timeout", str(claim_timeout)]
     for i in range(count):
         env = {**os.environ, "MMPL_WORKER_INDEX": str(i), "OMP_NUM_THREADS": str(cpu_threads(count))}
         children.append(subprocess.Popen(base + ["--as-worker", f"{name}/w{i}"], env=env))

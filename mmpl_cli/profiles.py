@@ -64,6 +64,10 @@ class Layout:
             "populate_stage_two": self.populate_stage_two,
         }
 
+    def group(self, kind: str) -> Stage:
+        """The latents a group makes and those it attends to; the initial group attends to nothing."""
+        return Stage(self.initial, ()) if kind == "initial" else self.stages()[kind]
+
     def anchor(self, seeding: str) -> tuple[int, ...]:
         return self.terminal_anchor if seeding == "terminal" else self.midpoint_anchor
 
@@ -267,15 +271,21 @@ def parse_profile(data, file: str, problems: list[Problem]) -> Profile | None:
 SAMPLER_KEYS = {"scheduler", "steps", "shift", "guidance"}
 
 
-def parse_sampler(f: Fields, m: Located, prefix: str, base: Sampler) -> Sampler:
-    """Sampler fields over `base`: a profile's own settings, or a shot list's overrides."""
-    f.unknown_keys(m, SAMPLER_KEYS, prefix)
-    return base.with_overrides({
+def sampler_overrides(f: Fields, m: Located, prefix: str) -> dict:
+    """The sampler fields present in a mapping (steps, guidance, shift, scheduler), checked."""
+    out = {
         "scheduler": f.get(m, "scheduler", prefix, "str", choices=SCHEDULERS),
         "steps": f.get(m, "steps", prefix, "int", minimum=1, maximum=1000),
         "shift": f.get(m, "shift", prefix, "float", exclusive_minimum=0.0),
         "guidance": f.get(m, "guidance", prefix, "float", minimum=0.0),
-    })
+    }
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def parse_sampler(f: Fields, m: Located, prefix: str, base: Sampler) -> Sampler:
+    """A profile's sampler section over `base`."""
+    f.unknown_keys(m, SAMPLER_KEYS, prefix)
+    return base.with_overrides(sampler_overrides(f, m, prefix))
 
 
 def _number_map(f: Fields, root: Located, key: str, allowed: list[str]) -> dict[str, float]:

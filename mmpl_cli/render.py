@@ -95,12 +95,8 @@ class ShotRunner:
 
     def _context(self, results: Results, segment: int, kinds: list[str]) -> list[ContextGroup]:
         """The clean groups of a segment made so far, each with what it saw when it was made."""
-        stages = self.layout.stages()
-        groups = []
-        for kind in kinds:
-            frames, sees = (self.layout.initial, ()) if kind == "initial" else (stages[kind].targets, stages[kind].sees)
-            groups.append(ContextGroup(self._latents(results, segment, kind), frames, sees))
-        return groups
+        return [ContextGroup(self._latents(results, segment, kind), self.layout.group(kind).targets,
+                             self.layout.group(kind).sees) for kind in kinds]
 
     def _denoise_stage(self, results: Results, segment: int, kind: str, context_kinds: list[str]) -> dict:
         # 1. What this stage makes and what it may look at
@@ -176,9 +172,8 @@ class ShotRunner:
         last = self.layout.last_latent(self.plan.seeding)
         out = torch.zeros(self.latent_shape[0], last + 1, *self.latent_shape[2:])
         kinds = ["initial", "plan", "populate_stage_one"] + (["populate_stage_two"] if self.plan.seeding == "terminal" else [])
-        stages = self.layout.stages()
         for kind in kinds:
-            frames = self.layout.initial if kind == "initial" else stages[kind].targets
+            frames = self.layout.group(kind).targets
             latents = self._latents(results, segment, kind)
             for pos, index in enumerate(frames):
                 if index <= last:
@@ -319,7 +314,7 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
     plan_of = {t.id: plan for plan in plans for t in plan.tasks}
     keys = priorities(plans)
     order = sorted(plan_of, key=keys.__getitem__)
-    deps = {t.id: t.deps for plan in plans for t in plan.tasks}
+    task_of = {t.id: t for plan in plans for t in plan.tasks}
     results = _LazyResults(store, hashes)
     runners: dict[str, ShotRunner] = {}
     backend = None
@@ -330,12 +325,12 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
         for task_id in order:
             if task_id in done:
                 continue
-            task = plan_of[task_id].task(task_id)
+            task = task_of[task_id]
             if store.is_done(task_id, hashes[task_id]):
                 done.add(task_id)
                 progress.task_reused(task, len(done) - 1, len(order))
                 continue
-            if not all(d in done for d in deps[task_id]):
+            if not all(d in done for d in task.deps):
                 continue
             claim = store.try_claim(task_id, worker.name, worker.claim_timeout)
             if claim is None:

@@ -29,11 +29,9 @@ class RenderRequest:
     def out_dir(self, shot_list_name: str) -> Path:
         return self.out or Path("renders") / shot_list_name
 
-    def resume_command(self) -> str:
-        """The command that picks this render up where it stopped."""
-        import shlex
-
-        words = ["mmpl", "render", str(self.shots)]
+    def render_args(self) -> list[str]:
+        """The arguments of `mmpl render` that ask for this render (without --restart)."""
+        words = [str(self.shots)]
         if self.out is not None:
             words += ["--out", str(self.out)]
         for flag, value in (("--profile", self.profile), ("--model-path", self.model_path)):
@@ -43,7 +41,13 @@ class RenderRequest:
             words += ["--seeding", self.seeding]
         if self.device != "auto":
             words += ["--device", self.device]
-        return shlex.join(words)
+        return words
+
+    def resume_command(self) -> str:
+        """The command that picks this render up where it stopped."""
+        import shlex
+
+        return shlex.join(["mmpl", "render", *self.render_args()])
 
 
 def prepare(request: RenderRequest) -> tuple[ShotList, Profile, list[ShotPlan]]:

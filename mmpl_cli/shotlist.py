@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmpl_cli.errors import InputError, Problem
-from mmpl_cli.profiles import SAMPLER_KEYS, SCHEDULERS
+from mmpl_cli.profiles import SAMPLER_KEYS, sampler_overrides
 from mmpl_cli.yamlio import Fields, Located, load_yaml
 
 SHOT_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,99}$")
@@ -97,7 +97,7 @@ def parse_shot_list(data, path: Path, problems: list[Problem]) -> ShotList | Non
     default_seed = f.get(defaults, "seed", "defaults", "int", default=0, minimum=0, maximum=MAX_SEED)
     default_negative = f.get(defaults, "negative_prompt", "defaults", "str", default="")
     default_strategy = f.get(defaults, "strategy", "defaults", "str", default="mmpl", choices=STRATEGIES)
-    default_sampler = _sampler_overrides(f, defaults, "defaults")
+    default_sampler = sampler_overrides(f, defaults, "defaults")
 
     shots_raw = f.get(root, "shots", "", "list", required=True, default=[])
     if "shots" in root and isinstance(root["shots"], list) and not root["shots"]:
@@ -122,16 +122,6 @@ def parse_shot_list(data, path: Path, problems: list[Problem]) -> ShotList | Non
     return ShotList(path=path, profile=profile, shots=tuple(shots))
 
 
-def _sampler_overrides(f: Fields, m: Located, prefix: str) -> dict:
-    out = {
-        "scheduler": f.get(m, "scheduler", prefix, "str", choices=SCHEDULERS),
-        "steps": f.get(m, "steps", prefix, "int", minimum=1, maximum=1000),
-        "shift": f.get(m, "shift", prefix, "float", exclusive_minimum=0.0),
-        "guidance": f.get(m, "guidance", prefix, "float", minimum=0.0),
-    }
-    return {k: v for k, v in out.items() if v is not None}
-
-
 def _parse_shot(f: Fields, m: Located, prefix: str, path: Path, default_seed: int, default_negative: str,
                 default_strategy: str, default_sampler: dict) -> Shot | None:
     before = len(f.problems)
@@ -145,7 +135,7 @@ def _parse_shot(f: Fields, m: Located, prefix: str, path: Path, default_seed: in
     seed = f.get(m, "seed", prefix, "int", default=default_seed, minimum=0, maximum=MAX_SEED)
     negative = f.get(m, "negative_prompt", prefix, "str", default=default_negative)
     strategy = f.get(m, "strategy", prefix, "str", default=default_strategy, choices=STRATEGIES)
-    sampler = {**default_sampler, **_sampler_overrides(f, m, prefix)}
+    sampler = {**default_sampler, **sampler_overrides(f, m, prefix)}
 
     prompts: list[PromptChange] = []
     if "prompt" in m and "prompts" in m:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 from pathlib import Path
 
@@ -12,11 +13,9 @@ from mmpl_cli.request import RenderRequest
 def sbatch_script(request: RenderRequest, folder: Path, array: int, gpus_per_task: int, time_limit: str,
                   partition: str | None) -> str:
     folder = Path(folder).resolve()
-    command = ["mmpl", "render", str(Path(request.shots).resolve()), "--out", str(folder)]
-    if request.profile:
-        command += ["--profile", request.profile]
-    if request.seeding != "auto":
-        command += ["--seeding", request.seeding]
+    # absolute paths: the job may start in another working directory
+    absolute = dataclasses.replace(request, shots=Path(request.shots).resolve(), out=folder)
+    command = ["mmpl", "render", *absolute.render_args()]
     lines = [
         "#!/usr/bin/env bash",
         f"#SBATCH --job-name=mmpl-{folder.name}",

@@ -89,6 +89,7 @@ class RenderStore:
         self.root = Path(root)
         self.meta = self.root / META
         self.warn = warn or (lambda text: None)
+        self._verified: dict[str, tuple] = {}  # task id -> (hash, file stamp, result or None)
 
     # -- the folder ------------------------------------------------------------------------
 
@@ -213,9 +214,25 @@ class RenderStore:
         return self._load(task_id, task_hash, quiet=True)[0]
 
     def load(self, task_id: str, task_hash: str) -> dict | None:
-        """The finished result of a task with this hash, or None (warning if a file was unusable)."""
-        state, result = self._load(task_id, task_hash, quiet=False)
-        return result if state == DONE else None
+        """The finished result of a task with this hash, or None (warning, once per version of the
+        file, if it was unusable). A file is read and verified once per (size, mtime), so workers
+        can poll cheaply and a verified result is not read again when a dependent task needs it."""
+        files = [self._task_file(task_id, ".safetensors"), self._task_file(task_id, ".json")]
+        try:
+            stamp = tuple((f.stat().st_size, f.stat().st_mtime_ns) if f.exists() else None for f in files)
+        except OSError:
+            return None
+        if stamp == (None, None):
+            return None
+        cached = self._verified.get(task_id)
+        if cached is None or cached[:2] != (task_hash, stamp):
+            state, result = self._load(task_id, task_hash, quiet=False)
+            cached = (task_hash, stamp, result if state == DONE else None)
+            self._verified[task_id] = cached
+        return cached[2]
+
+    def is_done(self, task_id: str, task_hash: str) -> bool:
+        return self.load(task_id, task_hash) is not None
 
     def _load(self, task_id: str, task_hash: str, quiet: bool) -> tuple[str, dict | None]:
         latents_file = self._task_file(task_id, ".safetensors")
@@ -286,21 +303,6 @@ class RenderStore:
                   "sha256": sha256_file(path)}
         self._write_bytes(self._task_file(task_id, ".json"), json.dumps(record, indent=1).encode())
         return {"path": path}
-
-    def is_done(self, task_id: str, task_hash: str) -> bool:
-        """Cheap repeated check for workers that poll: verifies a file once per (size, mtime)."""
-        files = [self._task_file(task_id, ".safetensors"), self._task_file(task_id, ".json")]
-        try:
-            stamp = tuple((f.stat().st_size, f.stat().st_mtime_ns) if f.exists() else None for f in files)
-        except OSError:
-            return False
-        if stamp == (None, None):
-            return False
-        cache = self.__dict__.setdefault("_done_cache", {})
-        key = (task_id, task_hash, stamp)
-        if key not in cache:  # warns (once per version of the file) when it is unusable
-            cache[key] = self._load(task_id, task_hash, quiet=False)[0] == DONE
-        return cache[key]
 
     # -- claims: which worker runs which task --------------------------------------------
     #
