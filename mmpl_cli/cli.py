@@ -120,7 +120,7 @@ def render(
         signal.signal(sig, on_signal)
     try:
         if as_worker is not None:
-            name, count = as_worker, 1
+            name, count, team = as_worker, 1, int(os.environ.get("MMPL_WORKERS", "1"))
             index = int(os.environ.get("MMPL_WORKER_INDEX", "0"))
             import torch
 
@@ -132,7 +132,7 @@ def render(
             import torch
 
             gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            name, count = launch.name, 1
+            name, count, team = launch.name, 1, launch.team
             if device == "auto" and gpus:
                 request = dataclasses.replace(request, device=f"cuda:{launch.local_rank % gpus}")
                 checked = dataclasses.replace(checked, request=request)
@@ -143,6 +143,7 @@ def render(
 
                 count = max(1, torch.cuda.device_count() if torch.cuda.is_available() else 0)
             name, count = launch.name, workers or count
+            team = count * launch.team
         if count > 1 or (launch.mode != "plain" and as_worker is None and restart):
             if restart:
                 if launch.mode != "plain":
@@ -152,7 +153,7 @@ def render(
                 from mmpl_cli.store import RenderStore
 
                 RenderStore(checked.out).restart([p.shot.id for p in checked.plans])
-            code = _run_children(request, checked.out, name, count, claim_timeout, children, stop)
+            code = _run_children(request, checked.out, name, count, team, claim_timeout, children, stop)
             if code:
                 raise typer.Exit(code)
             paths = [checked.out / f"{p.shot.id}.mp4" for p in checked.plans]
@@ -160,7 +161,7 @@ def render(
             from mmpl_cli.render import render as run_render
 
             with _progress(name if launch.mode != "plain" or as_worker else None) as progress:
-                paths = run_render(checked, progress, stop, Worker(name=name, claim_timeout=claim_timeout))
+                paths = run_render(checked, progress, stop, Worker(name=name, claim_timeout=claim_timeout, team=team))
     except BaseException as exc:  # noqa: BLE001 - every failure becomes one message and an exit code
         if isinstance(exc, typer.Exit):
             raise
@@ -173,7 +174,7 @@ def render(
             typer.echo(f"wrote {path}")
 
 
-def _run_children(request, out, name, count, claim_timeout, children, stop) -> int:
+def _run_children(request, out, name, count, team, claim_timeout, children, stop) -> int:
     """Start `count` workers of this render as child processes (each takes GPU i of the visible
     ones, or a share of the CPU cores) and wait for all of them; returns the exit code to report."""
     import subprocess
@@ -183,7 +184,8 @@ def _run_children(request, out, name, count, claim_timeout, children, stop) -> i
     base = [sys.executable, "-m", "mmpl_cli", "render", *dataclasses.replace(request, out=out).render_args(),
             "--claim-timeout", str(claim_timeout)]
     for i in range(count):
-        env = {**os.environ, "MMPL_WORKER_INDEX": str(i), "OMP_NUM_THREADS": str(cpu_threads(count))}
+        env = {**os.environ, "MMPL_WORKER_INDEX": str(i), "MMPL_WORKERS": str(team),
+               "OMP_NUM_THREADS": str(cpu_threads(count))}
         children.append(subprocess.Popen(base + ["--as-worker", f"{name}/w{i}"], env=env))
     codes = [child.wait() for child in children]
     if stop.reason is not None or 3 in codes:

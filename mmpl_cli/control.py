@@ -35,3 +35,4 @@ class Worker:
     name: str = "main"
     claim_timeout: float = 120.0  # seconds without a heartbeat after which a claim is taken over
     poll: float = 0.2  # seconds between looks at the folder while others hold every ready task
+    team: int = 1  # workers expected on this render: task priorities are tuned for that many

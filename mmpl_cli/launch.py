@@ -22,6 +22,7 @@ class Launch:
     name: str  # worker name prefix, unique among cooperating processes
     local_rank: int | None = None
     local_world_size: int | None = None
+    team: int = 1  # cooperating processes this launch knows of (world size, array tasks)
 
 
 def detect(env: dict[str, str] | None = None) -> Launch:
@@ -29,10 +30,11 @@ def detect(env: dict[str, str] | None = None) -> Launch:
     host = socket.gethostname().split(".")[0]
     if "LOCAL_RANK" in env and "WORLD_SIZE" in env:
         return Launch("distributed", f"rank{env.get('RANK', env['LOCAL_RANK'])}", int(env["LOCAL_RANK"]),
-                      int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])))
+                      int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])), int(env["WORLD_SIZE"]))
     if "SLURM_ARRAY_TASK_ID" in env:
         job = env.get("SLURM_ARRAY_JOB_ID", env.get("SLURM_JOB_ID", "job"))
-        return Launch("slurm-array", f"array{job}_{env['SLURM_ARRAY_TASK_ID']}@{host}")
+        return Launch("slurm-array", f"array{job}_{env['SLURM_ARRAY_TASK_ID']}@{host}",
+                      team=int(env.get("SLURM_ARRAY_TASK_COUNT", "1")))
     return Launch("plain", f"{host}:{os.getpid()}")
 
 

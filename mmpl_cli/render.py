@@ -283,7 +283,7 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
     """
     from mmpl_cli.plan import plan_shot_list, task_hashes
     from mmpl_cli.profiles import model_fingerprint
-    from mmpl_cli.schedule import choose_seeding, priorities
+    from mmpl_cli.schedule import choose_seeding, tuned_priorities
 
     progress = progress or Progress()
     stop = stop or StopFlag()
@@ -312,7 +312,7 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
 
     # 3. Take ready tasks in priority order until every task is done, by us or by another worker
     plan_of = {t.id: plan for plan in plans for t in plan.tasks}
-    keys = priorities(plans)
+    keys = tuned_priorities(plans, worker.team)
     order = sorted(plan_of, key=keys.__getitem__)
     task_of = {t.id: t for plan in plans for t in plan.tasks}
     results = _LazyResults(store, hashes)

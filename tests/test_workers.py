@@ -115,3 +115,14 @@ def test_sbatch_script(tmp_path, shots_file):
         assert f"#SBATCH {expected}" in directives
     assert f"mmpl render {shots_file} --out {tmp_path / 'r'}" in text
     assert "kill -USR1 $child" in text and "scontrol requeue" in text
+
+
+def test_launch_environment_names_the_worker_and_its_team():
+    """torchrun / accelerate and SLURM arrays say how many workers cooperate: priorities are tuned for that many."""
+    from mmpl_cli.launch import detect
+
+    ranks = detect({"LOCAL_RANK": "1", "RANK": "3", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"})
+    assert (ranks.mode, ranks.name, ranks.local_rank, ranks.local_world_size, ranks.team) == ("distributed", "rank3", 1, 2, 4)
+    array = detect({"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_COUNT": "3"})
+    assert array.mode == "slurm-array" and array.name.startswith("array77_2@") and array.team == 3
+    assert detect({}).mode == "plain" and detect({}).team == 1
