@@ -98,6 +98,11 @@ def render(
                             model_path=model_path, device=device, restart=restart)
     try:
         checked = check(request)  # bad input stops here: exit 2, nothing written, torch not even imported
+        ckpt = checked.profile.checkpoint
+        if ckpt is not None and as_worker is None:  # a transformer checkpoint is read (memory-mapped) and checked first
+            from mmpl_cli.weights import verify_checkpoint
+
+            verify_checkpoint(checked.model_root, checked.profile.resolve_checkpoint(), ckpt.key, ckpt.naming)
     except BaseException as exc:  # noqa: BLE001
         _fail(exc)
     from mmpl_cli.control import Interrupted, StopFlag, Worker
@@ -192,6 +197,29 @@ def _run_children(request, out, name, count, team, claim_timeout, children, stop
         typer.echo(f"mmpl: stopped; finished tasks are kept; resume with: {request.resume_command()}", err=True)
         return EXIT_INTERRUPTED
     return EXIT_FAILURE if any(codes) else 0
+
+
+@app.command()
+def doctor(
+    profiles: Annotated[Optional[list[str]], typer.Option(
+        "--profile", help="Check this profile (name or YAML path) instead of every shipped one; repeatable.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Report Python, torch, diffusers, GPUs and their free memory, ffmpeg, flash-attn, and for every
+    profile whether its weights are present (and if not, what is missing and where it was looked for).
+
+    Exit code 1 when ffmpeg or the embedded default model is missing, else 0.
+    """
+    from mmpl_cli.doctor import collect, healthy, render_text
+
+    report = collect(profiles)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        for line in render_text(report):
+            typer.echo(line)
+    if not healthy(report):
+        raise typer.Exit(EXIT_FAILURE)
 
 
 @app.command()

@@ -24,6 +24,26 @@ REQUIRED_MODEL_FILES = {
 }
 SCHEDULERS = ["unipc", "euler"]
 DTYPES = ["float32", "bfloat16", "float16"]
+# diffusers attention backends that need nothing from the network (its *_hub backends download
+# kernels); "auto" is flash-attn on a GPU in half precision when the `flash` extra is installed.
+ATTENTION_BACKENDS = ["auto", "native", "flash", "flash_varlen", "_flash_3", "flex", "sage", "xformers",
+                      "_native_cudnn", "_native_efficient", "_native_flash", "_native_math"]
+OFFLOAD = ["auto", "never", "always"]  # text encoder and VAE on the CPU between uses
+CHECKPOINT_NAMING = ["auto", "original", "diffusers"]
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A transformer checkpoint that replaces the model folder's transformer weights: an MMPL,
+    Self-Forcing or CausVid `.pt` (an entry such as `generator_ema` holding the transformer in the
+    original Wan naming under `model.`), or a `.safetensors` file, in either naming."""
+
+    path: str  # as written, relative to the profile file
+    path_env: str | None  # environment variable that overrides it
+    key: str  # entry inside the file: "auto" takes generator_ema, generator, state_dict or model
+    naming: str  # auto | original | diffusers
+    line: int | None  # where it is in the profile, for messages
 
 
 @dataclass(frozen=True)
@@ -95,6 +115,9 @@ class Profile:
     noise_blend: float  # App. G: weight of the adjacent planning latent's noise at a populating edge
     costs: dict[str, float] = field(default_factory=dict)  # seconds per stage on the reference GPU
     memory_gb: dict[str, float] = field(default_factory=dict)  # peak memory per seeding mode
+    checkpoint: Checkpoint | None = None  # replaces the folder's transformer weights
+    attention: str = "auto"  # diffusers attention backend (ATTENTION_BACKENDS)
+    offload: str = "auto"  # text encoder and VAE on the CPU between uses (OFFLOAD)
 
     @property
     def segment_frames(self) -> int:
@@ -104,14 +127,34 @@ class Profile:
         """Pixel frames that `latents` consecutive latents from a segment start decode to."""
         return 0 if latents <= 0 else 1 + self.vae_temporal * (latents - 1)
 
+    def model_path_origin(self, override: str | None = None) -> str:
+        """Which setting `resolve_model_path` follows, for messages."""
+        if override:
+            return "--model-path"
+        if self.model_path_env and os.environ.get(self.model_path_env):
+            return f"${self.model_path_env}"
+        return f"model.path in {self.source}"
+
     def resolve_model_path(self, override: str | None = None) -> Path:
         """Where the weights are: --model-path, then the profile's environment variable, then the file."""
-        raw = override or (os.environ.get(self.model_path_env) if self.model_path_env else None) or self.model_path
+        given = override or (os.environ.get(self.model_path_env) if self.model_path_env else None)
+        return self._resolve(given, from_cwd=True) if given else self._resolve(self.model_path)
+
+    def resolve_checkpoint(self) -> Path | None:
+        """The transformer checkpoint file, if the profile names one: its environment variable first."""
+        if self.checkpoint is None:
+            return None
+        env = os.environ.get(self.checkpoint.path_env) if self.checkpoint.path_env else None
+        return self._resolve(env, from_cwd=True) if env else self._resolve(self.checkpoint.path)
+
+    def _resolve(self, raw: str, from_cwd: bool = False) -> Path:
+        """A path as written: relative to the working directory when given on the command line or in
+        the environment, relative to the profile's folder when written in the profile."""
         if raw.startswith(BUILTIN_PREFIX):
             return Path(str(resources.files("mmpl_cli.assets"))) / raw[len(BUILTIN_PREFIX):]
         path = Path(os.path.expandvars(raw)).expanduser()
         if not path.is_absolute():
-            path = Path(self.source).parent / path
+            path = (Path.cwd() if from_cwd else Path(self.source).parent) / path
         return path
 
     def missing_model_files(self, override: str | None = None) -> list[str]:
@@ -127,12 +170,15 @@ class Profile:
         return missing
 
 
-def model_fingerprint(root: Path) -> str:
+def model_fingerprint(root: Path, checkpoint: Path | None = None, entry: str = "") -> str:
     """Identifies a weights folder without reading the weights: every file's path and size, plus the
-    text of its small JSON files (configs). Changing or replacing weights changes it."""
+    text of its small JSON files (configs), and the transformer checkpoint's name, size and entry.
+    Changing or replacing weights changes it."""
     import hashlib
 
     digest = hashlib.sha256()
+    if checkpoint is not None:
+        digest.update(f"checkpoint:{checkpoint.name}:{checkpoint.stat().st_size}:{entry}\n".encode())
     for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
         digest.update(f"{rel}:{path.stat().st_size}\n".encode())
@@ -213,10 +259,27 @@ def parse_profile(data, file: str, problems: list[Problem]) -> Profile | None:
     description = f.get(root, "description", "", "str", default="")
 
     model = f.get(root, "model", "", "mapping", required=True) or Located()
-    f.unknown_keys(model, {"path", "path_env", "dtype"}, "model")
+    f.unknown_keys(model, {"path", "path_env", "dtype", "transformer", "attention", "offload"}, "model")
     model_path = f.get(model, "path", "model", "str", required=True, default="")
     path_env = f.get(model, "path_env", "model", "str")
     dtype = f.get(model, "dtype", "model", "str", default="float32", choices=DTYPES)
+    attention = f.get(model, "attention", "model", "str", default="auto", choices=ATTENTION_BACKENDS)
+    offload = f.get(model, "offload", "model", "str", default="auto", choices=OFFLOAD)
+    checkpoint = None
+    override = f.get(model, "transformer", "model", "mapping")
+    if override is not None:
+        f.unknown_keys(override, {"path", "path_env", "key", "naming"}, "model.transformer")
+        ckpt_path = f.get(override, "path", "model.transformer", "str", required=True, default="")
+        if ckpt_path and not ckpt_path.endswith(CHECKPOINT_SUFFIXES):
+            f.add(f.line_of(override, "path"), "model.transformer.path",
+                  f"expected a {', '.join(CHECKPOINT_SUFFIXES)} file, found '{ckpt_path}'")
+        checkpoint = Checkpoint(
+            path=ckpt_path,
+            path_env=f.get(override, "path_env", "model.transformer", "str"),
+            key=f.get(override, "key", "model.transformer", "str", default="auto"),
+            naming=f.get(override, "naming", "model.transformer", "str", default="auto", choices=CHECKPOINT_NAMING),
+            line=f.line_of(override, "path"),
+        )
 
     video = f.get(root, "video", "", "mapping", required=True) or Located()
     f.unknown_keys(video, {"width", "height", "fps", "vae_temporal", "vae_spatial"}, "video")
@@ -265,6 +328,7 @@ def parse_profile(data, file: str, problems: list[Problem]) -> Profile | None:
         dtype=dtype, width=width, height=height, fps=fps, vae_temporal=vae_temporal, vae_spatial=vae_spatial,
         max_sequence_length=max_seq, sampler=sampler, layout=layout,
         noise_blend=alpha, costs=costs, memory_gb=memory,
+        checkpoint=checkpoint, attention=attention, offload=offload,
     )
 
 

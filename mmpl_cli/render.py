@@ -273,6 +273,16 @@ def _heartbeat(store: RenderStore, claim: Path, interval: float):
         thread.join()
 
 
+def load_backend(profile, root: Path, device: str, seeding: str) -> WanBackend:
+    """The profile's model on `device`: folder, transformer checkpoint, dtype, attention, offloading."""
+    ckpt = profile.checkpoint
+    return WanBackend.from_folder(
+        root, device=device, dtype=profile.dtype, max_sequence_length=profile.max_sequence_length,
+        checkpoint=profile.resolve_checkpoint(), checkpoint_key=ckpt.key if ckpt else "auto",
+        checkpoint_naming=ckpt.naming if ckpt else "auto", attention=profile.attention,
+        offload=profile.offload, memory_gb=profile.memory_gb.get(seeding))
+
+
 def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | None = None,
            worker: Worker = Worker()) -> list[Path]:
     """Render every shot of a checked request as one worker; returns the videos.
@@ -292,7 +302,8 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
     root, digests = checked.model_root, checked.image_digests
     store = RenderStore(checked.out, warn=progress.message)
     device = pick_device(request.device)
-    fingerprint = model_fingerprint(root)
+    checkpoint = profile.resolve_checkpoint()
+    fingerprint = model_fingerprint(root, checkpoint, profile.checkpoint.key if profile.checkpoint else "")
     proposed, why = choose_seeding(profile, free_gpu_memory_gb()) if request.seeding == "auto" else (None, "")
 
     # 2. Open the render folder: an explicit restart forgets everything, otherwise resume
@@ -341,8 +352,8 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
                     continue
                 if backend is None:
                     progress.message(f"{worker.name}: loading {profile.name} from {root} on {device}")
-                    backend = WanBackend.from_folder(root, device=device, dtype=profile.dtype,
-                                                     max_sequence_length=profile.max_sequence_length)
+                    backend = load_backend(profile, root, device, plans[0].seeding)
+                    progress.message(f"{worker.name}: loaded " + "; ".join(backend.loaded))
                 plan = plan_of[task_id]
                 runner = runners.setdefault(plan.shot.id, ShotRunner(backend, plan, store, progress, stop))
                 progress.task_started(task, len(done), len(order))

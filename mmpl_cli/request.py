@@ -79,7 +79,38 @@ def check_weights(profile, model_path: str | None) -> Path:
             message = f"model folder {root} lacks: {', '.join(missing)}"
         raise InputError(Problem(profile.source, None, "model.path", message,
                                  f"expected a Diffusers-format Wan folder; {how}"))
+    checkpoint = profile.resolve_checkpoint()
+    if checkpoint is not None and not checkpoint.is_file():
+        how = f"set {profile.checkpoint.path_env} or " if profile.checkpoint.path_env else ""
+        raise InputError(Problem(profile.source, profile.checkpoint.line, "model.transformer.path",
+                                 f"transformer checkpoint not found: {checkpoint}",
+                                 f"{how}fix the path (relative paths start at the profile's folder)"))
     return root
+
+
+# Backends that run only on CUDA, and the package each needs (diffusers' attention dispatcher).
+GPU_ATTENTION = {"flash": "flash_attn", "flash_varlen": "flash_attn", "_flash_3": "flash_attn_interface",
+                 "sage": "sageattention", "xformers": "xformers", "_native_cudnn": None,
+                 "_native_efficient": None, "_native_flash": None}
+
+
+def check_attention(profile: Profile, device: str) -> None:
+    """An attention backend the profile names must be installed and have a GPU (checked before torch)."""
+    from importlib.util import find_spec
+
+    name = profile.attention
+    if name not in GPU_ATTENTION:
+        return
+    package = GPU_ATTENTION[name]
+    if package is not None and find_spec(package) is None:
+        extra = " (pip install 'mmpl-cli[flash]')" if package == "flash_attn" else ""
+        raise InputError(Problem(profile.source, None, "model.attention",
+                                 f"attention backend '{name}' needs the package {package}, which is not installed{extra}",
+                                 "or set model.attention to auto or native"))
+    if device == "cpu":
+        raise InputError(Problem(profile.source, None, "model.attention",
+                                 f"attention backend '{name}' runs only on a CUDA GPU, and --device is cpu",
+                                 "set model.attention to auto or native"))
 
 
 def image_digests(shot_list) -> dict[str, str]:
@@ -119,6 +150,7 @@ def check(request: RenderRequest) -> Checked:
     """Validate everything a render needs; raises InputError (exit code 2) and writes nothing."""
     shot_list, profile, plans = prepare(request)
     model_root = check_weights(profile, request.model_path)
+    check_attention(profile, request.device)
     digests = image_digests(shot_list)
     out = request.out_dir(shot_list.name)
     RenderStore(out).check_usable()

@@ -175,6 +175,37 @@ def install_engine_modules(transformer: WanTransformer3DModel) -> WanTransformer
     return transformer
 
 
+def resolve_attention(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The diffusers attention backend to use: `auto` is flash-attn on a CUDA GPU in half precision
+    when the `flash` extra is installed, else torch's native scaled dot-product attention."""
+    from importlib.util import find_spec
+
+    half = dtype in (torch.float16, torch.bfloat16)
+    if name == "auto":
+        return "flash" if device.type == "cuda" and half and find_spec("flash_attn") is not None else "native"
+    if name.startswith("flash") and not half:
+        raise InputError(Problem("", None, "model.attention",
+                                 f"attention backend '{name}' needs bfloat16 or float16 weights, the profile's dtype is {dtype}",
+                                 "set model.dtype to bfloat16, or model.attention to native"))
+    if name not in ("native", "flex", "_native_math") and device.type != "cuda":
+        raise InputError(Problem("", None, "model.attention", f"attention backend '{name}' needs a CUDA GPU, the device is {device}",
+                                 "set model.attention to auto or native"))
+    return name
+
+
+def decide_offload(mode: str, device: torch.device, memory_gb: float | None) -> bool:
+    """Keep the text encoder and VAE on the CPU between uses: `always`, or with `auto` on a GPU whose
+    free memory is below the profile's peak estimate for the whole pipeline."""
+    if mode == "never" or device.type != "cuda":
+        return False
+    if mode == "always":
+        return True
+    if memory_gb is None:
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return free / 1e9 < memory_gb
+
+
 # --------------------------------------------------------------------------------------------
 # The primitive.
 
@@ -200,11 +231,14 @@ class WanBackend:
     """Text encoding, VAE and `denoise` on one device; built from a Diffusers-format Wan folder."""
 
     def __init__(self, pipe: WanPipeline, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 max_sequence_length: int = 512):
+                 max_sequence_length: int = 512, offload: bool = False, attention: str = "native"):
         self.pipe = pipe
         self.device = torch.device(device)
         self.dtype = dtype
         self.max_sequence_length = max_sequence_length
+        self.offload = offload  # text encoder and VAE wait on the CPU and visit the device to run
+        self.attention = attention
+        self.loaded: list[str] = []  # what was loaded, for the log
         self.transformer = install_engine_modules(pipe.transformer)
         self.vae = pipe.vae
         self._text_cache: dict[str, torch.Tensor] = {}
@@ -215,9 +249,11 @@ class WanBackend:
     # -- loading ---------------------------------------------------------------------------
 
     @classmethod
-    def from_folder(cls, root: Path, device: str = "cpu", dtype: str = "float32",
-                    max_sequence_length: int = 512) -> "WanBackend":
-        """Load a Diffusers-format folder offline (no hub access, safetensors only, no pickles)."""
+    def from_folder(cls, root: Path, device: str = "cpu", dtype: str = "float32", max_sequence_length: int = 512,
+                    checkpoint: Path | None = None, checkpoint_key: str = "auto", checkpoint_naming: str = "auto",
+                    attention: str = "auto", offload: str = "never", memory_gb: float | None = None) -> "WanBackend":
+        """Load a Diffusers-format folder offline (no hub access, safetensors only, no pickles),
+        optionally with a transformer checkpoint over the folder's transformer weights (weights.py)."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         torch_dtype = DTYPES[dtype]
         root = Path(root)
@@ -230,19 +266,64 @@ class WanBackend:
             tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
         except (OSError, ValueError) as exc:
             raise InputError(Problem(str(root), None, "model.path", f"cannot load the Wan model: {exc}")) from None
+        loaded = [f"{root} ({dtype})"]
+        if checkpoint is not None:
+            from mmpl_cli.weights import check_against, read_transformer_checkpoint
+
+            state, what = read_transformer_checkpoint(checkpoint, checkpoint_key, checkpoint_naming)
+            check_against(checkpoint, state, {k: v.shape for k, v in transformer.state_dict().items()})
+            transformer.load_state_dict(state, strict=True)
+            del state
+            loaded.append(f"transformer from {what}")
         pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
                            scheduler=make_scheduler(Sampler(steps=1)))
-        pipe.to(device)
+        device = torch.device(device)
+        move_off = decide_offload(offload, device, memory_gb)
         for module in (transformer, vae, text_encoder):
             module.eval().requires_grad_(False)
-        return cls(pipe, device=device, dtype=torch_dtype, max_sequence_length=max_sequence_length)
+        transformer.to(device)
+        if not move_off:
+            vae.to(device)
+            text_encoder.to(device)
+        backend_name = resolve_attention(attention, device, torch_dtype)
+        install_engine_modules(transformer)
+        if backend_name != "native":
+            from diffusers.utils import logging as diffusers_logging
+
+            level = diffusers_logging.get_verbosity()
+            diffusers_logging.set_verbosity_error()  # "experimental feature" warning
+            try:
+                transformer.set_attention_backend(backend_name)
+            finally:
+                diffusers_logging.set_verbosity(level)
+        loaded.append(f"attention {backend_name}")
+        if move_off:
+            loaded.append("text encoder and VAE offloaded to the CPU between uses")
+        backend = cls(pipe, device=device, dtype=torch_dtype, max_sequence_length=max_sequence_length,
+                      offload=move_off, attention=backend_name)
+        backend.loaded = loaded
+        return backend
+
+    @contextlib.contextmanager
+    def _visiting(self, module: torch.nn.Module) -> Iterator[None]:
+        """With offloading, `module` comes to the device for the call and goes back to the CPU after."""
+        if not self.offload:
+            yield
+            return
+        module.to(self.device)
+        try:
+            yield
+        finally:
+            module.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     # -- text ------------------------------------------------------------------------------
 
     def encode_text(self, prompt: str) -> torch.Tensor:
         """Prompt embeddings as diffusers' Wan pipeline makes them; each distinct prompt is encoded once."""
         if prompt not in self._text_cache:
-            with torch.no_grad():
+            with torch.no_grad(), self._visiting(self.pipe.text_encoder):
                 embeds, _ = self.pipe.encode_prompt(prompt, do_classifier_free_guidance=False,
                                                     max_sequence_length=self.max_sequence_length,
                                                     device=self.device, dtype=self.dtype)
@@ -259,13 +340,15 @@ class WanBackend:
         """Model-space latents [C, F, H, W] -> pixels [3, 1 + 4(F-1), H*8, W*8] in [-1, 1]."""
         x = latents.float().cpu() * self._latents_std + self._latents_mean
         x = x.unsqueeze(0).to(self.device, self.vae.dtype)
-        return self.vae.decode(x, return_dict=False)[0][0].float().clamp(-1, 1).cpu()
+        with self._visiting(self.vae):
+            return self.vae.decode(x, return_dict=False)[0][0].float().clamp(-1, 1).cpu()
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels [3, F, H, W] in [-1, 1] -> model-space latents [C, 1 + (F-1)/4, H/8, W/8] (posterior mode)."""
         x = pixels.unsqueeze(0).to(self.device, self.vae.dtype)
-        z = self.vae.encode(x).latent_dist.mode()[0].float().cpu()
+        with self._visiting(self.vae):
+            z = self.vae.encode(x).latent_dist.mode()[0].float().cpu()
         return (z - self._latents_mean) / self._latents_std
 
     # -- the primitive ---------------------------------------------------------------------
