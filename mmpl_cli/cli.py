@@ -200,6 +200,67 @@ def _run_children(request, out, name, count, team, claim_timeout, children, stop
 
 
 @app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="The training config YAML (see examples/train-tiny.yaml).", show_default=False)],
+    max_minutes: Annotated[Optional[float], typer.Option(
+        "--max-minutes", min=0.0, help="Stop (with a checkpoint) after this many minutes; rerun to go on.")] = None,
+) -> None:
+    """Train a Wan-architecture model with the MMPL recipe (teacher forcing on the render's groups).
+
+    Stages run in order and checkpoint as they go: after a kill or --max-minutes, the same command
+    resumes from the last checkpoint. The trained model is the Diffusers folder <out>/model.
+    """
+    from mmpl_cli.train import load_train_config
+
+    try:
+        cfg = load_train_config(config)
+        from mmpl_cli.train import train as run_train
+
+        with _TrainProgress() as progress:
+            model = run_train(cfg, progress.report, progress.message, max_minutes)
+    except BaseException as exc:  # noqa: BLE001
+        _fail(exc)
+    typer.echo(f"model folder: {model}")
+
+
+class _TrainProgress:
+    """A Rich bar with loss and speed on a terminal; a plain line every 10 steps in a log."""
+
+    def __init__(self):
+        self.rich = sys.stderr.isatty()
+        self.bar = None
+        self.task = None
+        self.stage = None
+
+    def __enter__(self):
+        if self.rich:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[speed]:.2f} step/s"),
+                                TimeRemainingColumn(), transient=False)
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def message(self, text: str) -> None:
+        (self.bar.console.print if self.bar is not None else typer.echo)(text)
+
+    def report(self, stage: str, step: int, steps: int, loss: float, speed: float) -> None:
+        if self.bar is None:
+            if step % 10 == 0 or step == steps:
+                typer.echo(f"{stage}: step {step}/{steps} loss {loss:.4f} {speed:.2f} step/s")
+            return
+        if stage != self.stage:
+            self.stage = stage
+            self.task = self.bar.add_task(stage, total=steps, completed=step - 1, loss=loss, speed=speed)
+        self.bar.update(self.task, completed=step, loss=loss, speed=speed)
+
+
+@app.command()
 def doctor(
     profiles: Annotated[Optional[list[str]], typer.Option(
         "--profile", help="Check this profile (name or YAML path) instead of every shipped one; repeatable.")] = None,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 TEXT_DIM = 32
@@ -40,11 +40,23 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
-def build_tiny_model(dest: Path, seed: int = 0, num_layers: int = 2) -> Path:
-    """Write a complete Diffusers-format Wan folder (transformer, vae, text_encoder, tokenizer)."""
+def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """T5-style special tokens over a fixed vocabulary of lower-cased words (other words are <unk>)."""
+    specials = ["<pad>", "</s>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(set(words)))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def build_tiny_model(dest: Path, seed: int = 0, num_layers: int = 2, vocabulary: list[str] | None = None) -> Path:
+    """Write a complete Diffusers-format Wan folder (transformer, vae, text_encoder, tokenizer); with a
+    `vocabulary`, the tokenizer is word-level over it, else byte-level."""
     dest = Path(dest)
     torch.manual_seed(seed)
-    tokenizer = byte_tokenizer()
+    tokenizer = word_tokenizer(vocabulary) if vocabulary else byte_tokenizer()
     text_encoder = UMT5EncoderModel(UMT5Config(
         vocab_size=len(tokenizer), d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
         relative_attention_num_buckets=8, relative_attention_max_distance=32, feed_forward_proj="gated-gelu",

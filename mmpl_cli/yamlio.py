@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,9 @@ def _construct_sequence(loader: _LineLoader, node: yaml.SequenceNode) -> Located
 
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
+
+
+SCIENTIFIC = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 
 
 def load_yaml(path: Path, what: str) -> Any:
@@ -149,6 +153,8 @@ class Fields:
                 return default
             return value
         if kind in ("int", "float"):
+            if kind == "float" and isinstance(value, str) and SCIENTIFIC.fullmatch(value.strip()):
+                value = float(value)  # YAML 1.1 reads 1e-5 (no dot) as text; everyone means the number
             ok = isinstance(value, int) and not isinstance(value, bool)
             if kind == "float":
                 ok = ok or isinstance(value, float)

@@ -12,7 +12,8 @@ from mmpl_cli.profiles import builtin_profiles_dir, list_profiles, load_profile
 from mmpl_cli.shotlist import load_shot_list
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+EXAMPLES = sorted(p for p in (REPO / "examples").glob("*.yaml") if not p.name.startswith("train"))
+TRAIN_EXAMPLES = sorted((REPO / "examples").glob("train*.yaml"))
 PROFILES = sorted((REPO / "profiles").glob("*.yaml"))
 
 
@@ -51,6 +52,11 @@ def test_model_path_override_order(monkeypatch, tmp_path):
     monkeypatch.setenv("MMPL_WAN21_T2V_1_3B", str(tmp_path))
     assert p.resolve_model_path() == tmp_path
     assert p.resolve_model_path("/elsewhere") == Path("/elsewhere")
+    monkeypatch.chdir(tmp_path)  # given on the command line or in the environment: from the working directory
+    assert p.resolve_model_path("weights/here") == tmp_path / "weights/here"
+    monkeypatch.setenv("MMPL_WAN21_T2V_1_3B", "relative")
+    assert p.resolve_model_path() == tmp_path / "relative"
+    monkeypatch.setenv("MMPL_WAN21_T2V_1_3B", str(tmp_path))
     assert p.missing_model_files() == ["transformer/config.json", "transformer/*.safetensors", "vae/config.json",
                                        "vae/*.safetensors", "text_encoder/config.json",
                                        "text_encoder/*.safetensors", "tokenizer/tokenizer_config.json"]
@@ -63,6 +69,15 @@ def test_every_example_parses_and_plans(path):
     for seeding in ("terminal", "midpoint"):
         plans = plan_shot_list(shots, load_profile(shots.profile), seeding)
         assert all(p.frames == sum(s.kept for s in p.segments) for p in plans)
+
+
+@pytest.mark.parametrize("path", TRAIN_EXAMPLES, ids=lambda p: p.stem)
+def test_every_training_example_parses(path):
+    from mmpl_cli.train import load_train_config
+
+    config = load_train_config(path)
+    assert [s.stage for s in config.stages] == ["vae", "transformer"]
+    assert config.out == path.parent / "../runs/tiny"
 
 
 def test_example_has_a_long_scheduled_shot():

@@ -1,0 +1,415 @@
+"""`mmpl train CONFIG.yaml`: the MMPL fine-tuning recipe (seeds/001 Sec. 4, App. C.1, Table 3) on the
+same engine primitive the renderer uses.
+
+Teacher forcing: each step takes one clean clip, picks one group of a segment (the MMPL groups:
+initial, plan, populate stage one and two, each with the context and visibility it has at render
+time; or a contiguous continuation window, or a full window, for the baselines), noises the
+group's target latents with flow matching and regresses the velocity, with the clean context run
+through the model in the same pass under the block-visibility mask (`WanBackend` reference path,
+which the tests check equals the cached path). Only the chosen parameter subset trains
+(`all | self_attention | qk`), with AdamW and gradient clipping.
+
+A config runs one or more stages in order (`vae` trains the autoencoder on clips, `transformer`
+the denoiser); each stage checkpoints atomically every `checkpoint_every` steps and a rerun of the
+same command resumes from the last checkpoint. Every step's data and noise come from (seed, step),
+so a resumed run ends with exactly the weights of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmpl_cli.errors import InputError, MMPLError, Problem
+from mmpl_cli.yamlio import Fields, Located, load_yaml
+
+STAGES = ("vae", "transformer")
+TRAINABLE = ("all", "self_attention", "qk")
+GROUPS = ("initial", "plan", "populate_stage_one", "populate_stage_two", "continuation", "full")
+CFG_DROPOUT = 0.1  # captions replaced by "" this often, so classifier-free guidance has an unconditional model
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    stage: str
+    steps: int
+    lr: float
+    weight_decay: float
+    clip_grad: float
+    trainable: str
+    groups: tuple[str, ...]
+    checkpoint_every: int
+    frames: int  # vae: pixel frames per clip
+    pool: int  # transformer: clips encoded once and sampled from
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    path: Path
+    out: Path
+    model: str  # a Diffusers-format folder, builtin:tiny, or "new" (the tiny architecture, word tokenizer)
+    profile: str
+    data_source: str  # "procedural" or a folder of clip.mp4 + clip.txt
+    seed: int
+    stages: tuple[StageConfig, ...]
+
+
+def load_train_config(path: Path) -> TrainConfig:
+    data = load_yaml(path, "training config")
+    problems: list[Problem] = []
+    f = Fields(str(path), problems)
+    root = f.mapping(data, getattr(data, "line", 1), "") or Located()
+    f.unknown_keys(root, {"version", "out", "model", "profile", "data", "seed", "stages"}, "")
+    version = f.get(root, "version", "", "int", required=True, default=1)
+    if version != 1:
+        f.add(f.line_of(root, "version"), "version", f"expected 1, found {version}")
+    out = f.get(root, "out", "", "str", required=True, default="")
+    model = f.get(root, "model", "", "str", default="new")
+    profile = f.get(root, "profile", "", "str", default="tiny")
+    seed = f.get(root, "seed", "", "int", default=0, minimum=0)
+    source = f.get(root, "data", "", "str", default="procedural")
+    stages = []
+    for i, item in enumerate(f.get(root, "stages", "", "list", required=True, default=[])):
+        prefix = f"stages[{i}]"
+        m = f.mapping(item, f.line_of(root, "stages"), prefix)
+        if m is None:
+            continue
+        f.unknown_keys(m, {"stage", "steps", "lr", "weight_decay", "clip_grad", "trainable", "groups",
+                           "checkpoint_every", "frames", "pool"}, prefix)
+        groups = f.get(m, "groups", prefix, "list", default=list(GROUPS[:4]))
+        for g in groups:
+            if g not in GROUPS:
+                f.add(f.line_of(m, "groups"), f"{prefix}.groups", f"expected groups from {', '.join(GROUPS)}, found {g!r}")
+        frames = f.get(m, "frames", prefix, "int", default=9, minimum=1)
+        if (frames - 1) % 4:
+            f.add(f.line_of(m, "frames"), f"{prefix}.frames", f"expected 1 + 4k frames (the VAE's time stride), found {frames}")
+        stages.append(StageConfig(
+            stage=f.get(m, "stage", prefix, "str", required=True, default="transformer", choices=list(STAGES)),
+            steps=f.get(m, "steps", prefix, "int", required=True, default=1, minimum=1),
+            lr=f.get(m, "lr", prefix, "float", default=1e-5, exclusive_minimum=0.0),
+            weight_decay=f.get(m, "weight_decay", prefix, "float", default=0.0, minimum=0.0),
+            clip_grad=f.get(m, "clip_grad", prefix, "float", default=1.0, exclusive_minimum=0.0),
+            trainable=f.get(m, "trainable", prefix, "str", default="all", choices=list(TRAINABLE)),
+            groups=tuple(groups), checkpoint_every=f.get(m, "checkpoint_every", prefix, "int", default=50, minimum=1),
+            frames=frames, pool=f.get(m, "pool", prefix, "int", default=64, minimum=1),
+        ))
+    if problems:
+        raise InputError(problems)
+    base = Path(path).parent
+    out_path = Path(out).expanduser()
+    return TrainConfig(path=Path(path), out=out_path if out_path.is_absolute() else base / out_path, model=model,
+                       profile=profile, data_source=source, seed=seed, stages=tuple(stages))
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+class ClipSource:
+    """Clips of `frames` frames at the profile's size with their captions, clip i fixed by (seed, i)."""
+
+    def __init__(self, source: str, width: int, height: int, seed: int, relative_to: Path):
+        self.width, self.height, self.seed = width, height, seed
+        self.folder = None
+        if source != "procedural":
+            folder = Path(source).expanduser()
+            self.folder = folder if folder.is_absolute() else relative_to / folder
+            self.videos = sorted(p for p in self.folder.glob("*.mp4") if p.with_suffix(".txt").is_file())
+            if not self.videos:
+                raise InputError(Problem(str(self.folder), None, "data",
+                                         "expected videos (*.mp4) with captions beside them (*.txt of the same name)"))
+
+    def clip(self, index: int, frames: int) -> tuple[np.ndarray, str]:
+        from mmpl_cli import procedural
+
+        rng = random.Random(self.seed * 1_000_003 + index)
+        if self.folder is None:
+            scene = procedural.scene_from_seed(rng.randrange(1 << 30))
+            first = rng.randrange(0, 3) * 76  # later windows too: the shape after a bounce
+            return procedural.render_scene(scene, frames, self.width, self.height, first), scene.caption()
+        from PIL import Image
+
+        from mmpl_cli.video import read_frames
+
+        video = self.videos[rng.randrange(len(self.videos))]
+        pixels = read_frames(video)
+        first = rng.randrange(0, max(1, len(pixels) - frames + 1))
+        pixels = pixels[first:first + frames]
+        if len(pixels) < frames:  # short videos repeat their last frame
+            pixels = np.concatenate([pixels, np.repeat(pixels[-1:], frames - len(pixels), axis=0)])
+        if pixels.shape[1:3] != (self.height, self.width):
+            pixels = np.stack([np.asarray(Image.fromarray(p).resize((self.width, self.height), Image.Resampling.BICUBIC))
+                               for p in pixels])
+        return pixels, video.with_suffix(".txt").read_text().strip()
+
+
+def to_model_pixels(frames: np.ndarray) -> torch.Tensor:
+    """uint8 [F, H, W, 3] -> float [3, F, H, W] in [-1, 1]."""
+    return torch.from_numpy(frames).float().div(127.5).sub(1.0).permute(3, 0, 1, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# What trains
+
+
+def trainable_names(names: list[str], subset: str) -> list[str]:
+    """Table 3's parameter subsets of a Wan transformer: everything, self-attention only, or its q/k."""
+    if subset == "all":
+        return names
+    if subset == "self_attention":
+        return [n for n in names if ".attn1." in n]
+    return [n for n in names if ".attn1.to_q." in n or ".attn1.to_k." in n]
+
+
+def flow_sigma(u: float, shift: float) -> float:
+    """Wan's shifted flow-matching noise level for a uniform draw u (shift > 1 favours noisy steps)."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def group_for(kind: str, layout, rng: random.Random):
+    """(target frames, frames they see, context groups as (frames, sees)) for one training group,
+    exactly as the renderer runs them."""
+    if kind == "full":
+        return tuple(range(layout.latents)), (), []
+    if kind == "continuation":  # a window conditioned on the previous latents (sliding-window baseline)
+        split = rng.randrange(1, layout.latents - 1)
+        before = tuple(range(split))
+        return tuple(range(split, layout.latents)), before, [(before, ())]
+    order = ["initial", "plan", "populate_stage_one", "populate_stage_two"]
+    context = [(layout.group(k).targets, layout.group(k).sees) for k in order[:order.index(kind)]]
+    group = layout.group(kind)
+    return group.targets, group.sees, context
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class StageRun:
+    """One stage's folder: checkpoint.pt (trainable parameters, optimizer, step) and progress.json."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.checkpoint = folder / "checkpoint.pt"
+        self.progress = folder / "progress.json"
+
+    def done(self) -> bool:
+        return self.progress.is_file() and json.loads(self.progress.read_text()).get("finished", False)
+
+    def load(self, params: dict[str, torch.nn.Parameter], optimizer) -> tuple[int, list[float]]:
+        if not self.checkpoint.is_file():
+            return 0, []
+        state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(state["params"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        return int(state["step"]), list(state["losses"])
+
+    def save(self, params: dict[str, torch.nn.Parameter], optimizer, step: int, losses: list[float],
+             finished: bool = False) -> None:
+        _save_atomic({"params": {n: p.detach().cpu() for n, p in params.items()}, "optimizer": optimizer.state_dict(),
+                      "step": step, "losses": losses}, self.checkpoint)
+        recent = losses[-50:]
+        _write_json(self.progress, {"step": step, "finished": finished, "loss_recent": sum(recent) / max(1, len(recent)),
+                                    "loss_first": losses[:10]})
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+Report = Callable[[str, int, int, float, float], None]  # stage name, step, steps, loss, steps per second
+
+
+def _loop(run: StageRun, params: dict[str, torch.nn.Parameter], cfg: StageConfig, step_loss: Callable[[int], torch.Tensor],
+          deadline: float | None, report: Report, message: Callable[[str], None], name: str) -> bool:
+    """Train until cfg.steps or the deadline; True when the stage finished."""
+    optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step, losses = run.load(params, optimizer)
+    if step:
+        message(f"{name}: resuming from step {step} of {cfg.steps} ({run.checkpoint})")
+    started, first = time.perf_counter(), step
+    while step < cfg.steps:
+        if deadline is not None and time.time() >= deadline:
+            run.save(params, optimizer, step, losses)
+            message(f"{name}: --max-minutes reached at step {step}; run the same command to go on")
+            return False
+        loss = step_loss(step)
+        if not torch.isfinite(loss):
+            raise MMPLError(f"{name}: the loss became {loss.item()} at step {step}; lower lr (now {cfg.lr:g})")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        step += 1
+        report(name, step, cfg.steps, losses[-1], (step - first) / max(1e-9, time.perf_counter() - started))
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            run.save(params, optimizer, step, losses, finished=step == cfg.steps)
+    return True
+
+
+def _seeded(seed: int, stage: int, step: int) -> tuple[random.Random, torch.Generator]:
+    key = (seed * 1_000_003 + stage) * 1_000_003 + step
+    return random.Random(key), torch.Generator().manual_seed(key % (1 << 63))
+
+
+def train(config: TrainConfig, report: Report, message: Callable[[str], None], max_minutes: float | None = None) -> Path:
+    """Run every stage of the config in order, resuming where a previous run stopped; returns the model folder."""
+    from mmpl_cli.profiles import load_profile
+
+    profile = load_profile(config.profile, relative_to=config.path.parent)
+    deadline = time.time() + 60 * max_minutes if max_minutes is not None else None
+    config.out.mkdir(parents=True, exist_ok=True)
+    model_dir = _initial_model(config, profile, message)
+    source = ClipSource(config.data_source, profile.width, profile.height, config.seed, config.path.parent)
+    for index, cfg in enumerate(config.stages):
+        name = f"stage {index + 1}/{len(config.stages)} ({cfg.stage})"
+        run = StageRun(config.out / f"stage{index + 1}-{cfg.stage}")
+        if run.done():
+            message(f"{name}: finished earlier")
+            continue
+        torch.manual_seed(config.seed)
+        trainer = _train_vae if cfg.stage == "vae" else _train_transformer
+        if not trainer(model_dir, profile, source, cfg, run, config.seed, index, deadline, report, message, name):
+            return model_dir
+    message(f"model: {model_dir}")
+    return model_dir
+
+
+def _initial_model(config: TrainConfig, profile, message) -> Path:
+    """out/model: a copy of the starting folder (or a new tiny model) that the stages update in place."""
+    model_dir = config.out / "model"
+    if (model_dir / "transformer" / "config.json").is_file():
+        return model_dir
+    tmp = config.out / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if config.model == "new":
+        from mmpl_cli.procedural import vocabulary
+        from mmpl_cli.tiny import build_tiny_model
+
+        build_tiny_model(tmp, seed=config.seed, vocabulary=vocabulary())
+        message(f"new tiny model (word-level tokenizer, {len(vocabulary())} words) in {model_dir}")
+    else:
+        if config.model == "profile" or config.model.startswith("builtin:"):
+            source = profile.resolve_model_path(None if config.model == "profile" else config.model)
+        else:
+            source = Path(config.model).expanduser()
+            source = source if source.is_absolute() else config.path.parent / source
+        if not (source / "transformer" / "config.json").is_file():
+            raise InputError(Problem(str(config.path), None, "model",
+                                     f"expected a Diffusers-format Wan folder, 'new' or 'profile', found {source}"))
+        shutil.copytree(source, tmp)
+        message(f"starting from {source}")
+    os.replace(tmp, model_dir)
+    return model_dir
+
+
+def _train_vae(model_dir, profile, source, cfg, run, seed, index, deadline, report, message, name) -> bool:
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan.from_pretrained(model_dir / "vae", torch_dtype=torch.float32, use_safetensors=True)
+    vae.train()
+    params = dict(vae.named_parameters())
+
+    def step_loss(step: int) -> torch.Tensor:
+        rng, gen = _seeded(seed, index, step)
+        frames, _ = source.clip(rng.randrange(1 << 30), cfg.frames)
+        x = to_model_pixels(frames)[None]
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+        recon = vae.decode(z).sample
+        return (recon - x).abs().mean() + 1e-6 * posterior.kl().mean()
+
+    finished = _loop(run, params, cfg, step_loss, deadline, report, message, name)
+    if finished:
+        vae.save_pretrained(model_dir / "vae", safe_serialization=True)
+    return finished
+
+
+def _train_transformer(model_dir, profile, source, cfg, run, seed, index, deadline, report, message, name) -> bool:
+    from mmpl_cli.wan import ContextGroup, WanBackend
+
+    backend = WanBackend.from_folder(model_dir, dtype="float32", max_sequence_length=profile.max_sequence_length)
+    layout, shift = profile.layout, profile.sampler.shift
+    pool = _latent_pool(backend, source, profile, cfg, run, message, name)
+    model = backend.transformer
+    model.train()
+    names = trainable_names([n for n, _ in model.named_parameters()], cfg.trainable)
+    params = dict(model.named_parameters())
+    params = {n: params[n] for n in names}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in params)
+    message(f"{name}: {sum(p.numel() for p in params.values()):,} trainable parameters ({cfg.trainable}), "
+            f"groups {', '.join(cfg.groups)}")
+
+    def step_loss(step: int) -> torch.Tensor:
+        rng, gen = _seeded(seed, index, step)
+        latents, caption = pool[rng.randrange(len(pool))]
+        kind = cfg.groups[rng.randrange(len(cfg.groups))]
+        targets, sees, context = group_for(kind, layout, rng)
+        if rng.random() < CFG_DROPOUT:
+            caption = ""
+        with torch.no_grad():
+            text = backend.encode_text(caption)
+        sigma = flow_sigma(rng.random(), shift)
+        clean = latents[:, list(targets)]
+        noise = torch.randn(clean.shape, generator=gen)
+        noisy = (1 - sigma) * clean + sigma * noise
+        groups = [ContextGroup(latents[:, list(frames)], frames, group_sees) for frames, group_sees in context]
+        evaluate = backend._recomputing_evaluator(targets, sees, groups, [text])
+        prediction = evaluate(noisy, torch.tensor(sigma * 1000.0), 0)
+        return torch.nn.functional.mse_loss(prediction, noise - clean)
+
+    finished = _loop(run, params, cfg, step_loss, deadline, report, message, name)
+    if finished:
+        model.eval()
+        model.save_pretrained(model_dir / "transformer", safe_serialization=True)
+    return finished
+
+
+def _latent_pool(backend, source: ClipSource, profile, cfg: StageConfig, run: StageRun, message, name):
+    """`cfg.pool` clips of one segment window, VAE-encoded once (kept in the stage folder for resumes)."""
+    from safetensors.torch import load_file, save_file
+
+    path = run.folder / "pool.safetensors"
+    captions_path = run.folder / "pool.json"
+    if path.is_file() and captions_path.is_file():
+        tensors, captions = load_file(path), json.loads(captions_path.read_text())
+        return [(tensors[str(i)], captions[i]) for i in range(len(captions))]
+    message(f"{name}: encoding {cfg.pool} clips of {profile.segment_frames} frames with the VAE")
+    pool = []
+    for i in range(cfg.pool):
+        frames, caption = source.clip(10_000_000 + i, profile.segment_frames)
+        pool.append((backend.encode(to_model_pixels(frames)), caption))
+    tmp = path.with_name("pool.tmp.safetensors")
+    save_file({str(i): z.contiguous() for i, (z, _) in enumerate(pool)}, tmp)
+    os.replace(tmp, path)
+    _write_json(captions_path, [c for _, c in pool])
+    return pool
+

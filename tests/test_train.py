@@ -1,0 +1,108 @@
+"""`mmpl train`: the loss falls, a killed run resumes to the same weights, freezing freezes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, run_cli
+
+CONFIG = """version: 1
+out: {out}
+model: new
+profile: tiny
+seed: 3
+stages:
+{stages}
+"""
+TRANSFORMER_60 = ("  - {stage: transformer, steps: 60, lr: 1e-3, checkpoint_every: 10, pool: 2,\n"
+                  "     groups: [initial, plan, populate_stage_one, populate_stage_two, continuation, full]}")
+
+
+def write_config(folder: Path, stages: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "train.yaml"
+    path.write_text(CONFIG.format(out=folder / "run", stages=stages))
+    return path
+
+
+def transformer_weights(model: Path) -> dict[str, torch.Tensor]:
+    return load_file(next((model / "transformer").glob("*.safetensors")))
+
+
+def test_loss_falls_and_a_killed_run_resumes_to_the_same_weights(tmp_path):
+    whole = write_config(tmp_path / "whole", TRANSFORMER_60)
+    proc = run_cli("train", str(whole))
+    assert proc.returncode == 0, proc.stderr
+    losses = torch.load(tmp_path / "whole/run/stage1-transformer/checkpoint.pt", weights_only=True)["losses"]
+    assert len(losses) == 60
+    first, last = sum(losses[:15]) / 15, sum(losses[-15:]) / 15
+    assert last < 0.85 * first, (first, last)
+
+    killed = write_config(tmp_path / "killed", TRANSFORMER_60)
+    progress = tmp_path / "killed/run/stage1-transformer/progress.json"
+    child = subprocess.Popen([sys.executable, "-m", "mmpl_cli", "train", str(killed)], cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and child.poll() is None:
+        if progress.is_file() and json.loads(progress.read_text())["step"] >= 20:
+            break
+        time.sleep(0.05)
+    assert child.poll() is None, "training ended before it could be killed"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    stopped_at = json.loads(progress.read_text())["step"]
+    assert 20 <= stopped_at < 60
+
+    resumed = run_cli("train", str(killed))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from step {stopped_at} of 60" in resumed.stdout
+    a, b = transformer_weights(tmp_path / "whole/run/model"), transformer_weights(tmp_path / "killed/run/model")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_self_attention_training_changes_only_self_attention(tmp_path):
+    from mmpl_cli.procedural import vocabulary
+    from mmpl_cli.tiny import build_tiny_model
+    from mmpl_cli.train import load_train_config, train
+
+    config = write_config(tmp_path, "  - {stage: vae, steps: 2, lr: 1e-3, frames: 5}\n"
+                                    "  - {stage: transformer, steps: 3, lr: 1e-2, trainable: self_attention, pool: 1}")
+    messages = []
+    model = train(load_train_config(config), lambda *a: None, messages.append)
+    before = build_tiny_model(tmp_path / "initial", seed=3, vocabulary=vocabulary())
+    old, new = transformer_weights(before), transformer_weights(model)
+    changed = {k for k in old if not torch.equal(old[k], new[k])}
+    attention = {k for k in old if ".attn1." in k}
+    assert changed == attention, sorted(changed ^ attention)
+    old_vae = load_file(before / "vae" / "diffusion_pytorch_model.safetensors")
+    new_vae = load_file(model / "vae" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(old_vae[k], new_vae[k]) for k in old_vae)  # the VAE stage trained too
+    assert any("trainable parameters (self_attention)" in m for m in messages)
+
+
+def test_parameter_subsets_follow_table_3():
+    from mmpl_cli.train import trainable_names
+
+    names = ["blocks.0.attn1.to_q.weight", "blocks.0.attn1.to_k.bias", "blocks.0.attn1.to_v.weight",
+             "blocks.0.attn1.to_out.0.weight", "blocks.0.attn2.to_q.weight", "blocks.0.ffn.net.2.weight", "proj_out.weight"]
+    assert trainable_names(names, "all") == names
+    assert trainable_names(names, "self_attention") == names[:4]
+    assert trainable_names(names, "qk") == names[:2]
+
+
+def test_bad_training_config_is_reported(tmp_path):
+    config = write_config(tmp_path, "  - {stage: transformer, steps: 0, trainable: attention}")
+    proc = run_cli("train", str(config))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{config}:7: stages[0].steps: expected a number >= 1" in proc.stderr
+    assert "stages[0].trainable: expected one of all, self_attention, qk, found 'attention'" in proc.stderr
+    assert not (tmp_path / "run").exists()
