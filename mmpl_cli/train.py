@@ -337,14 +337,20 @@ def _train_vae(model_dir, profile, source, cfg, run, seed, index, deadline, repo
     vae.train()
     params = dict(vae.named_parameters())
 
+    # diffusers clamps the decoded video to [-1, 1], which stops the gradient of every pixel out of
+    # range (most of them, at first): the loss reads the decoder's own output, before the clamp
+    raw: list[torch.Tensor] = []
+    vae.decoder.register_forward_hook(lambda module, args, out: raw.append(out))
+
     def step_loss(step: int) -> torch.Tensor:
-        rng, gen = _seeded(seed, index, step)
+        rng, _ = _seeded(seed, index, step)
         frames, _ = source.clip(rng.randrange(1 << 30), cfg.frames)
         x = to_model_pixels(frames)[None]
-        posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
-        recon = vae.decode(z).sample
-        return (recon - x).abs().mean() + 1e-6 * posterior.kl().mean()
+        z = vae.encode(x).latent_dist.mode()  # what rendering encodes with
+        raw.clear()
+        vae.decode(z)
+        recon = torch.cat(raw, dim=2)  # one decoder call per latent frame
+        return (recon - x).abs().mean()
 
     finished = _loop(run, params, cfg, step_loss, deadline, report, message, name)
     if finished:
