@@ -87,15 +87,19 @@ def _select(path: Path, raw, key: str) -> tuple[dict[str, torch.Tensor], str]:
 
 
 def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop wrapper names (FSDP, activation checkpointing, torch.compile) and the training wrapper's `model.`."""
+    """Drop wrapper names (FSDP, activation checkpointing, torch.compile, DDP) and the training wrapper's `model.`."""
     out = {}
     for k, v in state.items():
         for name in WRAPPER_NAMES:
             k = k.replace(name, "")
         out[k] = v
-    for prefix in ("model.diffusion_model.", "model."):
-        if out and all(k.startswith(prefix) for k in out):
-            out = {k[len(prefix):]: v for k, v in out.items()}
+    stripped = True
+    while stripped:  # e.g. DDP's module. around the training wrapper's model.
+        stripped = False
+        for prefix in ("module.", "model.diffusion_model.", "model."):
+            if out and all(k.startswith(prefix) for k in out):
+                out = {k[len(prefix):]: v for k, v in out.items()}
+                stripped = True
     return out
 
 

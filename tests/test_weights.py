@@ -133,6 +133,9 @@ def test_entry_selection_naming_and_wrappers(tiny_model_dir, tmp_path):
     auto, what = read_transformer_checkpoint(path)
     assert "generator_ema" in what and set(auto) == set(state)
     assert all(torch.equal(auto[k], ema[k]) for k in state)
+    ddp = tmp_path / "ddp.pt"
+    torch.save({"generator": {f"module.model.{original_name(k)}": v for k, v in state.items()}}, ddp)
+    assert set(read_transformer_checkpoint(ddp)[0]) == set(state)
     plain, _ = read_transformer_checkpoint(path, key="generator")
     assert all(torch.equal(plain[k], state[k]) for k in state)
     with pytest.raises(InputError, match="no state dict under 'generator_emma'.*generator, generator_ema"):
