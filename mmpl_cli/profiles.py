@@ -28,6 +28,10 @@ DTYPES = ["float32", "bfloat16", "float16"]
 # kernels); "auto" is flash-attn on a GPU in half precision when the `flash` extra is installed.
 ATTENTION_BACKENDS = ["auto", "native", "flash", "flash_varlen", "_flash_3", "flex", "sage", "xformers",
                       "_native_cudnn", "_native_efficient", "_native_flash", "_native_math"]
+# Backends that run only on a CUDA GPU, and the package each needs (None: part of torch).
+GPU_ATTENTION = {"flash": "flash_attn", "flash_varlen": "flash_attn", "_flash_3": "flash_attn_interface",
+                 "sage": "sageattention", "xformers": "xformers", "_native_cudnn": None,
+                 "_native_efficient": None, "_native_flash": None}
 OFFLOAD = ["auto", "never", "always"]  # text encoder and VAE on the CPU between uses
 CHECKPOINT_NAMING = ["auto", "original", "diffusers"]
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
@@ -127,18 +131,24 @@ class Profile:
         """Pixel frames that `latents` consecutive latents from a segment start decode to."""
         return 0 if latents <= 0 else 1 + self.vae_temporal * (latents - 1)
 
+    def _model_path_setting(self, override: str | None) -> tuple[str, str, bool]:
+        """(raw path, where it came from, relative to the working directory?): --model-path, then the
+        profile's environment variable, then the profile file."""
+        if override:
+            return override, "--model-path", True
+        env = os.environ.get(self.model_path_env) if self.model_path_env else None
+        if env:
+            return env, f"${self.model_path_env}", True
+        return self.model_path, f"model.path in {self.source}", False
+
     def model_path_origin(self, override: str | None = None) -> str:
         """Which setting `resolve_model_path` follows, for messages."""
-        if override:
-            return "--model-path"
-        if self.model_path_env and os.environ.get(self.model_path_env):
-            return f"${self.model_path_env}"
-        return f"model.path in {self.source}"
+        return self._model_path_setting(override)[1]
 
     def resolve_model_path(self, override: str | None = None) -> Path:
         """Where the weights are: --model-path, then the profile's environment variable, then the file."""
-        given = override or (os.environ.get(self.model_path_env) if self.model_path_env else None)
-        return self._resolve(given, from_cwd=True) if given else self._resolve(self.model_path)
+        raw, _, from_cwd = self._model_path_setting(override)
+        return self._resolve(raw, from_cwd=from_cwd)
 
     def resolve_checkpoint(self) -> Path | None:
         """The transformer checkpoint file, if the profile names one: its environment variable first."""

@@ -11,7 +11,7 @@ from PIL import Image, UnidentifiedImageError
 
 from mmpl_cli.errors import InputError, Problem
 from mmpl_cli.plan import ShotPlan, plan_shot_list
-from mmpl_cli.profiles import Profile, load_profile
+from mmpl_cli.profiles import GPU_ATTENTION, Profile, load_profile
 from mmpl_cli.shotlist import ShotList, load_shot_list
 from mmpl_cli.store import RenderStore
 
@@ -86,12 +86,6 @@ def check_weights(profile, model_path: str | None) -> Path:
                                  f"transformer checkpoint not found: {checkpoint}",
                                  f"{how}fix the path (relative paths start at the profile's folder)"))
     return root
-
-
-# Backends that run only on CUDA, and the package each needs (diffusers' attention dispatcher).
-GPU_ATTENTION = {"flash": "flash_attn", "flash_varlen": "flash_attn", "_flash_3": "flash_attn_interface",
-                 "sage": "sageattention", "xformers": "xformers", "_native_cudnn": None,
-                 "_native_efficient": None, "_native_flash": None}
 
 
 def check_attention(profile: Profile, device: str) -> None:

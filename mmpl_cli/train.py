@@ -294,7 +294,6 @@ def train(config: TrainConfig, report: Report, message: Callable[[str], None], m
         if run.done():
             message(f"{name}: finished earlier")
             continue
-        torch.manual_seed(config.seed)
         trainer = _train_vae if cfg.stage == "vae" else _train_transformer
         if not trainer(model_dir, profile, source, cfg, run, config.seed, index, deadline, report, message, name):
             return model_dir

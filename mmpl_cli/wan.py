@@ -37,7 +37,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from mmpl_cli.errors import InputError, Problem
-from mmpl_cli.profiles import Sampler
+from mmpl_cli.profiles import GPU_ATTENTION, Sampler
 from mmpl_cli.sampling import StepCallback, guided, make_scheduler, sample
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -187,7 +187,7 @@ def resolve_attention(name: str, device: torch.device, dtype: torch.dtype) -> st
         raise InputError(Problem("", None, "model.attention",
                                  f"attention backend '{name}' needs bfloat16 or float16 weights, the profile's dtype is {dtype}",
                                  "set model.dtype to bfloat16, or model.attention to native"))
-    if name not in ("native", "flex", "_native_math") and device.type != "cuda":
+    if name in GPU_ATTENTION and device.type != "cuda":
         raise InputError(Problem("", None, "model.attention", f"attention backend '{name}' needs a CUDA GPU, the device is {device}",
                                  "set model.attention to auto or native"))
     return name

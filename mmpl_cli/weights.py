@@ -21,21 +21,22 @@ WRAPPER_NAMES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_
 SHOWN = 5  # keys listed per kind of mismatch
 
 
-class CheckpointError(InputError):
-    pass
+def _problem(path: Path, message: str, hint: str = "") -> InputError:
+    return InputError(Problem(str(path), None, "model.transformer", message, hint))
 
 
-def _problem(path: Path, message: str, hint: str = "") -> CheckpointError:
-    return CheckpointError(Problem(str(path), None, "model.transformer", message, hint))
-
-
-def _read(path: Path):
+def _read(path: Path, shapes_only: bool = False):
+    """The file's contents; with `shapes_only`, a safetensors file gives meta tensors from its header
+    (names and shapes, no data read). A .pt is memory-mapped either way."""
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         try:
-            return load_file(path)
+            if not shapes_only:
+                return load_file(path)
+            with safe_open(path, framework="pt") as fh:
+                return {k: torch.empty(fh.get_slice(k).get_shape(), device="meta") for k in fh.keys()}
         except (SafetensorError, OSError) as exc:
             raise _problem(path, f"cannot read the safetensors file: {exc}") from None
     try:
@@ -112,12 +113,13 @@ def naming_of(state: dict[str, torch.Tensor]) -> str:
     return "unknown"
 
 
-def read_transformer_checkpoint(path: Path, key: str = "auto", naming: str = "auto") -> tuple[dict[str, torch.Tensor], str]:
+def read_transformer_checkpoint(path: Path, key: str = "auto", naming: str = "auto",
+                                shapes_only: bool = False) -> tuple[dict[str, torch.Tensor], str]:
     """The transformer state dict in diffusers' naming, and a line saying what was read."""
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
     path = Path(path)
-    state, entry = _select(path, _read(path), key)
+    state, entry = _select(path, _read(path, shapes_only), key)
     state = _strip(state)
     found = naming_of(state)
     if naming == "auto":
@@ -161,7 +163,8 @@ def expected_shapes(transformer_dir: Path) -> dict[str, torch.Size]:
 
 
 def verify_checkpoint(model_root: Path, path: Path, key: str = "auto", naming: str = "auto") -> str:
-    """Read (memory-mapped) and check a checkpoint before anything is written; returns what was read."""
-    state, what = read_transformer_checkpoint(path, key, naming)
+    """Check a checkpoint's names and shapes before anything is written (a .pt memory-mapped, a
+    .safetensors by its header only); returns what was read."""
+    state, what = read_transformer_checkpoint(path, key, naming, shapes_only=True)
     check_against(path, state, expected_shapes(Path(model_root) / "transformer"))
     return what

@@ -122,7 +122,7 @@ def test_a_pickled_object_is_refused_before_anything_is_written(tiny_model_dir, 
 
 
 def test_entry_selection_naming_and_wrappers(tiny_model_dir, tmp_path):
-    from mmpl_cli.weights import read_transformer_checkpoint
+    from mmpl_cli.weights import read_transformer_checkpoint, verify_checkpoint
 
     state = transformer_state(tiny_model_dir)
     ema = {k: v + 1 for k, v in state.items()}
@@ -145,6 +145,10 @@ def test_entry_selection_naming_and_wrappers(tiny_model_dir, tmp_path):
     save_file({k: v.contiguous() for k, v in state.items()}, flat)
     loaded, what = read_transformer_checkpoint(flat)
     assert "diffusers naming" in what and all(torch.equal(loaded[k], state[k]) for k in state)
+    assert "diffusers naming" in verify_checkpoint(tiny_model_dir, flat)  # from the header alone
+    save_file({k: (v if k != "proj_out.weight" else v[:8]).contiguous() for k, v in state.items()}, flat)
+    with pytest.raises(InputError, match=r"proj_out.weight \(8, 96\) != model \(64, 96\)"):
+        verify_checkpoint(tiny_model_dir, flat)
 
 
 def test_mismatched_keys_and_shapes_are_named(tiny_model_dir, tmp_path):
