@@ -18,6 +18,7 @@ so a resumed run ends with exactly the weights of an uninterrupted one.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -35,6 +36,7 @@ from mmpl_cli.yamlio import Fields, Located, load_yaml
 STAGES = ("vae", "transformer")
 TRAINABLE = ("all", "self_attention", "qk")
 GROUPS = ("initial", "plan", "populate_stage_one", "populate_stage_two", "continuation", "full")
+LR_DECAY = ("none", "cosine")
 CFG_DROPOUT = 0.1  # captions replaced by "" this often, so classifier-free guidance has an unconditional model
 
 
@@ -50,6 +52,10 @@ class StageConfig:
     checkpoint_every: int
     frames: int  # vae: pixel frames per clip
     pool: int  # transformer: clips encoded once and sampled from
+    batch: int  # clips per step
+    anchor: int  # vae: steps that train the decoder on anchor latents (see anchor_latents)
+    anchor_weight: float  # vae: after those, how strongly the encoder's latents are held to the anchor
+    lr_decay: str  # "none" or "cosine" (to a tenth of lr by the last step)
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,7 @@ def load_train_config(path: Path) -> TrainConfig:
         if m is None:
             continue
         f.unknown_keys(m, {"stage", "steps", "lr", "weight_decay", "clip_grad", "trainable", "groups",
-                           "checkpoint_every", "frames", "pool"}, prefix)
+                           "checkpoint_every", "frames", "pool", "batch", "anchor", "anchor_weight", "lr_decay"}, prefix)
         groups = f.get(m, "groups", prefix, "list", default=list(GROUPS[:4]))
         for g in groups:
             if g not in GROUPS:
@@ -101,6 +107,10 @@ def load_train_config(path: Path) -> TrainConfig:
             trainable=f.get(m, "trainable", prefix, "str", default="all", choices=list(TRAINABLE)),
             groups=tuple(groups), checkpoint_every=f.get(m, "checkpoint_every", prefix, "int", default=50, minimum=1),
             frames=frames, pool=f.get(m, "pool", prefix, "int", default=64, minimum=1),
+            batch=f.get(m, "batch", prefix, "int", default=1, minimum=1),
+            anchor=f.get(m, "anchor", prefix, "int", default=0, minimum=0),
+            anchor_weight=f.get(m, "anchor_weight", prefix, "float", default=0.1, minimum=0.0),
+            lr_decay=f.get(m, "lr_decay", prefix, "str", default="none", choices=list(LR_DECAY)),
         ))
     if problems:
         raise InputError(problems)
@@ -259,6 +269,8 @@ def _loop(run: StageRun, params: dict[str, torch.nn.Parameter], cfg: StageConfig
             run.save(params, optimizer, step, losses)
             message(f"{name}: --max-minutes reached at step {step}; run the same command to go on")
             return False
+        for group in optimizer.param_groups:  # a function of the step alone, so resuming needs no scheduler state
+            group["lr"] = learning_rate(cfg, step)
         loss = step_loss(step)
         if not torch.isfinite(loss):
             raise MMPLError(f"{name}: the loss became {loss.item()} at step {step}; lower lr (now {cfg.lr:g})")
@@ -272,6 +284,12 @@ def _loop(run: StageRun, params: dict[str, torch.nn.Parameter], cfg: StageConfig
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             run.save(params, optimizer, step, losses, finished=step == cfg.steps)
     return True
+
+
+def learning_rate(cfg: StageConfig, step: int) -> float:
+    if cfg.lr_decay == "cosine":
+        return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / cfg.steps)))
+    return cfg.lr
 
 
 def _seeded(seed: int, stage: int, step: int) -> tuple[random.Random, torch.Generator]:
@@ -329,12 +347,42 @@ def _initial_model(config: TrainConfig, profile, message) -> Path:
     return model_dir
 
 
+def anchor_latents(pixels: torch.Tensor, z_dim: int, spatial: int = 8, temporal: int = 4) -> torch.Tensor:
+    """Fixed target latents for a VAE trained from scratch: per latent cell (the first frame alone, then
+    `temporal` frames, by `spatial` x `spatial` pixels) the mean colour and the four quadrants' colours
+    relative to it, mixed into all `z_dim` channels by a fixed orthogonal matrix and scaled to about unit
+    variance. [B, 3, F, H, W] in [-1, 1] -> [B, z_dim, latent frames, H/spatial, W/spatial].
+
+    Why: a Wan VAE trained end to end from random weights on six far-apart colours stalls for
+    thousands of steps with every colour decoded to one of two (its per-pixel RMS norms leave the
+    decoder blind to the encoder's small, correlated initial latents). Given well-spread target
+    latents, the decoder learns in a few hundred steps and the encoder learns to produce them; then
+    end-to-end training improves on them while a small pull keeps the latents near them."""
+    parts = []
+    for chunk, t in ((pixels[:, :, :1], 1), (pixels[:, :, 1:], temporal)):
+        if chunk.shape[2] == 0:
+            continue
+        cell = torch.nn.functional.avg_pool3d(chunk, (t, spatial, spatial))
+        quarter = torch.nn.functional.avg_pool3d(chunk, (t, spatial // 2, spatial // 2))
+        quarter = quarter - cell.repeat_interleave(2, 3).repeat_interleave(2, 4)
+        b, c, k, h, w = cell.shape
+        quarter = quarter.view(b, c, k, h, 2, w, 2).permute(0, 1, 4, 6, 2, 3, 5).reshape(b, 4 * c, k, h, w)
+        pad = torch.zeros(b, z_dim - 5 * c, k, h, w, dtype=pixels.dtype)
+        parts.append(torch.cat([1.5 * cell, 3.0 * quarter, pad], 1))
+    mix, _ = torch.linalg.qr(torch.randn(z_dim, z_dim, generator=torch.Generator().manual_seed(0)))
+    return torch.einsum("dc,bcthw->bdthw", 2.5 * mix, torch.cat(parts, 2))
+
+
 def _train_vae(model_dir, profile, source, cfg, run, seed, index, deadline, report, message, name) -> bool:
     from diffusers import AutoencoderKLWan
 
     vae = AutoencoderKLWan.from_pretrained(model_dir / "vae", torch_dtype=torch.float32, use_safetensors=True)
     vae.train()
     params = dict(vae.named_parameters())
+    z_dim = vae.config.z_dim
+    if cfg.anchor and z_dim < 15:
+        raise InputError(Problem(str(model_dir / "vae"), None, "anchor",
+                                 f"anchor latents need z_dim of at least 15, this VAE has {z_dim}"))
 
     # diffusers clamps the decoded video to [-1, 1], which stops the gradient of every pixel out of
     # range (most of them, at first): the loss reads the decoder's own output, before the clamp
@@ -343,18 +391,37 @@ def _train_vae(model_dir, profile, source, cfg, run, seed, index, deadline, repo
 
     def step_loss(step: int) -> torch.Tensor:
         rng, _ = _seeded(seed, index, step)
-        frames, _ = source.clip(rng.randrange(1 << 30), cfg.frames)
-        x = to_model_pixels(frames)[None]
+        x = torch.stack([to_model_pixels(source.clip(rng.randrange(1 << 30), cfg.frames)[0]) for _ in range(cfg.batch)])
         z = vae.encode(x).latent_dist.mode()  # what rendering encodes with
+        anchored = step < cfg.anchor
+        target = anchor_latents(x, z_dim) if cfg.anchor else None
         raw.clear()
-        vae.decode(z)
-        recon = torch.cat(raw, dim=2)  # one decoder call per latent frame
-        return (recon - x).abs().mean()
+        vae.decode(target if anchored else z)
+        loss = (torch.cat(raw, dim=2) - x).abs().mean()  # one decoder call per latent frame
+        if target is not None:
+            loss = loss + (1.0 if anchored else cfg.anchor_weight) * (z - target).pow(2).mean()
+        return loss
 
     finished = _loop(run, params, cfg, step_loss, deadline, report, message, name)
     if finished:
+        vae.eval()
+        _set_latent_statistics(vae, source, cfg.frames, message, name)
         vae.save_pretrained(model_dir / "vae", safe_serialization=True)
     return finished
+
+
+def _set_latent_statistics(vae, source: ClipSource, frames: int, message, name, clips: int = 32) -> None:
+    """Store the trained encoder's per-channel latent mean and std in the VAE config (Wan's are for
+    Wan's VAE), so the latents the transformer sees are standardized, as flow matching assumes."""
+    with torch.no_grad():
+        z = torch.cat([vae.encode(to_model_pixels(source.clip(20_000_000 + i, frames)[0])[None]).latent_dist.mode()
+                       for i in range(clips)])
+    dims = (0, 2, 3, 4)
+    mean, std = z.mean(dim=dims), z.std(dim=dims).clamp_min(1e-3)
+    vae.register_to_config(latents_mean=[round(float(v), 5) for v in mean],
+                           latents_std=[round(float(v), 5) for v in std])
+    message(f"{name}: latent statistics from {clips} clips: mean |{float(mean.abs().mean()):.3f}|, "
+            f"std {float(std.mean()):.3f}")
 
 
 def _train_transformer(model_dir, profile, source, cfg, run, seed, index, deadline, report, message, name) -> bool:
@@ -373,8 +440,7 @@ def _train_transformer(model_dir, profile, source, cfg, run, seed, index, deadli
     message(f"{name}: {sum(p.numel() for p in params.values()):,} trainable parameters ({cfg.trainable}), "
             f"groups {', '.join(cfg.groups)}")
 
-    def step_loss(step: int) -> torch.Tensor:
-        rng, gen = _seeded(seed, index, step)
+    def sample_loss(rng: random.Random, gen: torch.Generator) -> torch.Tensor:
         latents, caption = pool[rng.randrange(len(pool))]
         kind = cfg.groups[rng.randrange(len(cfg.groups))]
         targets, sees, context = group_for(kind, layout, rng)
@@ -390,6 +456,10 @@ def _train_transformer(model_dir, profile, source, cfg, run, seed, index, deadli
         evaluate = backend._recomputing_evaluator(targets, sees, groups, [text])
         prediction = evaluate(noisy, torch.tensor(sigma * 1000.0), 0)
         return torch.nn.functional.mse_loss(prediction, noise - clean)
+
+    def step_loss(step: int) -> torch.Tensor:
+        rng, gen = _seeded(seed, index, step)  # groups differ in shape, so a batch is a mean over samples
+        return sum(sample_loss(rng, gen) for _ in range(cfg.batch)) / cfg.batch
 
     finished = _loop(run, params, cfg, step_loss, deadline, report, message, name)
     if finished:

@@ -74,7 +74,7 @@ def test_self_attention_training_changes_only_self_attention(tmp_path):
     from mmpl_cli.tiny import build_tiny_model
     from mmpl_cli.train import load_train_config, train
 
-    config = write_config(tmp_path, "  - {stage: vae, steps: 2, lr: 1e-3, frames: 5}\n"
+    config = write_config(tmp_path, "  - {stage: vae, steps: 3, lr: 1e-3, frames: 5, batch: 2, anchor: 2}\n"
                                     "  - {stage: transformer, steps: 3, lr: 1e-2, trainable: self_attention, pool: 1}")
     messages = []
     model = train(load_train_config(config), lambda *a: None, messages.append)
@@ -86,7 +86,29 @@ def test_self_attention_training_changes_only_self_attention(tmp_path):
     old_vae = load_file(before / "vae" / "diffusion_pytorch_model.safetensors")
     new_vae = load_file(model / "vae" / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(old_vae[k], new_vae[k]) for k in old_vae)  # the VAE stage trained too
+    # and measured its own latent statistics in place of Wan's
+    old_cfg, new_cfg = (json.loads((m / "vae" / "config.json").read_text()) for m in (before, model))
+    assert len(new_cfg["latents_std"]) == 16 and new_cfg["latents_std"] != old_cfg["latents_std"]
+    assert any("latent statistics from 32 clips" in m for m in messages)
     assert any("trainable parameters (self_attention)" in m for m in messages)
+
+
+def test_anchor_latents_carry_each_cell_colour():
+    """The anchor latents of a VAE trained from scratch: an orthogonal mix of cell colours, so the
+    colour of every 8x8 cell (the first frame alone, then 4 frames at a time) can be read back."""
+    from mmpl_cli.train import anchor_latents
+
+    torch.manual_seed(0)
+    cells = torch.rand(2, 3, 3, 8, 12) * 2 - 1  # colours of (first frame, 4 frames, 4 frames) x 8 x 12 cells
+    pixels = torch.cat([cells[:, :, :1], cells[:, :, 1:].repeat_interleave(4, 2)], 2)
+    pixels = pixels.repeat_interleave(8, 3).repeat_interleave(8, 4)  # [2, 3, 9, 64, 96]
+    z = anchor_latents(pixels, 16)
+    assert z.shape == (2, 16, 3, 8, 12)
+    mix, _ = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(0)))
+    unmixed = torch.einsum("dc,bdthw->bcthw", mix, z) / 2.5
+    torch.testing.assert_close(unmixed[:, :3] / 1.5, cells, atol=1e-5, rtol=0)
+    assert unmixed[:, 3:].abs().max() < 1e-5  # uniform cells: no detail within them
+    assert 0.3 < float(z.std()) < 3.0  # about unit scale, so the decoder sees them
 
 
 def test_parameter_subsets_follow_table_3():
