@@ -80,6 +80,9 @@ def render(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     restart: Annotated[bool, typer.Option(
         "--restart", help="Forget every finished task in the output folder and render from scratch.")] = False,
+    storyboard: Annotated[bool, typer.Option(
+        "--storyboard", help="Write <out>/<shot id>.storyboard.png, the decoded frames of the macro plan, "
+                             "as soon as a shot's planning is done.")] = False,
     workers: Annotated[Optional[int], typer.Option(
         "--workers", min=1, help="Worker processes [default: one per visible GPU, else 1].")] = None,
     claim_timeout: Annotated[float, typer.Option(
@@ -95,7 +98,7 @@ def render(
     from mmpl_cli.request import RenderRequest, check
 
     request = RenderRequest(shots=shots, out=out, profile=profile, seeding=seeding.value,
-                            model_path=model_path, device=device, restart=restart)
+                            model_path=model_path, device=device, restart=restart, storyboard=storyboard)
     try:
         checked = check(request)  # bad input stops here: exit 2, nothing written, torch not even imported
         ckpt = checked.profile.checkpoint
@@ -281,6 +284,29 @@ def doctor(
             typer.echo(line)
     if not healthy(report):
         raise typer.Exit(EXIT_FAILURE)
+
+
+@app.command("eval")
+def eval_videos(
+    videos: Annotated[list[Path], typer.Argument(help="MP4 files to measure.", metavar="VIDEO...")],
+    segments_from: Annotated[Optional[Path], typer.Option(
+        "--segments-from", help="The render folder of the videos: also measure at segment joins and at "
+                                "planning-to-content edges.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print every metric as JSON.")] = False,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw the per-second drift curves to this PNG.")] = None,
+) -> None:
+    """Measure colour drift: hue-histogram L1 distance and correlation between the first and the last
+    frame (seeds/001 Table 5), across every segment join and planning-to-content edge (Tables 13, 14,
+    with --segments-from), frame-to-frame flicker, and the drift at every second."""
+    from mmpl_cli.evaluate import evaluate_video, format_table, plot_drift, to_json
+
+    try:
+        results = [evaluate_video(v, segments_from) for v in videos]
+    except BaseException as exc:  # noqa: BLE001
+        _fail(exc)
+    typer.echo(to_json(results) if as_json else format_table(results))
+    if plot is not None:
+        typer.echo(f"wrote {plot_drift(results, plot)}", err=as_json)
 
 
 @app.command()

@@ -69,6 +69,16 @@ class ShotPlan:
     def task(self, task_id: str) -> Task:
         return next(t for t in self.tasks if t.id == task_id)
 
+    def plan_content_boundaries(self) -> list[int]:
+        """Frames of a segment (its own numbering) where planning latents meet content latents: the
+        first frame after each such edge (latent i holds frames 4i-3 .. 4i, latent 0 frame 0)."""
+        if self.strategy != "mmpl":
+            return []
+        layout = self.profile.layout
+        planning = set(layout.initial) | set(layout.plan.targets)
+        return [self.profile.pixel_frames(i + 1) for i in range(layout.latents - 1)
+                if (i in planning) != (i + 1 in planning)]
+
     def summary(self) -> dict:
         return {
             "id": self.shot.id,
@@ -85,7 +95,9 @@ class ShotPlan:
             "sampler": dict(self.sampler.__dict__),
             "segment_plan": [
                 {"index": s.index, "prompt": s.prompt, "keep": [s.keep_from, s.keep_to],
-                 "video_frames": [s.video_from, s.video_from + s.kept]}
+                 "video_frames": [s.video_from, s.video_from + s.kept],
+                 "plan_content_boundaries": [s.video_from + f - s.keep_from for f in self.plan_content_boundaries()
+                                             if s.keep_from < f < s.keep_to]}
                 for s in self.segments
             ],
             "tasks": [{"id": t.id, "kind": t.kind, "segment": t.segment, "deps": list(t.deps)} for t in self.tasks],

@@ -148,6 +148,29 @@ class ShotRunner:
         span = self.plan.profile.pixel_frames(len(self.layout.initial))
         return self.backend.encode(pixels[:, -span:])[:, : len(self.layout.initial)]
 
+    def planning_frames(self, results: Results, segment: int) -> list[tuple[int, np.ndarray]]:
+        """(latent index, decoded frame) for every micro-plan latent of a segment, in order: the
+        storyboard. Each contiguous run of planning latents is decoded as the hand-over decodes its
+        anchor (after the first latent and a repeat of the run's first, to warm the causal cache up);
+        a latent's tile is the last of its frames."""
+        targets = self.layout.plan.targets
+        plan = self._latents(results, segment, "plan")
+        first = self._latents(results, segment, "initial")[:, :1]
+        runs: list[list[int]] = []
+        for i in targets:
+            if runs and i == runs[-1][-1] + 1:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        tiles = []
+        for run in runs:
+            latents = plan[:, [targets.index(i) for i in run]]
+            pixels = self.backend.decode(torch.cat([first, latents[:, :1], latents], dim=1))
+            per = self.plan.profile.vae_temporal
+            frames = to_uint8_frames(pixels[:, -per * len(run):])
+            tiles += [(i, frames[per * (k + 1) - 1]) for k, i in enumerate(run)]
+        return tiles
+
     def _run_plan(self, task: Task, results: Results) -> dict:
         return self._denoise_stage(results, task.segment, "plan", ["initial"])
 
@@ -369,10 +392,31 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
                           seconds=round(time.perf_counter() - started, 3))
                 done.add(task_id)
                 progress.task_finished(task, time.perf_counter() - started)
+                if request.storyboard and task.kind == "plan":
+                    _storyboard_when_planned(runner, results, store, done, progress)
             finally:
                 store.release(task_id)
             ran = True
             break  # priorities may have changed: look again from the top
         if not ran and len(done) < len(order):
             time.sleep(worker.poll)
+    if request.storyboard:  # planning finished in an earlier run or by another worker
+        for plan in plans:
+            if not store.storyboard(plan.shot.id).exists():
+                if backend is None:
+                    backend = load_backend(profile, root, device, plans[0].seeding)
+                runner = runners.setdefault(plan.shot.id, ShotRunner(backend, plan, store, progress, stop))
+                _storyboard_when_planned(runner, results, store, done, progress)
     return [store.shot_video(plan.shot.id) for plan in plans]
+
+
+def _storyboard_when_planned(runner: ShotRunner, results, store: RenderStore, done: set[str], progress) -> None:
+    """Write the shot's storyboard if every one of its planning tasks is finished."""
+    from mmpl_cli.storyboard import contact_sheet, shot_rows
+
+    plan = runner.plan
+    planning = [t for t in plan.tasks if t.kind == "plan"]
+    if not planning or not all(t.id in done for t in planning):
+        return
+    png = contact_sheet(shot_rows(runner, results, [t.segment for t in planning]))
+    progress.message(f"storyboard: wrote {store.write_storyboard(plan.shot.id, png)}")

@@ -25,6 +25,7 @@ class RenderRequest:
     model_path: str | None = None  # overrides the profile's model folder
     device: str = "auto"
     restart: bool = False  # forget finished tasks and start over
+    storyboard: bool = False  # write <out>/<shot>.storyboard.png once a shot's planning is done
 
     def out_dir(self, shot_list_name: str) -> Path:
         return self.out or Path("renders") / shot_list_name
@@ -41,6 +42,8 @@ class RenderRequest:
             words += ["--seeding", self.seeding]
         if self.device != "auto":
             words += ["--device", self.device]
+        if self.storyboard:
+            words += ["--storyboard"]
         return words
 
     def resume_command(self) -> str:

@@ -3,6 +3,7 @@ where latents are read or written, so validating a request stays quick.
 
     <out>/<shot>.mp4                                  stitched videos
     <out>/segments/<shot>/s000.mp4                    per-segment videos
+    <out>/<shot>.storyboard.png                       the macro plan's frames (--storyboard)
     <out>/.mmpl/manifest.json                         what was asked: resolved shots, profile, hashes, versions
     <out>/.mmpl/tasks/<shot>/s000-plan.safetensors    latents of a finished task (+ metadata)
     <out>/.mmpl/tasks/<shot>/s000-decode.json         record of a finished video task (file + sha256)
@@ -172,6 +173,7 @@ class RenderStore:
             shutil.rmtree(self.root / "segments", ignore_errors=True)
             for shot_id in shot_ids:
                 (self.root / f"{shot_id}.mp4").unlink(missing_ok=True)
+                self.storyboard(shot_id).unlink(missing_ok=True)
 
     # -- atomic writes ---------------------------------------------------------------------
 
@@ -208,6 +210,14 @@ class RenderStore:
 
     def shot_video(self, shot_id: str) -> Path:
         return self.root / f"{shot_id}.mp4"
+
+    def storyboard(self, shot_id: str) -> Path:
+        return self.root / f"{shot_id}.storyboard.png"
+
+    def write_storyboard(self, shot_id: str, png: bytes) -> Path:
+        path = self.storyboard(shot_id)
+        self._write_bytes(path, png)
+        return path
 
     def state(self, task_id: str, task_hash: str) -> str:
         """done / missing / invalid (unreadable or altered) / stale (made from other inputs)."""

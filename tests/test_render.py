@@ -129,3 +129,26 @@ def test_version_and_help():
     help_text = run_cli("render", "--help").stdout
     assert "--seeding" in help_text and "--out" in help_text
     assert (REPO / "examples" / "shots.yaml").exists()
+
+
+def test_storyboard_is_written_when_planning_is_done_with_one_tile_per_planning_frame(tmp_path):
+    from mmpl_cli.storyboard import LABEL
+
+    shots = _shots(tmp_path, '  - {id: sb, prompt: "a large green square moving up on a red background", duration: 9}\n')
+    proc = run_cli("render", str(shots), "--out", str(tmp_path / "out"), "--storyboard")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    wrote = next(i for i, line in enumerate(lines) if line.startswith("storyboard: wrote"))
+    populate = [i for i, line in enumerate(lines) if "/populate_stage_" in line and " done " in line]
+    assert populate and wrote < min(populate)  # there before any content was populated
+
+    profile = load_profile("tiny")
+    plan = plan_shot(load_shot_list(shots).shots[0], profile, "terminal")
+    rows, columns = len(plan.segments), len(profile.layout.plan.targets)  # 2 segments x 7 planning latents
+    sheet = np.asarray(Image.open(tmp_path / "out" / "sb.storyboard.png").convert("RGB"))
+    tile_w, tile_h, gap = 2 * profile.width, 2 * profile.height, 4  # tiny frames are drawn at twice their size
+    assert sheet.shape[:2] == (gap + rows * (tile_h + LABEL + gap), gap + columns * (tile_w + gap))
+    # every tile is a picture, not the white page: count the non-white tiles
+    tiles = [sheet[gap + r * (tile_h + LABEL + gap) + LABEL:][:tile_h, gap + c * (tile_w + gap):][:, :tile_w]
+             for r in range(rows) for c in range(columns)]
+    assert sum((t < 250).any(axis=2).mean() > 0.9 for t in tiles) == rows * columns

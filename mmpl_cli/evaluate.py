@@ -1,0 +1,168 @@
+"""`mmpl eval`: how much a video drifts, measured on its hue (seeds/001 Table 5, 13, 14).
+
+Every comparison of two frames is made on their H channel (HSV hue): the hue histogram of each frame
+(36 bins of 10 degrees centred on 0, 10, 20 ..., normalised to sum 1), then
+
+* H-L1: the L1 distance between the two histograms, from 0 (same hues) to 2 (no hue in common);
+* H-corr: the Pearson correlation between them (OpenCV's HISTCMP_CORREL), 1 for the same hues.
+
+Measured: the first against the last frame (Table 5); the two frames on either side of every
+segment join (Table 13) and of every planning-to-content edge inside a segment (Table 14), when the
+render folder says where those are; flicker, the mean absolute change between consecutive frames
+(0-1 scale); and drift, the H-L1 of the frame at every whole second against the first frame.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mmpl_cli.errors import InputError, Problem
+
+BINS = 36
+
+
+def hue_histogram(frame: np.ndarray) -> np.ndarray:
+    """Normalised histogram of the hue of an RGB uint8 frame [H, W, 3]."""
+    from PIL import Image
+
+    hue = np.asarray(Image.fromarray(frame).convert("HSV"))[..., 0]
+    bins = np.rint(hue.ravel().astype(np.float64) * BINS / 256).astype(np.int64) % BINS  # bin 0 centred on red
+    counts = np.bincount(bins, minlength=BINS).astype(np.float64)
+    return counts / counts.sum()
+
+
+def compare(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(H-L1, H-corr) of two frames."""
+    ha, hb = hue_histogram(a), hue_histogram(b)
+    l1 = float(np.abs(ha - hb).sum())
+    da, db = ha - ha.mean(), hb - hb.mean()
+    norm = math.sqrt(float((da * da).sum() * (db * db).sum()))
+    return l1, float((da * db).sum() / norm) if norm > 0 else 1.0
+
+
+@dataclass
+class Boundaries:
+    """Frames of a video that start something new: a segment, or content after planning (or back)."""
+
+    joins: list[int] = field(default_factory=list)
+    plan_content: list[int] = field(default_factory=list)
+
+
+def boundaries_from_render(render_dir: Path, video: Path) -> Boundaries:
+    """Where the segments of `video` (<render_dir>/<shot>.mp4) join, from the render folder's manifest."""
+    from mmpl_cli.store import Store
+
+    manifest = Store(Path(render_dir)).read_manifest()
+    shot = next((s for s in manifest.get("shots", []) if s["id"] == Path(video).stem), None)
+    if shot is None:
+        ids = ", ".join(s["id"] for s in manifest.get("shots", []))
+        raise InputError(Problem(str(video), None, "--segments-from",
+                                 f"no shot '{Path(video).stem}' in the render folder {render_dir} (shots: {ids})"))
+    segments = shot["segment_plan"]
+    return Boundaries(joins=[s["video_frames"][0] for s in segments[1:]],
+                      plan_content=[f for s in segments for f in s.get("plan_content_boundaries", [])])
+
+
+def _at(frames: np.ndarray, starts: list[int]) -> dict:
+    pairs = [compare(frames[f - 1], frames[f]) for f in starts if 0 < f < len(frames)]
+    if not pairs:
+        return {"count": 0}
+    l1s, corrs = zip(*pairs)
+    return {"count": len(pairs), "h_l1_mean": float(np.mean(l1s)), "h_l1_max": float(np.max(l1s)),
+            "h_corr_mean": float(np.mean(corrs)), "h_corr_min": float(np.min(corrs))}
+
+
+def evaluate_frames(frames: np.ndarray, fps: float, boundaries: Boundaries | None = None) -> dict:
+    """Every metric of one video given as uint8 frames [F, H, W, 3]."""
+    l1, corr = compare(frames[0], frames[-1])
+    changes = np.abs(np.diff(frames.astype(np.int16), axis=0)).mean(axis=(1, 2, 3)) / 255 if len(frames) > 1 else np.zeros(1)
+    seconds = range(0, int((len(frames) - 1) / fps) + 1)
+    drift = [compare(frames[0], frames[min(len(frames) - 1, round(s * fps))])[0] for s in seconds]
+    result = {"frames": len(frames), "fps": fps, "first_last": {"h_l1": l1, "h_corr": corr},
+              "flicker": {"mean": float(changes.mean()), "max": float(changes.max())}, "drift_h_l1": drift}
+    if boundaries is not None:
+        result["joins"] = _at(frames, boundaries.joins)
+        result["plan_content"] = _at(frames, boundaries.plan_content)
+    return result
+
+
+def evaluate_video(path: Path, segments_from: Path | None = None) -> dict:
+    from mmpl_cli.video import count_frames, read_frames
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(Problem(str(path), None, "VIDEO", "no such file"))
+    boundaries = boundaries_from_render(segments_from, path) if segments_from is not None else None
+    try:
+        _, fps = count_frames(path)
+        frames = read_frames(path)
+    except Exception as exc:  # ffmpeg could not read it: bad input, not a crash
+        raise InputError(Problem(str(path), None, "VIDEO", f"expected a video ffmpeg can read ({exc})")) from None
+    if len(frames) == 0:
+        raise InputError(Problem(str(path), None, "VIDEO", "the video has no frames"))
+    return {"video": str(path), **evaluate_frames(frames, fps, boundaries)}
+
+
+def format_table(results: list[dict]) -> str:
+    def cell(d: dict, key: str) -> str:
+        return "-" if not d or d.get("count") == 0 else f"{d[key]:.3f}"
+
+    rows = [("video", "first-last H-L1", "H-corr", "joins H-L1", "H-corr", "plan/content H-L1", "H-corr",
+             "flicker", "drift at end")]
+    for r in results:
+        rows.append((Path(r["video"]).name, f"{r['first_last']['h_l1']:.3f}", f"{r['first_last']['h_corr']:.3f}",
+                     cell(r.get("joins"), "h_l1_mean"), cell(r.get("joins"), "h_corr_mean"),
+                     cell(r.get("plan_content"), "h_l1_mean"), cell(r.get("plan_content"), "h_corr_mean"),
+                     f"{r['flicker']['mean']:.4f}", f"{r['drift_h_l1'][-1]:.3f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127)]
+
+
+def plot_drift(results: list[dict], path: Path, width: int = 900, height: int = 420) -> Path:
+    """The per-second H-L1 drift curves of several videos on one chart (PNG)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    left, right, top, bottom = 60, width - 20, 20, height - 60
+    longest = max(len(r["drift_h_l1"]) - 1 for r in results) or 1
+    peak = max(0.1, max(max(r["drift_h_l1"]) for r in results))
+    top_value = math.ceil(peak * 10) / 10
+
+    def xy(second: float, value: float) -> tuple[float, float]:
+        return left + (right - left) * second / longest, bottom - (bottom - top) * value / top_value
+
+    draw.rectangle([left, top, right, bottom], outline="black")
+    for i in range(5):
+        v = top_value * i / 4
+        draw.line([xy(0, v), xy(longest, v)], fill=(225, 225, 225))
+        draw.text((5, xy(0, v)[1] - 6), f"{v:.2f}", fill="black")
+    step = max(1, longest // 10)
+    for s in range(0, longest + 1, step):
+        draw.text((xy(s, 0)[0] - 4, bottom + 5), str(s), fill="black")
+    draw.text(((left + right) // 2 - 100, bottom + 22), "seconds; H-L1 to the first frame", fill="black")
+    for i, r in enumerate(results):
+        colour = COLOURS[i % len(COLOURS)]
+        points = [xy(s, v) for s, v in enumerate(r["drift_h_l1"])]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        else:
+            draw.ellipse([points[0][0] - 2, points[0][1] - 2, points[0][0] + 2, points[0][1] + 2], fill=colour)
+        draw.text((left + 10, top + 8 + 14 * i), Path(r["video"]).name, fill=colour)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def to_json(results: list[dict]) -> str:
+    return json.dumps({"bins": BINS, "videos": results}, indent=2)

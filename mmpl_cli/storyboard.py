@@ -1,0 +1,50 @@
+"""The storyboard: a contact sheet of a shot's macro plan, one row per segment and one tile per
+micro-plan latent (seeds/001 Sec. 3.1), decoded as soon as planning is done, before populating.
+
+Written to <out>/<shot>.storyboard.png by `mmpl render --storyboard` (when the last planning task
+of the shot finishes) and by `mmpl storyboard RENDER_DIR` (from whatever planning is finished).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+LABEL = 14  # pixels of text above each row
+
+
+def contact_sheet(rows: list[tuple[str, list[tuple[str, np.ndarray]]]], gap: int = 4, max_tile_width: int = 240) -> bytes:
+    """PNG bytes of rows of labelled tiles: [(row label, [(tile label, uint8 frame [H, W, 3]), ...]), ...]."""
+    from PIL import Image, ImageDraw
+
+    height, width = next(t for _, tiles in rows for _, t in tiles).shape[:2]
+    scale = min(2.0, max_tile_width / width) if width < max_tile_width else max_tile_width / width
+    tw, th = max(1, round(width * scale)), max(1, round(height * scale))
+    columns = max(len(tiles) for _, tiles in rows)
+    sheet = Image.new("RGB", (gap + columns * (tw + gap), gap + len(rows) * (th + LABEL + gap)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (row_label, tiles) in enumerate(rows):
+        y = gap + r * (th + LABEL + gap)
+        for c, (tile_label, frame) in enumerate(tiles):
+            x = gap + c * (tw + gap)
+            draw.text((x, y), f"{row_label} {tile_label}" if c == 0 else tile_label, fill="black")
+            sheet.paste(Image.fromarray(frame).resize((tw, th), Image.Resampling.BILINEAR), (x, y + LABEL))
+    out = io.BytesIO()
+    sheet.save(out, format="PNG")
+    return out.getvalue()
+
+
+def shot_rows(runner, results, segments: list[int]) -> list[tuple[str, list[tuple[str, np.ndarray]]]]:
+    """The storyboard rows of a shot: every given segment's planning frames, labelled with the second
+    of the shot they fall on."""
+    plan = runner.plan
+    rows = []
+    for k in segments:
+        seg = plan.segments[k]
+        tiles = []
+        for latent, frame in runner.planning_frames(results, k):
+            local = plan.profile.pixel_frames(latent + 1) - 1
+            tiles.append((f"{(seg.video_from + local - seg.keep_from) / plan.fps:.1f}s", frame))
+        rows.append((f"s{k}", tiles))
+    return rows

@@ -1,0 +1,77 @@
+"""`mmpl eval` on videos with a known colour shift and known flicker, written as real MP4s."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from mmpl_cli.evaluate import Boundaries, compare, evaluate_frames
+from mmpl_cli.video import write_mp4
+
+RED, GREEN, BLUE = (220, 40, 40), (40, 180, 60), (45, 70, 225)
+
+
+def half_shift(frames: int = 48, at: int = 24) -> np.ndarray:
+    """Left half red throughout; right half red until frame `at`, then green."""
+    video = np.empty((frames, 64, 96, 3), np.uint8)
+    video[:, :, :48] = RED
+    video[:at, :, 48:] = RED
+    video[at:, :, 48:] = GREEN
+    return video
+
+
+def flicker(frames: int = 32, low: int = 100, high: int = 140) -> np.ndarray:
+    levels = np.where(np.arange(frames) % 2 == 0, low, high).astype(np.uint8)
+    return np.broadcast_to(levels[:, None, None, None], (frames, 64, 96, 3)).copy()
+
+
+def test_hue_comparison_of_known_frames():
+    red, green = np.full((8, 8, 3), RED, np.uint8), np.full((8, 8, 3), GREEN, np.uint8)
+    assert compare(red, red) == pytest.approx((0.0, 1.0))
+    l1, corr = compare(red, green)
+    assert l1 == pytest.approx(2.0) and corr < 0  # no hue in common
+    assert compare(red, half_shift()[-1])[0] == pytest.approx(1.0)  # half of the hue mass moved
+
+
+def test_eval_measures_a_known_colour_shift_and_known_flicker(tmp_path):
+    shift = write_mp4(half_shift(), tmp_path / "shift.mp4", 16)
+    steady = write_mp4(np.repeat(half_shift()[:1], 48, axis=0), tmp_path / "steady.mp4", 16)
+    flick = write_mp4(flicker(), tmp_path / "flicker.mp4", 16)
+    proc = run_cli("eval", str(shift), str(steady), str(flick), "--json", "--plot", str(tmp_path / "drift.png"))
+    assert proc.returncode == 0, proc.stderr
+    shift_r, steady_r, flick_r = json.loads(proc.stdout)["videos"]
+
+    assert shift_r["first_last"]["h_l1"] == pytest.approx(1.0, abs=0.05)
+    assert shift_r["first_last"]["h_corr"] < 0.9
+    assert steady_r["first_last"]["h_l1"] < 0.02 and steady_r["first_last"]["h_corr"] > 0.99
+    # per second: 0 at 0 s and 1 s (frames 0 and 16), the shift from 2 s (frame 32) on
+    assert len(shift_r["drift_h_l1"]) == 3
+    assert shift_r["drift_h_l1"][:2] == pytest.approx([0.0, 0.0], abs=0.02)
+    assert shift_r["drift_h_l1"][2] == pytest.approx(1.0, abs=0.05)
+    # flicker: grey 100 <-> 140 every frame is a change of 40/255 per frame; a steady video has none
+    assert flick_r["flicker"]["mean"] == pytest.approx(40 / 255, abs=0.01)
+    assert steady_r["flicker"]["max"] < 0.01
+    assert shift_r["flicker"]["max"] > 0.1 > shift_r["flicker"]["mean"]  # one jump, otherwise still
+    assert (tmp_path / "drift.png").stat().st_size > 0
+
+    table = run_cli("eval", str(shift), str(steady)).stdout
+    assert "shift.mp4" in table and "1.0" in table.splitlines()[1]
+
+
+def test_boundary_metrics_look_only_at_the_given_frames():
+    video = half_shift(48, at=20)
+    result = evaluate_frames(video, 16, Boundaries(joins=[20], plan_content=[10, 30]))
+    assert result["joins"]["count"] == 1 and result["joins"]["h_l1_mean"] == pytest.approx(1.0)
+    assert result["plan_content"]["count"] == 2 and result["plan_content"]["h_l1_max"] == pytest.approx(0.0)
+
+
+def test_eval_reports_bad_input_with_exit_2(tmp_path):
+    (tmp_path / "not-a-video.mp4").write_text("hello")
+    proc = run_cli("eval", str(tmp_path / "missing.mp4"))
+    assert proc.returncode == 2 and "missing.mp4: VIDEO: no such file" in proc.stderr
+    proc = run_cli("eval", str(tmp_path / "not-a-video.mp4"))
+    assert proc.returncode == 2 and "expected a video ffmpeg can read" in proc.stderr
+    assert "Traceback" not in proc.stderr
