@@ -55,9 +55,9 @@ class Boundaries:
 
 def boundaries_from_render(render_dir: Path, video: Path) -> Boundaries:
     """Where the segments of `video` (<render_dir>/<shot>.mp4) join, from the render folder's manifest."""
-    from mmpl_cli.store import Store
+    from mmpl_cli.store import RenderStore
 
-    manifest = Store(Path(render_dir)).read_manifest()
+    manifest = RenderStore(Path(render_dir)).read_manifest()
     shot = next((s for s in manifest.get("shots", []) if s["id"] == Path(video).stem), None)
     if shot is None:
         ids = ", ".join(s["id"] for s in manifest.get("shots", []))

@@ -26,6 +26,11 @@ from mmpl_cli.profiles import Profile, Sampler
 from mmpl_cli.shotlist import Shot, ShotList
 
 SEEDINGS = ["terminal", "midpoint"]
+# sliding-window (the CausVid / SkyReels-style baseline): each window after the first is conditioned
+# on the previous window's last SLIDING_CONTEXT latents, reused as they are (no VAE re-encode)
+SLIDING_CONTEXT = 5
+# the task that makes all latents of a segment, for the strategies that have one
+WINDOW_KIND = {"full": "full", "sliding-window": "window"}
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,8 @@ def plan_shot(shot: Shot, profile: Profile, seeding: str, shot_list_path: str = 
                 f"the 'full' strategy renders one window of {window} frames ({window / profile.fps:g} s at "
                 f"{profile.fps} fps), found {shot.duration:g} s", "use strategy 'mmpl' for longer shots"))
         seeding = "terminal"
+    elif shot.strategy == "sliding-window":
+        window, overlap, seeding = profile.segment_frames, profile.pixel_frames(SLIDING_CONTEXT), "terminal"
     else:
         window = profile.pixel_frames(layout.last_latent(seeding) + 1)
 
@@ -164,6 +171,9 @@ def plan_shot(shot: Shot, profile: Profile, seeding: str, shot_list_path: str = 
         if shot.strategy == "full":
             tasks.append(Task(tid("full"), shot.id, "full", k, ()))
             latent_tasks = [tid("full")]
+        elif shot.strategy == "sliding-window":
+            tasks.append(Task(tid("window"), shot.id, "window", k, (tid("window", k - 1),) if k else ()))
+            latent_tasks = [tid("window")]
         else:
             # The hand-over reads the previous segment's initial and planning latents (the macro chain).
             handover = (segment_task_id(shot.id, k - 1, "initial"), segment_task_id(shot.id, k - 1, "plan")) if k else ()
@@ -200,7 +210,7 @@ def plan_shot_list(shot_list: ShotList, profile: Profile, seeding: str) -> list[
 
 
 
-LATENT_KINDS = ("initial", "plan", "populate_stage_one", "populate_stage_two", "full")
+LATENT_KINDS = ("initial", "plan", "populate_stage_one", "populate_stage_two", "full", "window")
 
 
 def _digest(value) -> str:
@@ -234,6 +244,8 @@ def task_hashes(plan: ShotPlan, model_fingerprint: str, init_image_digest: str |
         elif task.kind in LATENT_KINDS:
             parts.update(model=model, prompt=seg.prompt, negative_prompt=plan.shot.negative_prompt,
                          sampler=sampler, noise_seed=seg.noise_seed)
+            if task.kind == "window":
+                parts.update(context=SLIDING_CONTEXT)
         elif task.kind == "decode":
             parts.update(model=model, keep=[seg.keep_from, seg.keep_to], fps=plan.fps,
                          last_latent=profile.layout.last_latent(plan.seeding))

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from mmpl_cli.errors import InputError, MMPLError, Problem
-from mmpl_cli.plan import ShotPlan, Task, segment_task_id
+from mmpl_cli.plan import SLIDING_CONTEXT, WINDOW_KIND, ShotPlan, Task, segment_task_id
 from mmpl_cli.sampling import blend_edge_noise, segment_noise
 from mmpl_cli.control import StopFlag, Worker
 from mmpl_cli.request import Checked
@@ -188,10 +188,25 @@ class ShotRunner:
                                        self.plan.sampler, callback=self._step)
         return {"latents": latents}
 
+    def _run_window(self, task: Task, results: Results) -> dict:
+        """Sliding window: the first window from text, every later one conditioned on the previous
+        window's last latents as they are (the baseline MMPL's re-encode hand-over improves on)."""
+        k, n, c = task.segment, self.layout.latents, SLIDING_CONTEXT
+        noise = self._noise(k)
+        if k == 0:
+            latents = self.backend.denoise(noise, tuple(range(n)), (), [], self._text(0), self.plan.sampler,
+                                           callback=self._step)
+            return {"latents": latents}
+        previous = self._latents(results, k - 1, "window")[:, -c:]
+        context = [ContextGroup(previous, tuple(range(c)), ())]
+        new = self.backend.denoise(noise[:, c:], tuple(range(c, n)), tuple(range(c)), context, self._text(k),
+                                   self.plan.sampler, callback=self._step)
+        return {"latents": torch.cat([previous, new], dim=1)}
+
     def segment_latents(self, results: Results, segment: int) -> torch.Tensor:
         """All latents of a segment in order, up to the last one populated."""
-        if self.plan.strategy == "full":
-            return self._latents(results, segment, "full")
+        if self.plan.strategy in WINDOW_KIND:
+            return self._latents(results, segment, WINDOW_KIND[self.plan.strategy])
         last = self.layout.last_latent(self.plan.seeding)
         out = torch.zeros(self.latent_shape[0], last + 1, *self.latent_shape[2:])
         kinds = ["initial", "plan", "populate_stage_one"] + (["populate_stage_two"] if self.plan.seeding == "terminal" else [])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mmpl_cli.errors import InputError
-from mmpl_cli.plan import derive_seed, frame_accounting, plan_shot
+from mmpl_cli.plan import derive_seed, frame_accounting, plan_shot, task_hashes
 from mmpl_cli.profiles import load_profile
 from mmpl_cli.shotlist import PromptChange, Shot
 
@@ -82,6 +82,27 @@ def test_full_strategy_is_one_window():
     assert len(plan_shot(shot(5, "full"), PROFILE, "terminal").segments) == 1
     with pytest.raises(InputError, match="one window of 81 frames"):
         plan_shot(shot(6, "full"), PROFILE, "terminal")
+
+
+def test_sliding_window_chains_whole_windows_over_their_last_five_latents():
+    p = plan_shot(shot(14, "sliding-window"), PROFILE, "midpoint")  # seeding does not apply: whole windows
+    assert p.seeding == "terminal"
+    # each later window reuses 5 latents = 17 frames of the previous one and adds 64
+    assert [(s.keep_from, s.keep_to, s.video_from) for s in p.segments] == [
+        (0, 81, 0), (17, 81, 81), (17, 81, 145), (17, 32, 209)]  # 81 + 64 + 64 + 15 = 224 frames
+    windows = [t for t in p.tasks if t.kind == "window"]
+    assert [t.deps for t in windows] == [(), (windows[0].id,), (windows[1].id,), (windows[2].id,)]
+    assert p.summary()["segment_plan"][1]["plan_content_boundaries"] == []
+    # the context size is part of every window's hash, and a window's hash follows its predecessor's
+    hashes = task_hashes(p, "model")
+    edited = task_hashes(plan_shot(shot(14, "sliding-window", seed=8), PROFILE, "terminal"), "model")
+    assert all(hashes[t.id] != edited[t.id] for t in windows)
+
+
+def test_mmpl_plan_lists_its_planning_to_content_edges():
+    p = plan_shot(shot(5), PROFILE, "terminal")
+    # latents 3|4, 9|10, 12|13, 18|19 (2, 3, 10, 11, 12, 19, 20 plan; 0, 1 initial): frames 13, 37, 49, 73
+    assert p.summary()["segment_plan"][0]["plan_content_boundaries"] == [13, 37, 49, 73]
 
 
 def test_frame_accounting_rejects_windows_without_new_frames():

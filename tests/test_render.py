@@ -152,3 +152,11 @@ def test_storyboard_is_written_when_planning_is_done_with_one_tile_per_planning_
     tiles = [sheet[gap + r * (tile_h + LABEL + gap) + LABEL:][:tile_h, gap + c * (tile_w + gap):][:, :tile_w]
              for r in range(rows) for c in range(columns)]
     assert sum((t < 250).any(axis=2).mean() > 0.9 for t in tiles) == rows * columns
+
+    # the same render measured where its segments join and where planning meets content
+    proc = run_cli("eval", str(tmp_path / "out" / "sb.mp4"), "--segments-from", str(tmp_path / "out"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)["videos"][0]
+    edges = [f for s in plan.summary()["segment_plan"] for f in s["plan_content_boundaries"]]
+    assert result["joins"]["count"] == 1 and result["plan_content"]["count"] == len(edges) > 4
+    assert 0 <= result["joins"]["h_l1_mean"] <= 2 and -1 <= result["plan_content"]["h_corr_min"] <= 1
