@@ -19,6 +19,7 @@ import typer
 
 from mmpl_cli import __version__
 from mmpl_cli.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, InputError, MMPLError, Problem
+from mmpl_cli.shotlist import STRATEGIES
 
 app = typer.Typer(
     name="mmpl", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -30,6 +31,9 @@ class Seeding(str, Enum):
     auto = "auto"
     terminal = "terminal"
     midpoint = "midpoint"
+
+
+Strategy = Enum("Strategy", {name.replace("-", "_"): name for name in STRATEGIES}, type=str)
 
 
 def _version(value: bool) -> None:
@@ -63,6 +67,8 @@ def _fail(exc: BaseException) -> None:
 ShotsArg = Annotated[Path, typer.Argument(help="The YAML shot list.", show_default=False)]
 ProfileOpt = Annotated[Optional[str], typer.Option(
     "--profile", help="Profile name (see profiles/) or path to a profile YAML; overrides defaults.profile.")]
+StrategyOpt = Annotated[Optional[Strategy], typer.Option(
+    "--strategy", help="Use this strategy for every shot, whatever the shot list says.")]
 SeedingOpt = Annotated[Seeding, typer.Option(
     "--seeding", help="terminal: next segment starts from the terminal plan (throughput); "
                       "midpoint: from the midpoint plan (lower memory peak); "
@@ -80,6 +86,7 @@ def render(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     restart: Annotated[bool, typer.Option(
         "--restart", help="Forget every finished task in the output folder and render from scratch.")] = False,
+    strategy: StrategyOpt = None,
     storyboard: Annotated[bool, typer.Option(
         "--storyboard", help="Write <out>/<shot id>.storyboard.png, the decoded frames of the macro plan, "
                              "as soon as a shot's planning is done.")] = False,
@@ -98,7 +105,8 @@ def render(
     from mmpl_cli.request import RenderRequest, check
 
     request = RenderRequest(shots=shots, out=out, profile=profile, seeding=seeding.value,
-                            model_path=model_path, device=device, restart=restart, storyboard=storyboard)
+                            model_path=model_path, device=device, restart=restart, storyboard=storyboard,
+                            strategy=strategy.value if strategy is not None else None)
     try:
         checked = check(request)  # bad input stops here: exit 2, nothing written, torch not even imported
         ckpt = checked.profile.checkpoint
@@ -369,6 +377,7 @@ def plan(
         "--gpu-memory", help="Free memory per simulated GPU in GB, for --seeding auto [default: no limit].")] = None,
     gantt: Annotated[Optional[Path], typer.Option("--gantt", help="Draw the simulated schedule to this PNG.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    strategy: StrategyOpt = None,
 ) -> None:
     """Show segments, frames and tasks of every shot, and simulate the multi-GPU schedule with the
     profile's stage costs, without loading any weights."""
@@ -377,7 +386,8 @@ def plan(
     from mmpl_cli.schedule import choose_seeding, draw_gantt, simulate
 
     try:
-        shot_list, prof, plans = prepare(RenderRequest(shots=shots, profile=profile, seeding=seeding.value))
+        shot_list, prof, plans = prepare(RenderRequest(shots=shots, profile=profile, seeding=seeding.value,
+                                                       strategy=strategy.value if strategy is not None else None))
         if seeding is Seeding.auto:
             chosen, why = choose_seeding(prof, [gpu_memory] * gpus if gpu_memory is not None else None)
             if chosen != plans[0].seeding:

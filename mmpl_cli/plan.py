@@ -232,13 +232,17 @@ def task_hashes(plan: ShotPlan, model_fingerprint: str, init_image_digest: str |
         "vae": [profile.vae_temporal, profile.vae_spatial], "text_tokens": profile.max_sequence_length,
         "layout": dataclasses.asdict(profile.layout), "noise_blend": profile.noise_blend,
     }
-    sampler = dataclasses.asdict(plan.sampler)
+    # search settings count only when not the defaults: folders rendered before they existed still resume
+    sampler = {k: v for k, v in dataclasses.asdict(plan.sampler).items()
+               if not (k in ("search", "search_steps") and v == getattr(Sampler(), k))}
     hashes: dict[str, str] = {}
     for task in plan.tasks:
         parts: dict = {"kind": task.kind, "deps": [hashes[d] for d in task.deps]}
         seg = plan.segments[task.segment] if task.segment is not None else None
         if task.kind == "initial" and task.segment > 0:
             parts.update(model=model, anchor=list(profile.layout.anchor(plan.seeding)))  # VAE hand-over only
+            if profile.handover != "reencode":  # the ablation (kept out of the default's hash: old folders resume)
+                parts.update(handover=profile.handover)
         elif task.kind == "initial" and init_image_digest is not None:
             parts.update(model=model, init_image=init_image_digest)
         elif task.kind in LATENT_KINDS:

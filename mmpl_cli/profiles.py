@@ -56,6 +56,8 @@ class Sampler:
     steps: int = 50
     shift: float = 5.0  # flow-matching timestep shift
     guidance: float = 5.0  # classifier-free guidance scale; 1.0 turns CFG off
+    search: int = 1  # k-step noise search (seeds/002): candidate noises per group; 1 turns it off
+    search_steps: int = 2  # denoising steps each candidate runs before they are compared
 
     def with_overrides(self, overrides: dict) -> "Sampler":
         return Sampler(**{**self.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
@@ -116,12 +118,13 @@ class Profile:
     max_sequence_length: int  # text tokens fed to the transformer
     sampler: Sampler
     layout: Layout
-    noise_blend: float  # App. G: weight of the adjacent planning latent's noise at a populating edge
+    noise_blend: float | None  # App. G: weight of the adjacent planning latent's noise at a populating edge; None: off
     costs: dict[str, float] = field(default_factory=dict)  # seconds per stage on the reference GPU
     memory_gb: dict[str, float] = field(default_factory=dict)  # peak memory per seeding mode
     checkpoint: Checkpoint | None = None  # replaces the folder's transformer weights
     attention: str = "auto"  # diffusers attention backend (ATTENTION_BACKENDS)
     offload: str = "auto"  # text encoder and VAE on the CPU between uses (OFFLOAD)
+    handover: str = "reencode"  # App. F: the next segment's initial latents through the VAE, or "direct" (ablation)
 
     @property
     def segment_frames(self) -> int:
@@ -264,7 +267,7 @@ def parse_profile(data, file: str, problems: list[Problem]) -> Profile | None:
     if root is None:
         return None
     f.unknown_keys(root, {"name", "description", "model", "video", "sampler", "text", "layout",
-                          "noise_init", "costs", "memory_gb"}, "")
+                          "noise_init", "handover", "costs", "memory_gb"}, "")
     name = f.get(root, "name", "", "str", required=True, default="?")
     description = f.get(root, "description", "", "str", default="")
 
@@ -326,8 +329,11 @@ def parse_profile(data, file: str, problems: list[Problem]) -> Profile | None:
     _check_layout(f, lay, layout)
 
     noise = f.get(root, "noise_init", "", "mapping") or Located()
-    f.unknown_keys(noise, {"alpha"}, "noise_init")
+    f.unknown_keys(noise, {"alpha", "enabled"}, "noise_init")
     alpha = f.get(noise, "alpha", "noise_init", "float", default=0.5, minimum=0.0, maximum=1.0)
+    if not f.get(noise, "enabled", "noise_init", "bool", default=True):
+        alpha = None  # ablation: every populating latent starts from its own noise
+    handover = f.get(root, "handover", "", "str", default="reencode", choices=list(HANDOVERS))
 
     costs = _number_map(f, root, "costs", ["initial", "plan", "populate_stage_one", "populate_stage_two",
                                            "handover", "decode"])
@@ -338,20 +344,23 @@ def parse_profile(data, file: str, problems: list[Problem]) -> Profile | None:
         dtype=dtype, width=width, height=height, fps=fps, vae_temporal=vae_temporal, vae_spatial=vae_spatial,
         max_sequence_length=max_seq, sampler=sampler, layout=layout,
         noise_blend=alpha, costs=costs, memory_gb=memory,
-        checkpoint=checkpoint, attention=attention, offload=offload,
+        checkpoint=checkpoint, attention=attention, offload=offload, handover=handover,
     )
 
 
-SAMPLER_KEYS = {"scheduler", "steps", "shift", "guidance"}
+SAMPLER_KEYS = {"scheduler", "steps", "shift", "guidance", "search", "search_steps"}
+HANDOVERS = ("reencode", "direct")
 
 
 def sampler_overrides(f: Fields, m: Located, prefix: str) -> dict:
-    """The sampler fields present in a mapping (steps, guidance, shift, scheduler), checked."""
+    """The sampler fields present in a mapping (steps, guidance, shift, scheduler, search), checked."""
     out = {
         "scheduler": f.get(m, "scheduler", prefix, "str", choices=SCHEDULERS),
         "steps": f.get(m, "steps", prefix, "int", minimum=1, maximum=1000),
         "shift": f.get(m, "shift", prefix, "float", exclusive_minimum=0.0),
         "guidance": f.get(m, "guidance", prefix, "float", minimum=0.0),
+        "search": f.get(m, "search", prefix, "int", minimum=1, maximum=64),
+        "search_steps": f.get(m, "search_steps", prefix, "int", minimum=1, maximum=1000),
     }
     return {k: v for k, v in out.items() if v is not None}
 

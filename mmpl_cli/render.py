@@ -18,8 +18,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from mmpl_cli.errors import InputError, MMPLError, Problem
-from mmpl_cli.plan import SLIDING_CONTEXT, WINDOW_KIND, ShotPlan, Task, segment_task_id
-from mmpl_cli.sampling import blend_edge_noise, segment_noise
+from mmpl_cli.plan import SLIDING_CONTEXT, WINDOW_KIND, ShotPlan, Task, derive_seed, segment_task_id
+from mmpl_cli.sampling import blend_edge_noise, make_scheduler, search_score, segment_noise
 from mmpl_cli.control import StopFlag, Worker
 from mmpl_cli.request import Checked
 from mmpl_cli.store import RenderStore
@@ -79,8 +79,10 @@ class ShotRunner:
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _noise(self, segment: int) -> torch.Tensor:
-        return segment_noise(self.plan.segments[segment].noise_seed, self.latent_shape)
+    def _noise(self, segment: int, candidate: int = 0) -> torch.Tensor:
+        """The segment's noise; candidate c > 0 is the c-th alternative the noise search may try."""
+        seed = self.plan.segments[segment].noise_seed
+        return segment_noise(seed if candidate == 0 else derive_seed(seed, f"candidate-{candidate}"), self.latent_shape)
 
     def _step(self, done: int, total: int) -> None:
         self.stop.check()  # a signal abandons the task between two denoising steps
@@ -103,12 +105,31 @@ class ShotRunner:
         stage = self.layout.stages()[kind]
         context = self._context(results, segment, context_kinds)
         # 2. Noise: the segment's own, with App. G's blend at edges that touch planning latents
-        noise = blend_edge_noise(self._noise(segment), stage.targets, set(self.layout.plan.targets),
-                                 self.plan.profile.noise_blend)
+        alpha = self.plan.profile.noise_blend
+
+        def noise(candidate: int) -> torch.Tensor:
+            full = self._noise(segment, candidate)
+            return full[:, list(stage.targets)] if alpha is None else \
+                blend_edge_noise(full, stage.targets, set(self.layout.plan.targets), alpha)
+
         # 3. Denoise against the cached clean context
-        latents = self.backend.denoise(noise, stage.targets, stage.sees, context, self._text(segment),
-                                       self.plan.sampler, callback=self._step)
-        return {"latents": latents}
+        return {"latents": self._denoise(segment, noise, stage.targets, stage.sees, context)}
+
+    def _denoise(self, segment: int, noise: Callable[[int], torch.Tensor], targets, sees, context) -> torch.Tensor:
+        """Denoise a group from noise(0), or with k-step noise search (sampler.search > 1, seeds/002)
+        from the best of noise(0) ... noise(k - 1): each runs `search_steps` steps and the one whose
+        colour estimate is nearest its clean context's wins (sampling.search_score)."""
+        sampler, text = self.plan.sampler, self._text(segment)
+        best = 0
+        if sampler.search > 1 and context:
+            steps = min(sampler.search_steps, sampler.steps)
+            sigma = float(make_scheduler(sampler).sigmas[steps])
+            clean = torch.cat([g.latents for g in context], dim=1)
+            scores = [search_score(self.backend.denoise(noise(c), targets, sees, context, text, sampler,
+                                                        stop_after=steps), sigma, clean)
+                      for c in range(sampler.search)]
+            best = min(range(len(scores)), key=scores.__getitem__)
+        return self.backend.denoise(noise(best), targets, sees, context, text, sampler, callback=self._step)
 
     # -- the tasks -------------------------------------------------------------------------
 
@@ -143,6 +164,8 @@ class ShotRunner:
         plan_targets = self.layout.plan.targets
         plan_latents = self._latents(results, previous, "plan")
         anchor_latents = plan_latents[:, [plan_targets.index(i) for i in anchor]]
+        if self.plan.profile.handover == "direct":  # App. F ablation: the latents as they are
+            return anchor_latents[:, -len(self.layout.initial):].clone()
         first = self._latents(results, previous, "initial")[:, :1]
         pixels = self.backend.decode(torch.cat([first, anchor_latents[:, :1], anchor_latents], dim=1))
         span = self.plan.profile.pixel_frames(len(self.layout.initial))
@@ -199,8 +222,8 @@ class ShotRunner:
             return {"latents": latents}
         previous = self._latents(results, k - 1, "window")[:, -c:]
         context = [ContextGroup(previous, tuple(range(c)), ())]
-        new = self.backend.denoise(noise[:, c:], tuple(range(c, n)), tuple(range(c)), context, self._text(k),
-                                   self.plan.sampler, callback=self._step)
+        new = self._denoise(k, lambda candidate: self._noise(k, candidate)[:, c:], tuple(range(c, n)), tuple(range(c)),
+                            context)
         return {"latents": torch.cat([previous, new], dim=1)}
 
     def segment_latents(self, results: Results, segment: int) -> torch.Tensor:

@@ -4,6 +4,8 @@ before any file is written and before torch is imported (so bad input fails fast
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,7 @@ class RenderRequest:
     device: str = "auto"
     restart: bool = False  # forget finished tasks and start over
     storyboard: bool = False  # write <out>/<shot>.storyboard.png once a shot's planning is done
+    strategy: str | None = None  # overrides every shot's strategy
 
     def out_dir(self, shot_list_name: str) -> Path:
         return self.out or Path("renders") / shot_list_name
@@ -42,6 +45,8 @@ class RenderRequest:
             words += ["--seeding", self.seeding]
         if self.device != "auto":
             words += ["--device", self.device]
+        if self.strategy is not None:
+            words += ["--strategy", self.strategy]
         if self.storyboard:
             words += ["--storyboard"]
         return words
@@ -56,6 +61,9 @@ class RenderRequest:
 def prepare(request: RenderRequest) -> tuple[ShotList, Profile, list[ShotPlan]]:
     """Read, validate and plan the shot list and profile (no weights, no files written)."""
     shot_list = load_shot_list(request.shots)
+    if request.strategy is not None:
+        shot_list = dataclasses.replace(shot_list, shots=tuple(dataclasses.replace(shot, strategy=request.strategy)
+                                                               for shot in shot_list.shots))
     profile_name = request.profile or shot_list.profile
     try:
         profile = load_profile(profile_name, relative_to=request.shots.parent)

@@ -39,9 +39,11 @@ def guided(cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> tor
     return uncond + scale * (cond - uncond)
 
 
-def sample(model_fn: ModelFn, x: torch.Tensor, scheduler, callback: StepCallback | None = None) -> torch.Tensor:
-    """Run `scheduler`'s timesteps from noise `x`; `model_fn` already applies guidance."""
-    timesteps = scheduler.timesteps
+def sample(model_fn: ModelFn, x: torch.Tensor, scheduler, callback: StepCallback | None = None,
+           stop_after: int | None = None) -> torch.Tensor:
+    """Run `scheduler`'s timesteps from noise `x` (only the first `stop_after` of them, if given);
+    `model_fn` already applies guidance."""
+    timesteps = scheduler.timesteps if stop_after is None else scheduler.timesteps[:stop_after]
     for i, t in enumerate(timesteps):
         flow = model_fn(x, t)
         x = scheduler.step(flow, t, x, return_dict=False)[0]
@@ -72,6 +74,17 @@ def blend_edge_noise(noise: torch.Tensor, targets: Sequence[int], anchors: set[i
                 out[:, pos] = (alpha * noise[:, near] + (1 - alpha) * noise[:, far]) / scale
                 break
     return out
+
+
+def search_score(x: torch.Tensor, sigma: float, context: torch.Tensor) -> float:
+    """How far a partly denoised group's colour is from its clean context's (k-step noise search).
+
+    A latent's per-channel mean over its frames and pixels is its average colour in the VAE's
+    space. After a few steps, x = (1 - sigma) * x0 + sigma * noise, and the noise averages out over
+    so many values, so mean(x) / (1 - sigma) estimates the mean of the group's final latents. The
+    score is the L2 distance of that estimate to the context's mean: smaller is better."""
+    estimate = x.float().mean(dim=(1, 2, 3)) / max(1e-3, 1.0 - sigma)
+    return float(torch.linalg.vector_norm(estimate - context.float().mean(dim=(1, 2, 3))))
 
 
 def segment_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:

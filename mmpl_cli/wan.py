@@ -384,8 +384,10 @@ class WanBackend:
     @torch.no_grad()
     def denoise(self, noise: torch.Tensor, frames: Sequence[int], sees: Sequence[int],
                 context: Sequence[ContextGroup], text: Text, sampler: Sampler,
-                callback: StepCallback | None = None, recompute_context: bool = False) -> torch.Tensor:
-        """Denoise `noise` [C, F, H, W] at `frames`, attending to the context frames in `sees`.
+                callback: StepCallback | None = None, recompute_context: bool = False,
+                stop_after: int | None = None) -> torch.Tensor:
+        """Denoise `noise` [C, F, H, W] at `frames`, attending to the context frames in `sees`
+        (only the first `stop_after` steps, if given: the noise search's look ahead).
 
         With `recompute_context` the context is not cached but run again inside every forward pass
         (one sequence, block visibility by attention mask): the slow reference the cache must equal.
@@ -409,7 +411,7 @@ class WanBackend:
             uncond = evaluate(x, t, 1) if len(texts) > 1 else None
             return guided(cond, uncond, sampler.guidance)
 
-        return sample(model_fn, noise.float().clone(), make_scheduler(sampler), callback)
+        return sample(model_fn, noise.float().clone(), make_scheduler(sampler), callback, stop_after)
 
     def _recomputing_evaluator(self, frames, sees, context, texts):
         """Reference path: [context groups..., targets] in one pass, visibility by attention mask."""

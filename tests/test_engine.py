@@ -113,3 +113,65 @@ def test_edge_noise_blends_neighbouring_planning_noise():
     # the plan itself: no run of it has two planning latents outside it, so its noise is untouched
     plan = (2, 3, 10, 11, 12, 19, 20)
     assert torch.equal(blend_edge_noise(noise, plan, anchors, 0.75), noise[:, list(plan)])
+
+
+def test_search_score_estimates_the_final_colour_from_a_partly_denoised_group():
+    from mmpl_cli.sampling import search_score
+
+    context = torch.zeros(16, 2, 8, 12)
+    context[0] = 1.0
+    x0 = torch.zeros(16, 3, 8, 12)
+    x0[0] = 1.0  # the same mean colour as the context
+    noise = torch.randn(16, 3, 8, 12, generator=torch.Generator().manual_seed(0))
+    sigma = 0.6
+    near = search_score((1 - sigma) * x0 + sigma * noise, sigma, context)
+    far = search_score((1 - sigma) * (x0 + 0.5) + sigma * noise, sigma, context)
+    # the noise averages out to about 0.6 / sqrt(288) / 0.4 per channel, 0.35 over 16 channels
+    assert near < 0.7 < 1.3 < far  # 0.5 in each of 16 channels is 2.0 away
+    assert search_score((1 - sigma) * x0, sigma, context) == pytest.approx(0.0, abs=1e-6)
+
+
+def _sliding_runner(backend, tmp_path, **sampler):
+    profile = load_profile("tiny")
+    shot = Shot(id="sw", prompts=(PromptChange(0.0, "a red ball"),), duration=9, seed=5, negative_prompt="",
+                init_image=None, strategy="sliding-window", sampler_overrides={"steps": 3, **sampler}, line=1)
+    plan = plan_shot(shot, profile, "terminal")
+    return ShotRunner(backend, plan, RenderStore(tmp_path)), plan
+
+
+def test_noise_search_keeps_the_candidate_nearest_the_context_in_colour(backend, tmp_path):
+    from mmpl_cli.sampling import make_scheduler, search_score
+
+    runner, plan = _sliding_runner(backend, tmp_path, search=3, search_steps=1)
+    first = runner.run(plan.tasks[0], {})  # window 0 has no context: no search
+    plain, _ = _sliding_runner(backend, tmp_path)
+    assert torch.equal(first["latents"], plain.run(plan.tasks[0], {})["latents"])
+
+    results = {plan.tasks[0].id: first}
+    window = next(t for t in plan.tasks if t.kind == "window" and t.segment == 1)
+    chosen = runner.run(window, results)["latents"][:, 5:]
+    # by hand: every candidate's first step, scored against the 5 context latents
+    context = [ContextGroup(first["latents"][:, -5:], tuple(range(5)), ())]
+    text, sampler = runner._text(1), plan.sampler
+    sigma = float(make_scheduler(sampler).sigmas[1])
+    candidates = [runner._noise(1, c)[:, 5:] for c in range(3)]
+    scores = [search_score(backend.denoise(n, tuple(range(5, 21)), tuple(range(5)), context, text, sampler,
+                                           stop_after=1), sigma, context[0].latents) for n in candidates]
+    best = min(range(3), key=scores.__getitem__)
+    expected = backend.denoise(candidates[best], tuple(range(5, 21)), tuple(range(5)), context, text, sampler)
+    assert torch.equal(chosen, expected)
+    assert len({round(s, 6) for s in scores}) == 3  # the candidates really differ
+
+
+def test_noise_search_settings_enter_the_hash_only_when_used():
+    from mmpl_cli.plan import task_hashes
+
+    profile = load_profile("tiny")
+
+    def hashes(**sampler):
+        shot = Shot(id="h", prompts=(PromptChange(0.0, "x"),), duration=9, seed=1, negative_prompt="", init_image=None,
+                    strategy="mmpl", sampler_overrides=sampler, line=1)
+        return task_hashes(plan_shot(shot, profile, "terminal"), "model")
+
+    assert hashes() == hashes(search=1, search_steps=2)  # the defaults: folders from before still resume
+    assert hashes() != hashes(search=4)

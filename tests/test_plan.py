@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from mmpl_cli.errors import InputError
@@ -108,3 +110,15 @@ def test_mmpl_plan_lists_its_planning_to_content_edges():
 def test_frame_accounting_rejects_windows_without_new_frames():
     with pytest.raises(ValueError):
         frame_accounting(100, 5, 5)
+
+
+def test_strategy_option_overrides_every_shot():
+    from conftest import run_cli
+
+    proc = run_cli("plan", "examples/shots.yaml", "--strategy", "sliding-window", "--json")
+    assert proc.returncode == 0, proc.stderr
+    shots = json.loads(proc.stdout)["shots"]
+    assert {s["strategy"] for s in shots} == {"sliding-window"}
+    assert all(t["kind"] in ("window", "decode", "stitch") for s in shots for t in s["tasks"])
+    bad = run_cli("plan", "examples/shots.yaml", "--strategy", "sliding")
+    assert bad.returncode == 2 and "sliding" in bad.stderr
