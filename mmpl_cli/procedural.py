@@ -146,3 +146,29 @@ def shape_motion(frames: np.ndarray, background: str) -> tuple[float, float]:
 
     a, b = centre(frames[0]), centre(frames[-1])
     return float(b[0] - a[0]), float(b[1] - a[1])
+
+
+def prompt_scenes(count: int, seed: int = 0) -> list[Scene]:
+    """`count` scenes whose captions serve as prompts, background colours taken in turn so that
+    every colour is asked for; fixed by `seed`."""
+    scenes = []
+    for i in range(count):
+        scene = scene_from_seed(seed * 7919 + i)
+        background = sorted(COLOURS)[i % len(COLOURS)]
+        colour = scene.colour if scene.colour != background else sorted(c for c in COLOURS if c != background)[i % 5]
+        scenes.append(Scene(scene.shape, colour, background, scene.direction, scene.size, scene.start))
+    return scenes
+
+
+def judge(frames: np.ndarray, scene: Scene, motion_frames: int = 17) -> dict:
+    """How a rendered video of `scene`'s caption agrees with it: the background colour named from the
+    first and the last frame, and whether the shape moved the prompted way over the first
+    `motion_frames` frames (more along the prompted axis than across it, by at least 2 pixels)."""
+    first, last = background_colour(frames[0]), background_colour(frames[-1])
+    dx, dy = shape_motion(frames[:motion_frames], scene.background)
+    wx, wy = DIRECTIONS[scene.direction]
+    along, across = dx * wx + dy * wy, abs(dx * wy) + abs(dy * wx)
+    moved = bool(np.isfinite(along) and along > max(2.0, across))
+    return {"prompt": scene.caption(), "background_first": first, "background_last": last,
+            "first_ok": first == scene.background, "last_ok": last == scene.background,
+            "motion": [round(dx, 1), round(dy, 1)], "direction_ok": moved}

@@ -54,7 +54,7 @@ class StageConfig:
     pool: int  # transformer: clips encoded once and sampled from
     batch: int  # clips per step
     anchor: int  # vae: steps that train the decoder on anchor latents (see anchor_latents)
-    anchor_weight: float  # vae: after those, how strongly the encoder's latents are held to the anchor
+    anchor_weight: float  # vae: after those (or throughout, with anchor 0), how strongly latents are held to the anchor
     lr_decay: str  # "none" or "cosine" (to a tenth of lr by the last step)
 
 
@@ -109,7 +109,7 @@ def load_train_config(path: Path) -> TrainConfig:
             frames=frames, pool=f.get(m, "pool", prefix, "int", default=64, minimum=1),
             batch=f.get(m, "batch", prefix, "int", default=1, minimum=1),
             anchor=f.get(m, "anchor", prefix, "int", default=0, minimum=0),
-            anchor_weight=f.get(m, "anchor_weight", prefix, "float", default=0.1, minimum=0.0),
+            anchor_weight=f.get(m, "anchor_weight", prefix, "float", default=0.0, minimum=0.0),
             lr_decay=f.get(m, "lr_decay", prefix, "str", default="none", choices=list(LR_DECAY)),
         ))
     if problems:
@@ -380,7 +380,8 @@ def _train_vae(model_dir, profile, source, cfg, run, seed, index, deadline, repo
     vae.train()
     params = dict(vae.named_parameters())
     z_dim = vae.config.z_dim
-    if cfg.anchor and z_dim < 15:
+    anchored_stage = cfg.anchor > 0 or cfg.anchor_weight > 0
+    if anchored_stage and z_dim < 15:
         raise InputError(Problem(str(model_dir / "vae"), None, "anchor",
                                  f"anchor latents need z_dim of at least 15, this VAE has {z_dim}"))
 
@@ -394,7 +395,7 @@ def _train_vae(model_dir, profile, source, cfg, run, seed, index, deadline, repo
         x = torch.stack([to_model_pixels(source.clip(rng.randrange(1 << 30), cfg.frames)[0]) for _ in range(cfg.batch)])
         z = vae.encode(x).latent_dist.mode()  # what rendering encodes with
         anchored = step < cfg.anchor
-        target = anchor_latents(x, z_dim) if cfg.anchor else None
+        target = anchor_latents(x, z_dim) if anchored_stage else None
         raw.clear()
         vae.decode(target if anchored else z)
         loss = (torch.cat(raw, dim=2) - x).abs().mean()  # one decoder call per latent frame

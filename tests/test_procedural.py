@@ -55,3 +55,15 @@ def test_word_tokenizer_covers_every_caption_word():
     ids = tok("A small Red circle moving right on a blue background")["input_ids"]
     assert tok.unk_token_id not in ids and ids[-1] == tok.eos_token_id and len(ids) == 11
     assert tok("a purple circle")["input_ids"][1] == tok.unk_token_id
+
+
+def test_judge_agrees_with_the_true_video_and_not_with_a_wrong_one():
+    from mmpl_cli.procedural import judge, prompt_scenes, render_scene
+
+    scenes = prompt_scenes(12)
+    for scene in scenes:
+        result = judge(render_scene(scene, 17, 96, 64), scene)
+        assert result["first_ok"] and result["last_ok"] and result["direction_ok"], result
+        backwards = {"left": "right", "right": "left", "up": "down", "down": "up"}[scene.direction]
+        reversed_video = render_scene(scene, 17, 96, 64)[::-1]  # the same shape, moving the other way
+        assert not judge(reversed_video, scene)["direction_ok"], (scene, backwards)

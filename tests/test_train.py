@@ -106,8 +106,8 @@ def test_anchor_latents_carry_each_cell_colour():
     assert z.shape == (2, 16, 3, 8, 12)
     mix, _ = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(0)))
     unmixed = torch.einsum("dc,bdthw->bcthw", mix, z) / 2.5
-    torch.testing.assert_close(unmixed[:, :3] / 1.5, cells, atol=1e-5, rtol=0)
-    assert unmixed[:, 3:].abs().max() < 1e-5  # uniform cells: no detail within them
+    torch.testing.assert_close(unmixed[:, :3] / 1.5, cells, atol=1e-4, rtol=0)
+    assert unmixed[:, 3:].abs().max() < 1e-4  # uniform cells: no detail within them (float32 rounding aside)
     assert 0.3 < float(z.std()) < 3.0  # about unit scale, so the decoder sees them
 
 
