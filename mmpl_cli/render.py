@@ -126,7 +126,8 @@ class ShotRunner:
             sigma = float(make_scheduler(sampler).sigmas[steps])
             clean = torch.cat([g.latents for g in context], dim=1)
             scores = [search_score(self.backend.denoise(noise(c), targets, sees, context, text, sampler,
-                                                        stop_after=steps), sigma, clean)
+                                                        callback=lambda *_: self.stop.check(), stop_after=steps),
+                                   sigma, clean)
                       for c in range(sampler.search)]
             best = min(range(len(scores)), key=scores.__getitem__)
         return self.backend.denoise(noise(best), targets, sees, context, text, sampler, callback=self._step)
@@ -440,7 +441,8 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
             time.sleep(worker.poll)
     if request.storyboard:  # planning finished in an earlier run or by another worker
         for plan in plans:
-            if not store.storyboard(plan.shot.id).exists():
+            has_plan = any(t.kind == "plan" for t in plan.tasks)  # mmpl shots; other strategies have no macro plan
+            if has_plan and not store.storyboard(plan.shot.id).exists():
                 if backend is None:
                     backend = load_backend(profile, root, device, plans[0].seeding)
                 runner = runners.setdefault(plan.shot.id, ShotRunner(backend, plan, store, progress, stop))
