@@ -75,6 +75,7 @@ def test_self_attention_training_changes_only_self_attention(tmp_path):
     from mmpl_cli.train import load_train_config, train
 
     config = write_config(tmp_path, "  - {stage: vae, steps: 3, lr: 1e-3, frames: 5, batch: 2, anchor: 2}\n"
+                                    "  - {stage: vae, steps: 2, lr: 1e-4, frames: 13, window: 1, anchor_weight: 0.1}\n"
                                     "  - {stage: transformer, steps: 3, lr: 1e-2, trainable: self_attention, pool: 1}")
     messages = []
     model = train(load_train_config(config), lambda *a: None, messages.append)
@@ -111,6 +112,29 @@ def test_anchor_latents_carry_each_cell_colour():
     assert 0.3 < float(z.std()) < 3.0  # about unit scale, so the decoder sees them
 
 
+def test_chunked_reconstruction_is_diffusers_encode_and_decode_window_by_window():
+    """Training on a window of a long clip sees exactly what rendering computes there: the causal
+    caches carried from the clip's start."""
+    from diffusers import AutoencoderKLWan
+
+    from mmpl_cli.tiny import VAE_CONFIG
+    from mmpl_cli.train import chunked_reconstruction
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**VAE_CONFIG).eval()
+    x = torch.rand(1, 3, 17, 64, 96) * 2 - 1  # 5 latents
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mode()
+        decoded = vae.decode(z).sample
+        whole = chunked_reconstruction(vae, x, 0, 5)
+        middle = chunked_reconstruction(vae, x, 2, 2)  # latents 2-3, frames 5-12
+    torch.testing.assert_close(whole[0], z, atol=1e-5, rtol=0)
+    torch.testing.assert_close(whole[1].clamp(-1, 1), decoded, atol=1e-5, rtol=0)
+    torch.testing.assert_close(middle[0], z[:, :, 2:4], atol=1e-5, rtol=0)
+    torch.testing.assert_close(middle[1].clamp(-1, 1), decoded[:, :, 5:13], atol=1e-5, rtol=0)
+    assert torch.equal(middle[2], x[:, :, 5:13])
+
+
 def test_parameter_subsets_follow_table_3():
     from mmpl_cli.train import trainable_names
 
@@ -127,4 +151,10 @@ def test_bad_training_config_is_reported(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"{config}:7: stages[0].steps: expected a number >= 1" in proc.stderr
     assert "stages[0].trainable: expected one of all, self_attention, qk, found 'attention'" in proc.stderr
+    config = write_config(tmp_path, "  - {stage: vae, steps: 1, frames: 9, window: 4}\n"
+                                    "  - {stage: vae, steps: 1, frames: 9, window: 1, anchor: 1}")
+    proc = run_cli("train", str(config))
+    assert proc.returncode == 2
+    assert "stages[0].window: expected at most the 3 latents of a 9-frame clip, found 4" in proc.stderr
+    assert "stages[1].window: expected no anchored steps (anchor) in a windowed stage" in proc.stderr
     assert not (tmp_path / "run").exists()
