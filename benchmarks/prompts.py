@@ -24,7 +24,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from mmpl_cli.procedural import judge, prompt_scenes
+from mmpl_cli.procedural import judge, prompt_scenes, prompt_shot_list
 from mmpl_cli.video import read_frames
 
 
@@ -41,10 +41,7 @@ def main() -> int:
     scenes = prompt_scenes(args.count)
     out = Path(args.out or tempfile.mkdtemp(prefix="mmpl-prompts-"))
     out.mkdir(parents=True, exist_ok=True)
-    shots = {"version": 1, "defaults": {"profile": "tiny"},
-             "shots": [{"id": f"p{i:02d}", "prompt": s.caption(), "duration": args.duration, "seed": i}
-                       for i, s in enumerate(scenes)]}
-    (out / "shots.yaml").write_text(yaml.safe_dump(shots, sort_keys=False))
+    (out / "shots.yaml").write_text(yaml.safe_dump(prompt_shot_list(scenes, args.duration), sort_keys=False))
     cmd = [sys.executable, "-m", "mmpl_cli", "render", str(out / "shots.yaml"), "--out", str(out / "render")]
     if args.model_path:
         cmd += ["--model-path", args.model_path]

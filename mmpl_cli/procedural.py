@@ -172,3 +172,11 @@ def judge(frames: np.ndarray, scene: Scene, motion_frames: int = 17) -> dict:
     return {"prompt": scene.caption(), "background_first": first, "background_last": last,
             "first_ok": first == scene.background, "last_ok": last == scene.background,
             "motion": [round(dx, 1), round(dy, 1)], "direction_ok": moved}
+
+
+def prompt_shot_list(scenes: list[Scene], duration: float, **defaults) -> dict:
+    """A shot list (as YAML data) of one shot p00, p01, ... per scene, its caption as the prompt and
+    its index as the seed."""
+    return {"version": 1, "defaults": {"profile": "tiny", **defaults},
+            "shots": [{"id": f"p{i:02d}", "prompt": s.caption(), "duration": duration, "seed": i}
+                      for i, s in enumerate(scenes)]}

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import REPO, run_cli
-from mmpl_cli.procedural import COLOURS, judge, prompt_scenes
+from mmpl_cli.procedural import COLOURS, judge, prompt_scenes, prompt_shot_list
 from mmpl_cli.video import read_frames
 
 # The trained default has the word-level tokenizer of the procedural captions; the random one is byte-level.
@@ -21,9 +21,7 @@ pytestmark = pytest.mark.skipif(not TRAINED, reason="the shipped default is not 
 def test_first_frame_background_matches_the_prompt_for_at_least_18_of_20(tmp_path):
     scenes = prompt_scenes(20)
     assert {s.background for s in scenes} == set(COLOURS)  # every colour is asked for
-    shots = {"version": 1, "defaults": {"profile": "tiny"},
-             "shots": [{"id": f"p{i:02d}", "prompt": s.caption(), "duration": 5, "seed": i} for i, s in enumerate(scenes)]}
-    (tmp_path / "shots.yaml").write_text(yaml.safe_dump(shots, sort_keys=False))
+    (tmp_path / "shots.yaml").write_text(yaml.safe_dump(prompt_shot_list(scenes, 5), sort_keys=False))
     proc = run_cli("render", str(tmp_path / "shots.yaml"), "--out", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr
     results = [judge(read_frames(tmp_path / "out" / f"p{i:02d}.mp4"), s) for i, s in enumerate(scenes)]
