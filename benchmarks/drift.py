@@ -8,6 +8,7 @@ boundary fixes switched off, measured with `mmpl eval` (seeds/001 Table 5, 13, 1
 Variants:
   mmpl               the default strategy
   sliding-window     each window conditioned on the previous window's last 5 latents, as they are
+  progressive        PA-VDM: chunks of 2 latents one noise level apart, one clean chunk in front
   no-reencode        mmpl, but the next segment starts from the anchor latents directly (App. F off)
   no-noise-init      mmpl, but populating edges start from their own noise (App. G off)
 
@@ -30,13 +31,14 @@ import numpy as np
 import yaml
 
 from mmpl_cli.evaluate import evaluate_video
-from mmpl_cli.procedural import judge, prompt_scenes
+from mmpl_cli.procedural import judge, prompt_scenes, prompt_shot_list
 from mmpl_cli.profiles import builtin_profiles_dir
 from mmpl_cli.video import read_frames
 
 VARIANTS = {  # strategy, changes to the tiny profile
     "mmpl": ("mmpl", {}),
     "sliding-window": ("sliding-window", {}),
+    "progressive": ("progressive", {}),
     "no-reencode": ("mmpl", {"handover": "direct"}),
     "no-noise-init": ("mmpl", {"noise_init": {"enabled": False}}),
 }
@@ -49,8 +51,7 @@ def render_variant(name: str, scenes, duration: float, folder: Path, model_path:
     for key, value in changes.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     profile.write_text(yaml.safe_dump({**data, "name": f"tiny-{name}"}, sort_keys=False))
-    shots = {"version": 1, "defaults": {"profile": str(profile), "strategy": strategy},
-             "shots": [{"id": f"p{i}", "prompt": s.caption(), "duration": duration, "seed": i} for i, s in enumerate(scenes)]}
+    shots = prompt_shot_list(scenes, duration, profile=str(profile), strategy=strategy)
     shot_list = folder / f"{name}.yaml"
     shot_list.write_text(yaml.safe_dump(shots, sort_keys=False))
     out = folder / name
@@ -62,7 +63,7 @@ def render_variant(name: str, scenes, duration: float, folder: Path, model_path:
     seconds = time.perf_counter() - started
     results = []
     for i, scene in enumerate(scenes):
-        video = out / f"p{i}.mp4"
+        video = out / f"p{i:02d}.mp4"
         metrics = evaluate_video(video, out)
         metrics["judge"] = judge(read_frames(video), scene)
         results.append(metrics)

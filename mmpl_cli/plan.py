@@ -29,15 +29,24 @@ SEEDINGS = ["terminal", "midpoint"]
 # sliding-window (the CausVid / SkyReels-style baseline): each window after the first is conditioned
 # on the previous window's last SLIDING_CONTEXT latents, reused as they are (no VAE re-encode)
 SLIDING_CONTEXT = 5
+# progressive (PA-VDM, seeds/004): latents move through a window in chunks of PROGRESSIVE_CHUNK, one
+# noise level apart, with one clean chunk kept in front; segments are cut as sliding-window's are
+PROGRESSIVE_CHUNK = 2
 # the task that makes all latents of a segment, for the strategies that have one
-WINDOW_KIND = {"full": "full", "sliding-window": "window"}
+WINDOW_KIND = {"full": "full", "sliding-window": "window", "progressive": "progressive"}
+
+
+def progressive_levels(latents: int, steps: int) -> int:
+    """Noisy chunks in a progressive window: one per sampling step, as PA-VDM sets it, but no more
+    than fit in one model window behind the clean chunk in front (8 for the tiny profile)."""
+    return max(1, min(steps, latents // PROGRESSIVE_CHUNK - 1))
 
 
 @dataclass(frozen=True)
 class Task:
     id: str  # "<shot>/s000/plan"; stable across runs and machines
     shot: str
-    kind: str  # initial | plan | populate_stage_one | populate_stage_two | full | decode | stitch
+    kind: str  # initial | plan | populate_stage_one | populate_stage_two | full | window | progressive | decode | stitch
     segment: int | None
     deps: tuple[str, ...]
 
@@ -146,7 +155,7 @@ def plan_shot(shot: Shot, profile: Profile, seeding: str, shot_list_path: str = 
                 f"the 'full' strategy renders one window of {window} frames ({window / profile.fps:g} s at "
                 f"{profile.fps} fps), found {shot.duration:g} s", "use strategy 'mmpl' for longer shots"))
         seeding = "terminal"
-    elif shot.strategy == "sliding-window":
+    elif shot.strategy in ("sliding-window", "progressive"):
         window, overlap, seeding = profile.segment_frames, profile.pixel_frames(SLIDING_CONTEXT), "terminal"
     else:
         window = profile.pixel_frames(layout.last_latent(seeding) + 1)
@@ -171,9 +180,10 @@ def plan_shot(shot: Shot, profile: Profile, seeding: str, shot_list_path: str = 
         if shot.strategy == "full":
             tasks.append(Task(tid("full"), shot.id, "full", k, ()))
             latent_tasks = [tid("full")]
-        elif shot.strategy == "sliding-window":
-            tasks.append(Task(tid("window"), shot.id, "window", k, (tid("window", k - 1),) if k else ()))
-            latent_tasks = [tid("window")]
+        elif shot.strategy in ("sliding-window", "progressive"):  # a chain: each task goes on from the last
+            kind = WINDOW_KIND[shot.strategy]
+            tasks.append(Task(tid(kind), shot.id, kind, k, (tid(kind, k - 1),) if k else ()))
+            latent_tasks = [tid(kind)]
         else:
             # The hand-over reads the previous segment's initial and planning latents (the macro chain).
             handover = (segment_task_id(shot.id, k - 1, "initial"), segment_task_id(shot.id, k - 1, "plan")) if k else ()
@@ -191,6 +201,12 @@ def plan_shot(shot: Shot, profile: Profile, seeding: str, shot_list_path: str = 
     tasks.append(Task(f"{shot.id}/stitch", shot.id, "stitch", None, tuple(decodes)))
 
     sampler = profile.sampler.with_overrides(shot.sampler_overrides)
+    if sampler.search > 1 and shot.strategy in ("full", "progressive"):
+        raise InputError(Problem(
+            shot_list_path, shot.line, f"{shot.id}.search",
+            f"noise search picks among candidate noises for groups that have clean context (strategies mmpl and "
+            f"sliding-window); strategy '{shot.strategy}' has none",
+            "remove search for this shot, or use another strategy"))
     return ShotPlan(shot=shot, profile=profile, sampler=sampler, strategy=shot.strategy, seeding=seeding,
                     frames=frames, segments=tuple(segments), tasks=tuple(tasks))
 
@@ -210,7 +226,7 @@ def plan_shot_list(shot_list: ShotList, profile: Profile, seeding: str) -> list[
 
 
 
-LATENT_KINDS = ("initial", "plan", "populate_stage_one", "populate_stage_two", "full", "window")
+LATENT_KINDS = ("initial", "plan", "populate_stage_one", "populate_stage_two", "full", "window", "progressive")
 
 
 def _digest(value) -> str:
@@ -250,6 +266,9 @@ def task_hashes(plan: ShotPlan, model_fingerprint: str, init_image_digest: str |
                          sampler=sampler, noise_seed=seg.noise_seed)
             if task.kind == "window":
                 parts.update(context=SLIDING_CONTEXT)
+            if task.kind == "progressive":
+                parts.update(context=SLIDING_CONTEXT, chunk=PROGRESSIVE_CHUNK,
+                             levels=progressive_levels(profile.layout.latents, plan.sampler.steps))
         elif task.kind == "decode":
             parts.update(model=model, keep=[seg.keep_from, seg.keep_to], fps=plan.fps,
                          last_latent=profile.layout.last_latent(plan.seeding))

@@ -18,8 +18,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from mmpl_cli.errors import InputError, MMPLError, Problem
-from mmpl_cli.plan import SLIDING_CONTEXT, WINDOW_KIND, ShotPlan, Task, derive_seed, segment_task_id
-from mmpl_cli.sampling import blend_edge_noise, make_scheduler, search_score, segment_noise
+from mmpl_cli.plan import (PROGRESSIVE_CHUNK, SLIDING_CONTEXT, WINDOW_KIND, ShotPlan, Task, derive_seed,
+                           progressive_levels, segment_task_id)
+from mmpl_cli.sampling import (blend_edge_noise, euler_levels, flow_sigma, make_scheduler, search_score,
+                               segment_noise)
 from mmpl_cli.control import StopFlag, Worker
 from mmpl_cli.request import Checked
 from mmpl_cli.store import RenderStore
@@ -216,16 +218,68 @@ class ShotRunner:
         """Sliding window: the first window from text, every later one conditioned on the previous
         window's last latents as they are (the baseline MMPL's re-encode hand-over improves on)."""
         k, n, c = task.segment, self.layout.latents, SLIDING_CONTEXT
-        noise = self._noise(k)
         if k == 0:
-            latents = self.backend.denoise(noise, tuple(range(n)), (), [], self._text(0), self.plan.sampler,
-                                           callback=self._step)
-            return {"latents": latents}
+            return self._run_full(task, results)
         previous = self._latents(results, k - 1, "window")[:, -c:]
         context = [ContextGroup(previous, tuple(range(c)), ())]
         new = self._denoise(k, lambda candidate: self._noise(k, candidate)[:, c:], tuple(range(c, n)), tuple(range(c)),
                             context)
         return {"latents": torch.cat([previous, new], dim=1)}
+
+    def _run_progressive(self, task: Task, results: Results) -> dict:
+        """Progressive autoregressive denoising (PA-VDM, seeds/004, Alg. 1 with its start-up stage).
+
+        The shot is one stream of latents in chunks of PROGRESSIVE_CHUNK. Chunk j joins the window
+        as pure noise in round j; every round runs the model once over the window, each chunk at its
+        own noise level, and moves every chunk one level down (flow-matching Euler). After `levels`
+        rounds chunk j is clean: it leaves the noisy part and stays one round in front as clean context
+        (the paper's "keep a clean chunk"). A segment is the stream's latents [16k, 16k + 21), as
+        sliding-window cuts it; task k runs the rounds that make those clean and hands on the window
+        (the clean chunk and the noisy chunks behind it) to task k + 1. There is no termination
+        stage: the noisy chunks left after the last segment are dropped (the paper's base design).
+        """
+        k, n, c = task.segment, self.layout.latents, PROGRESSIVE_CHUNK
+        levels, stride = progressive_levels(n, self.plan.sampler.steps), n - SLIDING_CONTEXT
+        last_chunk = lambda segment: (stride * segment + n - 1) // c  # noqa: E731 - the chunk holding its last latent
+        stream: dict[int, torch.Tensor] = {}  # latent index in the shot -> latent [C, H, W]
+        window: dict[int, torch.Tensor] = {}  # chunk -> its latents [C, c, H, W], oldest first
+        first_round = 0
+        if k > 0:
+            previous = results[segment_task_id(self.plan.shot.id, k - 1, "progressive")]
+            for i in range(n):
+                stream[stride * (k - 1) + i] = previous["latents"][:, i]
+            handed = previous["window"]
+            first_round = last_chunk(k - 1) + levels  # the round after the one that made chunk last_chunk(k - 1) clean
+            for pos, chunk in enumerate(range(first_round - levels, first_round)):
+                window[chunk] = handed[:, pos * c:(pos + 1) * c]
+            for i in range(c):  # the clean chunk in front may hold this segment's first new latent
+                stream[(first_round - levels) * c + i] = window[first_round - levels][:, i]
+        rounds = range(first_round, last_chunk(k) + levels)
+        text, shift = self._text(k), self.plan.sampler.shift
+        seed = self.plan.segments[k].noise_seed
+
+        def sigma(level: int) -> float:
+            return flow_sigma(level / levels, shift)
+
+        for done, r in enumerate(rounds, 1):
+            window[r] = segment_noise(derive_seed(seed, f"chunk-{r}"), (self.latent_shape[0], c, *self.latent_shape[2:]))
+            window.pop(r - levels - 1, None)  # clean for a round now: out of the window
+            chunks = sorted(window)
+            x = torch.cat([window[j] for j in chunks], dim=1)
+            before = torch.tensor([sigma(max(0, levels - (r - j))) for j in chunks for _ in range(c)])
+            after = torch.tensor([sigma(max(0, levels - (r - j) - 1)) for j in chunks for _ in range(c)])
+            x = euler_levels(x, self.backend.flow_at_levels(x, before * 1000.0, text, self.plan.sampler.guidance),
+                             before, after)
+            for pos, j in enumerate(chunks):
+                window[j] = x[:, pos * c:(pos + 1) * c]
+            clean = r - levels + 1
+            if clean >= 0:
+                for i in range(c):
+                    stream[clean * c + i] = window[clean][:, i]
+            self._step(done, len(rounds))
+        latents = torch.stack([stream[stride * k + i] for i in range(n)], dim=1)
+        handed = torch.cat([window[j] for j in range(rounds[-1] - levels + 1, rounds[-1] + 1)], dim=1)
+        return {"latents": latents, "window": handed}
 
     def segment_latents(self, results: Results, segment: int) -> torch.Tensor:
         """All latents of a segment in order, up to the last one populated."""

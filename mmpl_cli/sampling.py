@@ -32,6 +32,19 @@ def make_scheduler(sampler: Sampler, num_train_timesteps: int = 1000):
     return scheduler
 
 
+def flow_sigma(u: float, shift: float) -> float:
+    """Wan's shifted flow-matching noise level for u in [0, 1] (shift > 1 favours noisy levels), the
+    same map diffusers' flow schedulers apply to their sigmas."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def euler_levels(x: torch.Tensor, flow: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """One flow-matching Euler step with a noise level per frame: x [C, F, H, W] at `before` [F] to
+    `after` [F] (diffusers' schedulers step a whole tensor at one level, so progressive denoising does
+    this one line itself)."""
+    return x + (after - before).to(x)[None, :, None, None] * flow
+
+
 def guided(cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> torch.Tensor:
     """Classifier-free guidance (Ho & Salimans 2022): uncond + scale * (cond - uncond)."""
     if uncond is None:

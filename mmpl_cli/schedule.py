@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmpl_cli.errors import InputError, Problem
-from mmpl_cli.plan import ShotPlan, Task
+from mmpl_cli.plan import WINDOW_KIND, ShotPlan, Task
 from mmpl_cli.profiles import Profile
 
-CHAIN = ("initial", "plan", "window")
-KIND_ORDER = {"initial": 0, "plan": 1, "full": 1, "window": 1, "populate_stage_one": 2, "populate_stage_two": 3,
+CHAIN = ("initial", "plan", "window", "progressive")
+KIND_ORDER = {"initial": 0, "plan": 1, "full": 1, "window": 1, "progressive": 1, "populate_stage_one": 2, "populate_stage_two": 3,
               "decode": 4, "stitch": 5}
 
 
@@ -33,7 +33,7 @@ def task_cost(plan: ShotPlan, task: Task) -> float:
     if task.kind == "initial":
         first_from_text = task.segment == 0 and plan.shot.init_image is None
         return costs.get("initial", 0.0) if first_from_text else costs.get("handover", 0.0)
-    if task.kind in ("full", "window"):
+    if task.kind in WINDOW_KIND.values():
         return sum(costs.get(k, 0.0) for k in ("initial", "plan", "populate_stage_one", "populate_stage_two"))
     return costs.get(task.kind, 0.0)
 
@@ -191,7 +191,7 @@ def tuned_priorities(plans: list[ShotPlan], devices: int, budget: int = 300_000)
 
 COLOURS = {"initial": (90, 90, 90), "plan": (214, 39, 40), "populate_stage_one": (31, 119, 180),
            "populate_stage_two": (44, 160, 44), "decode": (148, 103, 189), "stitch": (140, 86, 75),
-           "full": (255, 127, 14), "window": (255, 127, 14)}
+           "full": (255, 127, 14), "window": (255, 127, 14), "progressive": (255, 127, 14)}
 
 
 def draw_gantt(schedule: Schedule, path: Path, width: int = 1400) -> Path:

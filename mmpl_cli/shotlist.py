@@ -23,7 +23,7 @@ from mmpl_cli.profiles import SAMPLER_KEYS, sampler_overrides
 from mmpl_cli.yamlio import Fields, Located, load_yaml
 
 SHOT_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,99}$")
-STRATEGIES = ["mmpl", "full", "sliding-window"]
+STRATEGIES = ["mmpl", "full", "sliding-window", "progressive"]
 DEFAULT_KEYS = {"profile", "seed", "negative_prompt", "strategy"} | SAMPLER_KEYS
 SHOT_KEYS = {"id", "prompt", "prompts", "duration", "seed", "negative_prompt", "init_image", "strategy"} | SAMPLER_KEYS
 MAX_SEED = 2**63 - 1

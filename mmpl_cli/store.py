@@ -67,6 +67,11 @@ def tensor_checksum(tensor) -> str:
     return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
+def _checksum_key(tensor_name: str) -> str:
+    """Metadata key of a task file's tensor checksum ("checksum" for the latents, as files always had)."""
+    return "checksum" if tensor_name == "latents" else f"checksum.{tensor_name}"
+
+
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -264,14 +269,14 @@ class RenderStore:
         try:
             with safe_open(str(path), framework="pt") as fh:
                 meta = fh.metadata() or {}
-                latents = fh.get_tensor("latents")
+                tensors = {key: fh.get_tensor(key) for key in fh.keys()}
         except Exception as exc:  # noqa: BLE001 - any unreadable file is simply not a result
             return self._invalid(task_id, f"unreadable task file ({type(exc).__name__})", quiet)
-        if meta.get("checksum") != tensor_checksum(latents):
+        if "latents" not in tensors or any(meta.get(_checksum_key(key)) != tensor_checksum(t) for key, t in tensors.items()):
             return self._invalid(task_id, "task file altered (checksum mismatch)", quiet)
         if meta.get("hash") != task_hash:
             return STALE, None
-        return DONE, {"latents": latents}
+        return DONE, tensors
 
     def _load_record(self, task_id, path, task_hash, quiet):
         try:
@@ -292,11 +297,11 @@ class RenderStore:
         if "latents" in result:
             from safetensors.torch import save as safetensors_bytes
 
-            latents = result["latents"].detach().cpu().float().contiguous()
-            meta = {"task": task_id, "hash": task_hash, "checksum": tensor_checksum(latents)}
-            self._write_bytes(self._task_file(task_id, ".safetensors"),
-                              safetensors_bytes({"latents": latents}, metadata=meta))
-            return {"latents": latents}
+            # "latents", and any state a chained task hands on (progressive: its noisy window)
+            tensors = {key: value.detach().cpu().float().contiguous() for key, value in result.items()}
+            meta = {"task": task_id, "hash": task_hash, **{_checksum_key(k): tensor_checksum(t) for k, t in tensors.items()}}
+            self._write_bytes(self._task_file(task_id, ".safetensors"), safetensors_bytes(tensors, metadata=meta))
+            return tensors
         path: Path = result["target"]
         with _disk_errors(path):
             path.parent.mkdir(parents=True, exist_ok=True)

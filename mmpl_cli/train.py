@@ -35,8 +35,9 @@ from mmpl_cli.yamlio import Fields, Located, load_yaml
 
 STAGES = ("vae", "transformer")
 TRAINABLE = ("all", "self_attention", "qk")
-GROUPS = ("initial", "plan", "populate_stage_one", "populate_stage_two", "continuation", "full")
+GROUPS = ("initial", "plan", "populate_stage_one", "populate_stage_two", "continuation", "full", "progressive")
 LR_DECAY = ("none", "cosine")
+PROGRESSIVE_START = 1 / 3  # progressive samples that are the start of a shot (no clean chunk yet)
 CFG_DROPOUT = 0.1  # captions replaced by "" this often, so classifier-free guidance has an unconditional model
 
 
@@ -189,11 +190,6 @@ def trainable_names(names: list[str], subset: str) -> list[str]:
     return [n for n in names if ".attn1.to_q." in n or ".attn1.to_k." in n]
 
 
-def flow_sigma(u: float, shift: float) -> float:
-    """Wan's shifted flow-matching noise level for a uniform draw u (shift > 1 favours noisy steps)."""
-    return shift * u / (1 + (shift - 1) * u)
-
-
 def group_for(kind: str, layout, rng: random.Random):
     """(target frames, frames they see, context groups as (frames, sees)) for one training group,
     exactly as the renderer runs them."""
@@ -207,6 +203,20 @@ def group_for(kind: str, layout, rng: random.Random):
     context = [(layout.group(k).targets, layout.group(k).sees) for k in order[:order.index(kind)]]
     group = layout.group(kind)
     return group.targets, group.sees, context
+
+
+def progressive_window(latents: int, levels: int, chunk: int, rng: random.Random) -> tuple[int, list[float]]:
+    """(first latent, level in [0, 1] of every latent) of one progressive training window (seeds/004
+    Sec. 3.3): chunk i of the noisy ones at level (i + u) / levels, u drawn once per window in (0, 1],
+    behind one clean chunk at level 0. The render runs the same windows at u = 1, one level apart
+    before each step. A shot's first windows have no clean chunk yet and only the noisiest m chunks;
+    those start at the clip's first latent, as a shot does."""
+    u = 1.0 - rng.random()
+    if rng.random() < PROGRESSIVE_START:
+        m = rng.randint(1, levels)
+        return 0, [(levels - m + i + u) / levels for i in range(m) for _ in range(chunk)]
+    start = rng.randrange(0, latents - chunk * (levels + 1) + 1)
+    return start, [0.0] * chunk + [(i + u) / levels for i in range(levels) for _ in range(chunk)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -469,6 +479,8 @@ def _set_latent_statistics(vae, source: ClipSource, frames: int, message, name, 
 
 
 def _train_transformer(model_dir, profile, source, cfg, run, seed, index, deadline, report, message, name) -> bool:
+    from mmpl_cli.plan import PROGRESSIVE_CHUNK, progressive_levels
+    from mmpl_cli.sampling import flow_sigma
     from mmpl_cli.wan import ContextGroup, WanBackend
 
     backend = WanBackend.from_folder(model_dir, dtype="float32", max_sequence_length=profile.max_sequence_length)
@@ -484,14 +496,28 @@ def _train_transformer(model_dir, profile, source, cfg, run, seed, index, deadli
     message(f"{name}: {sum(p.numel() for p in params.values()):,} trainable parameters ({cfg.trainable}), "
             f"groups {', '.join(cfg.groups)}")
 
+    levels = progressive_levels(layout.latents, profile.sampler.steps)
+
+    def progressive_loss(latents: torch.Tensor, text: torch.Tensor, rng: random.Random, gen: torch.Generator):
+        start, level = progressive_window(layout.latents, levels, PROGRESSIVE_CHUNK, rng)
+        sigma = torch.tensor([flow_sigma(v, shift) for v in level])
+        clean = latents[:, start:start + len(level)]
+        noise = torch.randn(clean.shape, generator=gen)
+        noisy = (1 - sigma)[None, :, None, None] * clean + sigma[None, :, None, None] * noise
+        prediction = backend._forward(noisy, range(len(level)), 0.0, text, frame_timesteps=sigma * 1000.0)
+        noisy_frames = sigma > 0  # the clean chunk in front is input only
+        return torch.nn.functional.mse_loss(prediction[:, noisy_frames], (noise - clean)[:, noisy_frames])
+
     def sample_loss(rng: random.Random, gen: torch.Generator) -> torch.Tensor:
         latents, caption = pool[rng.randrange(len(pool))]
         kind = cfg.groups[rng.randrange(len(cfg.groups))]
-        targets, sees, context = group_for(kind, layout, rng)
         if rng.random() < CFG_DROPOUT:
             caption = ""
         with torch.no_grad():
             text = backend.encode_text(caption)
+        if kind == "progressive":
+            return progressive_loss(latents, text, rng, gen)
+        targets, sees, context = group_for(kind, layout, rng)
         sigma = flow_sigma(rng.random(), shift)
         clean = latents[:, list(targets)]
         noise = torch.randn(clean.shape, generator=gen)

@@ -413,6 +413,15 @@ class WanBackend:
 
         return sample(model_fn, noise.float().clone(), make_scheduler(sampler), callback, stop_after)
 
+    @torch.no_grad()
+    def flow_at_levels(self, x: torch.Tensor, timesteps: torch.Tensor, text: Text, guidance: float) -> torch.Tensor:
+        """The guided flow prediction for a window x [C, F, H, W] at frame positions 0 .. F-1 whose frames
+        each sit at their own timestep (`timesteps` [F]), every frame seeing every other: one round of
+        progressive denoising."""
+        texts = [text.cond] + ([text.uncond] if text.uncond is not None and guidance != 1.0 else [])
+        flows = [self._forward(x, range(x.shape[1]), 0.0, emb, frame_timesteps=timesteps).cpu() for emb in texts]
+        return guided(flows[0], flows[1] if len(flows) > 1 else None, guidance)
+
     def _recomputing_evaluator(self, frames, sees, context, texts):
         """Reference path: [context groups..., targets] in one pass, visibility by attention mask."""
         groups = [(tuple(g.frames), set(g.sees)) for g in context] + [(tuple(frames), set(sees))]

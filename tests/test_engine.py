@@ -175,3 +175,44 @@ def test_noise_search_settings_enter_the_hash_only_when_used():
 
     assert hashes() == hashes(search=1, search_steps=2)  # the defaults: folders from before still resume
     assert hashes() != hashes(search=4)
+
+
+def test_progressive_tasks_equal_one_uninterrupted_progressive_run(backend, tmp_path):
+    from mmpl_cli.plan import derive_seed
+    from mmpl_cli.sampling import flow_sigma, segment_noise
+
+    profile = load_profile("tiny")
+    shot = Shot(id="pg", prompts=(PromptChange(0.0, "a red ball"),), duration=9, seed=2, negative_prompt="",
+                init_image=None, strategy="progressive", sampler_overrides={"steps": 3}, line=1)
+    plan = plan_shot(shot, profile, "terminal")
+    runner = ShotRunner(backend, plan, RenderStore(tmp_path))
+    results = {}
+    for task in plan.tasks:
+        if task.kind == "progressive":
+            results[task.id] = runner.run(task, results)
+    assert len(results) == 2
+
+    # By hand, PA-VDM's loop over the whole shot with no task boundary: 3 levels (one per step), chunks
+    # of 2 latents, each clean chunk kept in front for one more round. Segment 0 needs latents 0-20,
+    # so it runs rounds 0-12 (chunk 10, latents 20-21, is clean after round 10 + 3 - 1); segment 1
+    # needs latents 16-36 and runs rounds 13-20 (chunk 18). A round's new noise is its segment's.
+    levels, c, shift, guidance = 3, 2, plan.sampler.shift, plan.sampler.guidance
+    text = runner._text(0)
+    window: list[list] = []  # [chunk latents, its noise level]
+    stream = []
+    for r in range(21):
+        seed = plan.segments[0 if r <= 12 else 1].noise_seed
+        window.append([segment_noise(derive_seed(seed, f"chunk-{r}"), (16, c, *LATENT_HW)), levels])
+        x = torch.cat([latents for latents, _ in window], dim=1)
+        before = torch.tensor([flow_sigma(level / levels, shift) for _, level in window for _ in range(c)])
+        after = torch.tensor([flow_sigma(max(0, level - 1) / levels, shift) for _, level in window for _ in range(c)])
+        x = x + (after - before)[None, :, None, None] * backend.flow_at_levels(x, before * 1000.0, text, guidance)
+        # the chunk that was clean before this round leaves; one that became clean now is the stream's next
+        window = [[x[:, i * c:(i + 1) * c], level - 1] for i, (_, level) in enumerate(window) if level > 0]
+        if window[0][1] == 0:
+            stream.append(window[0][0])
+    stream = torch.cat(stream, dim=1)
+    assert stream.shape[1] == 38
+    assert torch.equal(results["pg/s000/progressive"]["latents"], stream[:, 0:21])
+    assert torch.equal(results["pg/s001/progressive"]["latents"], stream[:, 16:37])
+    assert stream.abs().max() < 100  # finite, not blown up

@@ -101,6 +101,19 @@ def test_sliding_window_chains_whole_windows_over_their_last_five_latents():
     assert all(hashes[t.id] != edited[t.id] for t in windows)
 
 
+def test_progressive_is_a_chain_cut_like_sliding_window_with_a_level_per_step():
+    from mmpl_cli.plan import progressive_levels
+
+    p = plan_shot(shot(14, "progressive"), PROFILE, "midpoint")
+    assert p.seeding == "terminal"
+    sliding = plan_shot(shot(14, "sliding-window"), PROFILE, "terminal")
+    assert p.segments == sliding.segments
+    chain = [t for t in p.tasks if t.kind == "progressive"]
+    assert [t.deps for t in chain] == [(), (chain[0].id,), (chain[1].id,), (chain[2].id,)]
+    # one noise level per sampling step, as many as fit behind the clean chunk in a 21-latent window
+    assert progressive_levels(21, 8) == 8 and progressive_levels(21, 50) == 9 and progressive_levels(21, 3) == 3
+
+
 def test_mmpl_plan_lists_its_planning_to_content_edges():
     p = plan_shot(shot(5), PROFILE, "terminal")
     # latents 3|4, 9|10, 12|13, 18|19 (2, 3, 10, 11, 12, 19, 20 plan; 0, 1 initial): frames 13, 37, 49, 73

@@ -71,6 +71,33 @@ def test_midpoint_seeding_renders_the_planned_frames(tmp_path, tiny_model_dir):
     assert "populate_stage_two" not in proc.stdout
 
 
+def test_progressive_goes_on_from_the_window_the_previous_segment_handed_on(tmp_path, tiny_model_dir):
+    shots = _shots(tmp_path, "  - {id: pg, prompt: 'a boat', duration: 9, strategy: progressive, steps: 3}\n")
+    out = tmp_path / "out"
+    render = ("render", str(shots), "--out", str(out), "--model-path", str(tiny_model_dir))
+    proc = run_cli(*render)
+    assert proc.returncode == 0, proc.stderr
+    assert count_frames(out / "pg.mp4") == (144, 16.0)
+    video = (out / "pg.mp4").read_bytes()
+    # segment 1 again, from segment 0's stored latents and the noisy window it handed on
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(out / ".mmpl/tasks/pg/s000-progressive.safetensors"), framework="pt") as fh:
+        assert fh.get_tensor("window").shape[1] == 6  # the clean chunk and 2 noisy ones, 2 latents each
+        assert "checksum.window" in fh.metadata()
+    second = out / ".mmpl/tasks/pg/s001-progressive.safetensors"
+    made = load_file(second)
+    second.unlink()
+    proc = run_cli(*render)
+    assert proc.returncode == 0, proc.stderr
+    assert "pg/s001/progressive done" in proc.stdout and "pg/s000/progressive done" not in proc.stdout
+    again = load_file(second)
+    assert made.keys() == again.keys() == {"latents", "window"}
+    assert all(torch.equal(made[k], again[k]) for k in made)  # bit for bit
+    assert (out / "pg.mp4").read_bytes() == video
+
+
 def test_image_to_video_starts_from_the_image(tmp_path, tiny_model_dir, backend):
     gradient = np.zeros((90, 120, 3), np.uint8)
     gradient[..., 0] = np.linspace(0, 255, 120, dtype=np.uint8)[None]

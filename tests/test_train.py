@@ -24,7 +24,7 @@ stages:
 {stages}
 """
 TRANSFORMER_60 = ("  - {stage: transformer, steps: 60, lr: 1e-3, checkpoint_every: 10, pool: 2,\n"
-                  "     groups: [initial, plan, populate_stage_one, populate_stage_two, continuation, full]}")
+                  "     groups: [initial, plan, populate_stage_one, populate_stage_two, continuation, full, progressive]}")
 
 
 def write_config(folder: Path, stages: str) -> Path:
