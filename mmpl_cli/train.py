@@ -58,6 +58,7 @@ class StageConfig:
     anchor_weight: float  # vae: after those (or throughout, with anchor 0), how strongly latents are held to the anchor
     lr_decay: str  # "none" or "cosine" (to a tenth of lr by the last step)
     window: int  # vae: latents trained per step after a gradient-free run up to a random one (0: whole clips)
+    text_encoder: bool = False  # transformer: train the text encoder along (a new one barely encodes word order)
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,8 @@ def load_train_config(path: Path) -> TrainConfig:
         if m is None:
             continue
         f.unknown_keys(m, {"stage", "steps", "lr", "weight_decay", "clip_grad", "trainable", "groups",
-                           "checkpoint_every", "frames", "pool", "batch", "anchor", "anchor_weight", "lr_decay", "window"}, prefix)
+                           "checkpoint_every", "frames", "pool", "batch", "anchor", "anchor_weight", "lr_decay", "window",
+                           "text_encoder"}, prefix)
         groups = f.get(m, "groups", prefix, "list", default=list(GROUPS[:4]))
         for g in groups:
             if g not in GROUPS:
@@ -114,6 +116,7 @@ def load_train_config(path: Path) -> TrainConfig:
             anchor_weight=f.get(m, "anchor_weight", prefix, "float", default=0.0, minimum=0.0),
             lr_decay=f.get(m, "lr_decay", prefix, "str", default="none", choices=list(LR_DECAY)),
             window=f.get(m, "window", prefix, "int", default=0, minimum=0),
+            text_encoder=f.get(m, "text_encoder", prefix, "bool", default=False),
         ))
         latents = 1 + (frames - 1) // 4
         if stages[-1].window > latents:
@@ -493,8 +496,22 @@ def _train_transformer(model_dir, profile, source, cfg, run, seed, index, deadli
     params = {n: params[n] for n in names}
     for n, p in model.named_parameters():
         p.requires_grad_(n in params)
-    message(f"{name}: {sum(p.numel() for p in params.values()):,} trainable parameters ({cfg.trainable}), "
-            f"groups {', '.join(cfg.groups)}")
+    text_encoder = backend.pipe.text_encoder
+    text_encoder.requires_grad_(cfg.text_encoder)
+    if cfg.text_encoder:
+        text_encoder.train()
+        params.update({f"text_encoder.{n}": p for n, p in text_encoder.named_parameters()})
+    message(f"{name}: {sum(p.numel() for p in params.values()):,} trainable parameters ({cfg.trainable}"
+            f"{', and the text encoder' if cfg.text_encoder else ''}), groups {', '.join(cfg.groups)}")
+
+    def encode(caption: str) -> torch.Tensor:
+        if not cfg.text_encoder:
+            with torch.no_grad():
+                return backend.encode_text(caption)  # cached: each caption is encoded once
+        embeds, _ = backend.pipe.encode_prompt(caption, do_classifier_free_guidance=False,
+                                               max_sequence_length=profile.max_sequence_length,
+                                               device=backend.device, dtype=backend.dtype)
+        return embeds
 
     levels = progressive_levels(layout.latents, profile.sampler.steps)
 
@@ -513,8 +530,7 @@ def _train_transformer(model_dir, profile, source, cfg, run, seed, index, deadli
         kind = cfg.groups[rng.randrange(len(cfg.groups))]
         if rng.random() < CFG_DROPOUT:
             caption = ""
-        with torch.no_grad():
-            text = backend.encode_text(caption)
+        text = encode(caption)
         if kind == "progressive":
             return progressive_loss(latents, text, rng, gen)
         targets, sees, context = group_for(kind, layout, rng)
@@ -535,6 +551,9 @@ def _train_transformer(model_dir, profile, source, cfg, run, seed, index, deadli
     if finished:
         model.eval()
         model.save_pretrained(model_dir / "transformer", safe_serialization=True)
+        if cfg.text_encoder:
+            text_encoder.eval()
+            text_encoder.save_pretrained(model_dir / "text_encoder", safe_serialization=True)
     return finished
 
 

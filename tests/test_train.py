@@ -92,6 +92,25 @@ def test_self_attention_training_changes_only_self_attention(tmp_path):
     assert len(new_cfg["latents_std"]) == 16 and new_cfg["latents_std"] != old_cfg["latents_std"]
     assert any("latent statistics from 32 clips" in m for m in messages)
     assert any("trainable parameters (self_attention)" in m for m in messages)
+    text = "text_encoder/model.safetensors"
+    assert load_file(before / text).keys() == load_file(model / text).keys()
+    assert all(torch.equal(load_file(before / text)[k], load_file(model / text)[k]) for k in load_file(before / text))
+
+
+def test_the_text_encoder_trains_only_when_asked(tmp_path):
+    from mmpl_cli.procedural import vocabulary
+    from mmpl_cli.tiny import build_tiny_model
+    from mmpl_cli.train import load_train_config, train
+
+    config = write_config(tmp_path, "  - {stage: transformer, steps: 3, lr: 1e-2, trainable: qk, text_encoder: true, "
+                                    "pool: 1, groups: [initial, progressive]}")
+    messages = []
+    model = train(load_train_config(config), lambda *a: None, messages.append)
+    before = build_tiny_model(tmp_path / "initial", seed=3, vocabulary=vocabulary())
+    old, new = (load_file(m / "text_encoder/model.safetensors") for m in (before, model))
+    changed = [k for k in old if not torch.equal(old[k], new[k])]
+    assert old.keys() == new.keys() and len(changed) >= 0.8 * len(old), changed
+    assert any("(qk, and the text encoder)" in m for m in messages)
 
 
 def test_anchor_latents_carry_each_cell_colour():
