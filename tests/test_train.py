@@ -131,6 +131,24 @@ def test_anchor_latents_carry_each_cell_colour():
     assert 0.3 < float(z.std()) < 3.0  # about unit scale, so the decoder sees them
 
 
+def test_detail_weight_makes_the_pixels_of_a_shape_count():
+    """An error confined to a shape covering fraction p of the frame costs e·p with plain L1; with
+    detail weight w the shape's pixels weigh 1 + w, so it costs e·p(1 + w) / (1 + w·p)."""
+    from mmpl_cli.train import reconstruction_loss
+
+    pixels = torch.full((1, 3, 2, 16, 16), -0.5)
+    pixels[:, 1] = 0.8  # a coloured background
+    pixels[:, :, :, 4:8, 4:8] = torch.tensor([0.9, -0.9, 0.2])[None, :, None, None, None]  # a 4x4 shape: p = 1/16
+    blurred = pixels.clone()
+    blurred[:, :, :, 4:8, 4:8] = pixels[0, :, 0, 0, 0][None, :, None, None, None]  # the shape drawn as background
+    e, p = float((pixels - blurred)[:, :, 0, 4, 4].abs().mean()), 1 / 16
+    assert reconstruction_loss(pixels, pixels, 20.0) == 0
+    torch.testing.assert_close(reconstruction_loss(blurred, pixels, 0.0), torch.tensor(e * p))
+    torch.testing.assert_close(reconstruction_loss(blurred, pixels, 20.0), torch.tensor(e * p * 21 / (1 + 20 * p)))
+    background_error = pixels + 0.1
+    torch.testing.assert_close(reconstruction_loss(background_error, pixels, 20.0), torch.tensor(0.1))
+
+
 def test_chunked_reconstruction_is_diffusers_encode_and_decode_window_by_window():
     """Training on a window of a long clip sees exactly what rendering computes there: the causal
     caches carried from the clip's start."""
@@ -170,10 +188,11 @@ def test_bad_training_config_is_reported(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"{config}:7: stages[0].steps: expected a number >= 1" in proc.stderr
     assert "stages[0].trainable: expected one of all, self_attention, qk, found 'attention'" in proc.stderr
-    config = write_config(tmp_path, "  - {stage: vae, steps: 1, frames: 9, window: 4}\n"
+    config = write_config(tmp_path, "  - {stage: vae, steps: 1, frames: 9, window: 4, detail_weight: -1}\n"
                                     "  - {stage: vae, steps: 1, frames: 9, window: 1, anchor: 1}")
     proc = run_cli("train", str(config))
     assert proc.returncode == 2
     assert "stages[0].window: expected at most the 3 latents of a 9-frame clip, found 4" in proc.stderr
     assert "stages[1].window: expected no anchored steps (anchor) in a windowed stage" in proc.stderr
+    assert "stages[0].detail_weight: expected a number >= 0" in proc.stderr
     assert not (tmp_path / "run").exists()
