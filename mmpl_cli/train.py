@@ -522,14 +522,8 @@ def _train_transformer(model_dir, profile, source, cfg, run, seed, index, deadli
     message(f"{name}: {sum(p.numel() for p in params.values()):,} trainable parameters ({cfg.trainable}"
             f"{', and the text encoder' if cfg.text_encoder else ''}), groups {', '.join(cfg.groups)}")
 
-    def encode(caption: str) -> torch.Tensor:
-        if not cfg.text_encoder:
-            with torch.no_grad():
-                return backend.encode_text(caption)  # cached: each caption is encoded once
-        embeds, _ = backend.pipe.encode_prompt(caption, do_classifier_free_guidance=False,
-                                               max_sequence_length=profile.max_sequence_length,
-                                               device=backend.device, dtype=backend.dtype)
-        return embeds
+    # a trained text encoder encodes every caption anew; a frozen one once (cached, no gradient)
+    encode = backend.prompt_embeds if cfg.text_encoder else backend.encode_text
 
     levels = progressive_levels(layout.latents, profile.sampler.steps)
 

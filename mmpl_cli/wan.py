@@ -320,14 +320,18 @@ class WanBackend:
 
     # -- text ------------------------------------------------------------------------------
 
+    def prompt_embeds(self, prompt: str) -> torch.Tensor:
+        """Prompt embeddings as diffusers' Wan pipeline makes them (with gradients, for training)."""
+        embeds, _ = self.pipe.encode_prompt(prompt, do_classifier_free_guidance=False,
+                                            max_sequence_length=self.max_sequence_length,
+                                            device=self.device, dtype=self.dtype)
+        return embeds
+
     def encode_text(self, prompt: str) -> torch.Tensor:
-        """Prompt embeddings as diffusers' Wan pipeline makes them; each distinct prompt is encoded once."""
+        """`prompt_embeds` without gradients; each distinct prompt is encoded once."""
         if prompt not in self._text_cache:
             with torch.no_grad(), self._visiting(self.pipe.text_encoder):
-                embeds, _ = self.pipe.encode_prompt(prompt, do_classifier_free_guidance=False,
-                                                    max_sequence_length=self.max_sequence_length,
-                                                    device=self.device, dtype=self.dtype)
-            self._text_cache[prompt] = embeds
+                self._text_cache[prompt] = self.prompt_embeds(prompt)
         return self._text_cache[prompt]
 
     def text(self, prompt: str, negative_prompt: str, guidance: float) -> Text:

@@ -92,9 +92,9 @@ def test_self_attention_training_changes_only_self_attention(tmp_path):
     assert len(new_cfg["latents_std"]) == 16 and new_cfg["latents_std"] != old_cfg["latents_std"]
     assert any("latent statistics from 32 clips" in m for m in messages)
     assert any("trainable parameters (self_attention)" in m for m in messages)
-    text = "text_encoder/model.safetensors"
-    assert load_file(before / text).keys() == load_file(model / text).keys()
-    assert all(torch.equal(load_file(before / text)[k], load_file(model / text)[k]) for k in load_file(before / text))
+    old_text, new_text = (load_file(m / "text_encoder/model.safetensors") for m in (before, model))
+    assert old_text.keys() == new_text.keys()
+    assert all(torch.equal(old_text[k], new_text[k]) for k in old_text)
 
 
 def test_the_text_encoder_trains_only_when_asked(tmp_path):
