@@ -25,7 +25,7 @@ from mmpl_cli.sampling import (blend_edge_noise, euler_levels, flow_sigma, make_
 from mmpl_cli.control import StopFlag, Worker
 from mmpl_cli.request import Checked
 from mmpl_cli.store import RenderStore
-from mmpl_cli.wan import ContextGroup, WanBackend
+from mmpl_cli.wan import ContextGroup, WanBackend, unknown_prompt_words
 
 Results = dict[str, dict]  # task id -> {"latents": tensor} | {"path": Path}
 
@@ -436,6 +436,10 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
         hashes.update(task_hashes(plan, fingerprint, digests.get(plan.shot.id)))
     store.clean_temporary_files(older_than=worker.claim_timeout)
     store.write_manifest(_manifest(request, shot_list, profile, root, fingerprint, plans, hashes))
+    prompts = {p.shot.id: [s.prompt for s in p.segments] + [p.shot.negative_prompt] for p in plans}
+    for shot_id, words in unknown_prompt_words(root, prompts).items():
+        progress.message(f"{shot_id}: the model's tokenizer does not know {', '.join(map(repr, words))}; "
+                         "it reads them as <unk>")
 
     # 3. Take ready tasks in priority order until every task is done, by us or by another worker
     plan_of = {t.id: plan for plan in plans for t in plan.tasks}

@@ -43,6 +43,31 @@ from mmpl_cli.sampling import StepCallback, guided, make_scheduler, sample
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def unknown_words(tokenizer, text: str) -> list[str]:
+    """The words of `text` that `tokenizer` can only read as its unknown token (in order, once each).
+
+    Why: a word-level tokenizer (the trained tiny default's) reads every word outside its vocabulary
+    as <unk>, so a prompt can silently lose the words that matter most to its author."""
+    unk = tokenizer.unk_token_id
+    if unk is None or not text or not getattr(tokenizer, "is_fast", False):
+        return []
+    encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    words = [text[a:b] for i, (a, b) in zip(encoded["input_ids"], encoded["offset_mapping"]) if i == unk and b > a]
+    return list(dict.fromkeys(words))
+
+
+def unknown_prompt_words(root: Path, prompts: dict[str, list[str]]) -> dict[str, list[str]]:
+    """{shot id: words its prompts have that the model folder's tokenizer does not know}, for shots
+    that have any; {} when the tokenizer cannot be loaded (loading the model reports that)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(Path(root) / "tokenizer")
+    except (OSError, ValueError):
+        return {}
+    found = {shot: list(dict.fromkeys(w for text in texts for w in unknown_words(tokenizer, text)))
+             for shot, texts in prompts.items()}
+    return {shot: words for shot, words in found.items() if words}
+
+
 # --------------------------------------------------------------------------------------------
 # What diffusers lacks: explicit frame positions and a cache of clean context keys/values.
 

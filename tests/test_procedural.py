@@ -57,6 +57,16 @@ def test_word_tokenizer_covers_every_caption_word():
     assert tok("a purple circle")["input_ids"][1] == tok.unk_token_id
 
 
+def test_unknown_words_are_those_the_tokenizer_reads_as_unk():
+    from mmpl_cli.tiny import byte_tokenizer, word_tokenizer
+    from mmpl_cli.wan import unknown_words
+
+    tok = word_tokenizer(P.vocabulary())
+    assert unknown_words(tok, "A purple circle Spinning right on a purple background") == ["purple", "Spinning"]
+    assert unknown_words(tok, "a small red circle moving right on a blue background") == []
+    assert unknown_words(byte_tokenizer(), "a purple circle spinning \u2713") == []  # bytes: nothing is unknown
+
+
 def test_judge_agrees_with_the_true_video_and_not_with_a_wrong_one():
     from mmpl_cli.procedural import judge, prompt_scenes, render_scene
 
