@@ -374,34 +374,40 @@ class WanBackend:
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels [3, F, H, W] in [-1, 1] -> model-space latents [C, 1 + (F-1)/4, H/8, W/8] (posterior mode)."""
-        x = pixels.unsqueeze(0).to(self.device, self.vae.dtype)
+        """Pixels [3, F, H, W] in [-1, 1] -> model-space latents [C, 1 + (F-1)/4, H/8, W/8] (posterior mode);
+        a batch [B, 3, F, H, W] -> [B, C, ...] (training encodes its clip pool so, about twice as fast)."""
+        x = (pixels if pixels.dim() == 5 else pixels[None]).to(self.device, self.vae.dtype)
         with self._visiting(self.vae):
-            z = self.vae.encode(x).latent_dist.mode()[0].float().cpu()
-        return (z - self._latents_mean) / self._latents_std
+            z = self.vae.encode(x).latent_dist.mode().float().cpu()
+        z = (z - self._latents_mean) / self._latents_std
+        return z if pixels.dim() == 5 else z[0]
 
     # -- the primitive ---------------------------------------------------------------------
 
     def _forward(self, x: torch.Tensor, frames: Sequence[int], t: torch.Tensor | float, text: torch.Tensor,
                  context: CacheView | None = None, record_into: ContextCache | None = None,
                  attn_mask: torch.Tensor | None = None, frame_timesteps: torch.Tensor | None = None) -> torch.Tensor:
-        """One transformer evaluation of latents x [C, F, H, W] at frame positions `frames`."""
+        """One transformer evaluation of latents x [C, F, H, W] at frame positions `frames` (or of a
+        batch x [B, C, F, H, W] with text [B, tokens, dim] and frame_timesteps [F] or [B, F], as
+        training runs it)."""
         model = self.transformer
-        _, num_frames, height, width = x.shape
+        batch = x if x.dim() == 5 else x[None]
+        num_frames, height, width = x.shape[-3:]
         p_t, p_h, p_w = model.config.patch_size
         tokens_per_frame = (height // p_h) * (width // p_w)
         if frame_timesteps is None:
             frame_timesteps = torch.full((num_frames,), float(t))
-        timestep = frame_timesteps.to(self.device, torch.float32).repeat_interleave(tokens_per_frame)[None]
+        timestep = frame_timesteps.to(self.device, torch.float32).repeat_interleave(tokens_per_frame, dim=-1)
+        timestep = timestep if timestep.dim() == 2 else timestep[None]
         session = _Session(frames=torch.tensor(list(frames), dtype=torch.long),
                            context=context or CacheView(None, None), record_into=record_into, attn_mask=attn_mask)
         with _active(session):
-            out = model(hidden_states=x[None].to(self.device, self.dtype), timestep=timestep,
+            out = model(hidden_states=batch.to(self.device, self.dtype), timestep=timestep.expand(len(batch), -1),
                         encoder_hidden_states=text, return_dict=False)[0]
         if record_into is not None:
             record_into.token_frames.append(
                 torch.tensor(list(frames)).repeat_interleave(tokens_per_frame).to(self.device))
-        return out[0].float()
+        return (out if x.dim() == 5 else out[0]).float()
 
     def build_cache(self, context: Sequence[ContextGroup], text: torch.Tensor) -> ContextCache:
         """Run the clean context once (t = 0), group by group, recording self-attention keys/values."""
@@ -452,7 +458,8 @@ class WanBackend:
         return guided(flows[0], flows[1] if len(flows) > 1 else None, guidance)
 
     def _recomputing_evaluator(self, frames, sees, context, texts):
-        """Reference path: [context groups..., targets] in one pass, visibility by attention mask."""
+        """Reference path: [context groups..., targets] in one pass, visibility by attention mask (training
+        also passes batches: context latents and x [B, C, F, H, W], texts [B, tokens, dim])."""
         groups = [(tuple(g.frames), set(g.sees)) for g in context] + [(tuple(frames), set(sees))]
         owner = [(gi, f) for gi, (g_frames, _) in enumerate(groups) for f in g_frames]
         allowed = torch.tensor([[gi == gj or (gj < gi and fj in groups[gi][1]) for gj, fj in owner]
@@ -462,12 +469,13 @@ class WanBackend:
         context_steps = torch.zeros(len(all_frames) - len(frames))
         p_h, p_w = self.transformer.config.patch_size[1:]
 
-        def evaluate(x: torch.Tensor, t: torch.Tensor, which: int) -> torch.Tensor:
-            per_frame = (x.shape[2] // p_h) * (x.shape[3] // p_w)
+        def evaluate(x: torch.Tensor, t: torch.Tensor, which: int) -> torch.Tensor:  # x [(B,) C, F, H, W]
+            per_frame = (x.shape[-2] // p_h) * (x.shape[-1] // p_w)
             mask = allowed.repeat_interleave(per_frame, 0).repeat_interleave(per_frame, 1)[None, None]
-            steps = torch.cat([context_steps, torch.full((len(frames),), float(t))])
-            out = self._forward(torch.cat([*clean, x.float()], dim=1), all_frames, t, texts[which],
+            t = torch.as_tensor(t, dtype=torch.float32)  # one level, or one per batch sample
+            steps = torch.cat([context_steps.expand(*t.shape, -1), t[..., None].expand(*t.shape, len(frames))], dim=-1)
+            out = self._forward(torch.cat([*clean, x.float()], dim=-3), all_frames, t, texts[which],
                                 attn_mask=mask.to(self.device), frame_timesteps=steps)
-            return out[:, -len(frames):]
+            return out[..., -len(frames):, :, :]
 
         return evaluate

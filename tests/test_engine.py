@@ -76,6 +76,22 @@ def test_visibility_list_hides_the_terminal_plan_in_populate_stage_one(backend):
     assert (hidden - seen).abs().max().item() > 1e-4
 
 
+def test_a_training_batch_equals_its_samples_one_at_a_time(backend):
+    """Training runs one group over a batch of clips at once, each clip at its own noise level and with
+    its own caption: every sample's prediction must be what the reference path gives it alone."""
+    context, sees = _populate_stage_two_inputs()
+    batched = [ContextGroup(torch.stack([g.latents, -g.latents]), g.frames, g.sees) for g in context]
+    texts = [backend.encode_text("a red ball"), backend.encode_text("a blue square")]
+    x, t = torch.stack([_latents(6, 7), _latents(6, 8)]), torch.tensor([900.0, 80.0])
+    targets = tuple(range(13, 19))
+    together = backend._recomputing_evaluator(targets, sees, batched, [torch.cat(texts)])(x, t, 0)
+    assert together.shape == x.shape
+    for i in range(2):
+        alone = [ContextGroup(g.latents[i], g.frames, g.sees) for g in batched]
+        expected = backend._recomputing_evaluator(targets, sees, alone, [texts[i]])(x[i], t[i], 0)
+        assert (together[i] - expected).abs().max().item() <= 1e-5
+
+
 def test_full_strategy_equals_diffusers_wan_pipeline(tiny_model_dir, backend, tmp_path):
     profile = load_profile("tiny")
     shot = Shot(id="peer", prompts=(PromptChange(0.0, "a red ball on a blue floor"),), duration=81 / 16, seed=3,
