@@ -172,6 +172,22 @@ def test_chunked_reconstruction_is_diffusers_encode_and_decode_window_by_window(
     assert torch.equal(middle[2], x[:, :, 5:13])
 
 
+def test_clips_that_begin_their_video_move_the_way_their_caption_says():
+    """Why the groups that begin a shot (initial, full) train on clips with first == 0 only: there the
+    shape moves as the caption says; a later window may show it after a bounce, moving back."""
+    from mmpl_cli import procedural
+    from mmpl_cli.train import ClipSource
+
+    source = ClipSource("procedural", 96, 64, seed=0, relative_to=Path("."))
+    agree: dict[bool, list[bool]] = {True: [], False: []}
+    for i in range(60):
+        clip = source.clip(i, 17)
+        scene = procedural.scene_from_caption(clip.caption)
+        agree[clip.first == 0].append(procedural.judge(clip.frames, scene)["direction_ok"])
+    assert len(agree[True]) >= 10 and all(agree[True])
+    assert len(agree[False]) >= 10 and sum(agree[False]) <= 0.8 * len(agree[False])  # 29 of 43 agree
+
+
 def test_parameter_subsets_follow_table_3():
     from mmpl_cli.train import trainable_names
 
