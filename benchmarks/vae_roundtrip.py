@@ -1,9 +1,10 @@
-"""Does the VAE keep what the denoiser has to draw? Encodes and decodes procedural 81-frame clips with
-a model's VAE and judges the round trip as `benchmarks/prompts.py` judges renders: background colour
-of the first and last frame, and whether the shape still moves the prompted way over the first
-second. The originals pass every check, so a miss is the VAE's.
+"""Does the VAE keep what the denoiser has to draw? Encodes and decodes the 81-frame clips of
+`benchmarks/prompts.py`'s prompts (the videos those captions describe) with a model's VAE and judges
+the round trip as that benchmark judges renders: background colour of the first and last frame, and
+whether the shape still moves the prompted way over the first second. The originals pass every
+check, so a miss is the VAE's, and the round trip bounds what a render of the prompts can score.
 
-    python benchmarks/vae_roundtrip.py                          # 12 clips, the embedded default's VAE
+    python benchmarks/vae_roundtrip.py                          # 20 clips, the embedded default's VAE
     python benchmarks/vae_roundtrip.py --model-path runs/tiny/model
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from mmpl_cli.procedural import judge, render_scene, scene_from_seed
+from mmpl_cli.procedural import judge, prompt_scenes, render_scene
 from mmpl_cli.profiles import load_profile
 from mmpl_cli.render import to_uint8_frames
 from mmpl_cli.train import to_model_pixels
@@ -24,7 +25,7 @@ from mmpl_cli.wan import WanBackend
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--count", type=int, default=12)
+    ap.add_argument("--count", type=int, default=20)
     ap.add_argument("--model-path", default=None)
     args = ap.parse_args()
 
@@ -33,8 +34,7 @@ def main() -> int:
     backend = WanBackend.from_folder(root, max_sequence_length=profile.max_sequence_length)
     width, height, frames = profile.width, profile.height, profile.segment_frames
     counts = {"first_ok": 0, "last_ok": 0, "direction_ok": 0}
-    for i in range(args.count):
-        scene = scene_from_seed(1000 + i)
+    for scene in prompt_scenes(args.count):
         with torch.no_grad():
             video = to_uint8_frames(backend.decode(backend.encode(to_model_pixels(render_scene(scene, frames, width, height)))))
         result = judge(video, scene)

@@ -34,7 +34,7 @@ def test_colours_are_named_back_by_hue():
 def test_shapes_move_the_way_the_caption_says():
     for seed in range(20):
         scene = P.scene_from_seed(seed)
-        dx, dy = P.shape_motion(P.render_scene(scene, 17, 96, 64), scene.background)
+        dx, dy = P.shape_motion(P.render_scene(scene, 17, 96, 64), scene.colour)
         ex, ey = P.DIRECTIONS[scene.direction]
         assert dx * ex + dy * ey > 10, (scene, dx, dy)  # at least 10 px along the caption's direction
         assert abs(dx * ey) + abs(dy * ex) < 2  # and not across it
