@@ -4,9 +4,10 @@ colour of the first and the last frame (named by nearest hue) and the direction 
 the first second.
 
     python benchmarks/prompts.py                       # 20 prompts of 5 s on the embedded default
-    python benchmarks/prompts.py --count 1 --duration 60 --frames benchmarks/results/default-60s.png
+    python benchmarks/prompts.py --count 2 --duration 60 --frames benchmarks/results/default-60s.png
 
-`--frames` writes the first and last frame of the first video side by side (the README's picture).
+`--frames` writes the first and last frame of every video side by side, one row per video (the
+README's picture).
 `--model-path` judges another Diffusers folder (say runs/tiny/model after `mmpl train`).
 """
 
@@ -34,7 +35,7 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--model-path", default=None)
     ap.add_argument("--out", default=None, help="render folder (default: a temporary one)")
-    ap.add_argument("--frames", default=None, help="PNG of the first video's first and last frames")
+    ap.add_argument("--frames", default=None, help="PNG of every video's first and last frames, a row each")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -51,11 +52,14 @@ def main() -> int:
 
     results = [judge(read_frames(out / "render" / f"p{i:02d}.mp4"), s) for i, s in enumerate(scenes)]
     if args.frames:
-        video = read_frames(out / "render" / "p00.mp4")
-        gap = np.full((video.shape[1], 4, 3), 255, np.uint8)
+        rows = []
+        for i in range(len(scenes)):
+            video = read_frames(out / "render" / f"p{i:02d}.mp4")
+            rows += [np.concatenate([video[0], np.full((video.shape[1], 4, 3), 255, np.uint8), video[-1]], 1),
+                     np.full((4, video.shape[2] * 2 + 4, 3), 255, np.uint8)]
+        picture = np.concatenate(rows[:-1], 0)
         Path(args.frames).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.concatenate([video[0], gap, video[-1]], 1)).resize(
-            (video.shape[2] * 4 + 16, video.shape[1] * 2), Image.Resampling.NEAREST).save(args.frames)
+        Image.fromarray(picture).resize((picture.shape[1] * 2, picture.shape[0] * 2), Image.Resampling.NEAREST).save(args.frames)
     summary = {"prompts": len(results), "duration_s": args.duration, "render_s": round(seconds, 1),
                "first_frame_background": sum(r["first_ok"] for r in results),
                "last_frame_background": sum(r["last_ok"] for r in results),
