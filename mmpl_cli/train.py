@@ -1,7 +1,7 @@
 """`mmpl train CONFIG.yaml`: the MMPL fine-tuning recipe (seeds/001 Sec. 4, App. C.1, Table 3) on the
 same engine primitive the renderer uses.
 
-Teacher forcing: each step takes one clean clip, picks one group of a segment (the MMPL groups:
+Teacher forcing: each step takes a batch of clean clips, picks one group of a segment (the MMPL groups:
 initial, plan, populate stage one and two, each with the context and visibility it has at render
 time; or a contiguous continuation window, or a full window, for the baselines), noises the
 group's target latents with flow matching and regresses the velocity, with the clean context run
