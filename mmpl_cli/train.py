@@ -554,7 +554,7 @@ def _train_transformer(model_dir, profile, source, cfg, run, seed, index, deadli
         return torch.nn.functional.mse_loss(prediction[:, :, noisy_frames], (noise - clean)[:, :, noisy_frames])
 
     def step_loss(step: int) -> torch.Tensor:
-        """One group for the whole batch, so the batch runs as one tensor (on a 2-core CPU, 1.8 times
+        """One group for the whole batch, so the batch runs as one tensor (on a 2-core CPU, about 1.5 times
         the samples per second of one sample at a time). A group that begins a shot (initial, full,
         progressive's start-up windows) learns only from clips that begin their video: the caption's
         direction is the shape's there, while a later window may show it after a bounce."""
