@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-from pathlib import Path
 
 import torch
 
 from mmpl_cli.procedural import COLOURS, SIZES, Scene, render_scene, scene_from_seed
-from mmpl_cli.profiles import load_profile
 from mmpl_cli.train import group_for, to_model_pixels
-from mmpl_cli.wan import ContextGroup, WanBackend
+from mmpl_cli.wan import ContextGroup
+from tiny_backend import tiny_backend
 
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 OTHER_SHAPE = {"circle": "square", "square": "triangle", "triangle": "circle"}
@@ -50,9 +49,7 @@ def main() -> int:
     ap.add_argument("--model-path", default=None)
     args = ap.parse_args()
 
-    profile = load_profile("tiny")
-    root = Path(args.model_path) if args.model_path else profile.resolve_model_path(None)
-    backend = WanBackend.from_folder(root, max_sequence_length=profile.max_sequence_length)
+    profile, root, backend = tiny_backend(args.model_path)
     layout, sigmas = profile.layout, (0.3, 0.6, 0.9)
     scenes = [scene_from_seed(5000 + i) for i in range(args.clips)]
     latents = [backend.encode(to_model_pixels(render_scene(s, profile.segment_frames, profile.width, profile.height)))

@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
 from mmpl_cli.procedural import judge, prompt_scenes, render_scene
-from mmpl_cli.profiles import load_profile
 from mmpl_cli.render import to_uint8_frames
 from mmpl_cli.train import to_model_pixels
-from mmpl_cli.wan import ContextGroup, WanBackend
+from mmpl_cli.wan import ContextGroup
+from tiny_backend import tiny_backend
 
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 STARTS = ("true initial latents", "true initial latents, direction reversed", "the model's own initial group")
@@ -37,9 +36,7 @@ def main() -> int:
     ap.add_argument("--model-path", default=None)
     args = ap.parse_args()
 
-    profile = load_profile("tiny")
-    root = Path(args.model_path) if args.model_path else profile.resolve_model_path(None)
-    backend = WanBackend.from_folder(root, max_sequence_length=profile.max_sequence_length)
+    profile, root, backend = tiny_backend(args.model_path)
     layout, sampler = profile.layout, profile.sampler
     initial, plan, populate = layout.initial, layout.plan, layout.populate_stage_one
     judged = populate.targets[0] + 1  # latents up to the first populated one: frames 0-16 of the tiny layout

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
 from mmpl_cli.procedural import judge, prompt_scenes, render_scene
-from mmpl_cli.profiles import load_profile
 from mmpl_cli.render import to_uint8_frames
 from mmpl_cli.train import to_model_pixels
-from mmpl_cli.wan import WanBackend
+from tiny_backend import tiny_backend
 
 
 def main() -> int:
@@ -29,9 +27,7 @@ def main() -> int:
     ap.add_argument("--model-path", default=None)
     args = ap.parse_args()
 
-    profile = load_profile("tiny")
-    root = Path(args.model_path) if args.model_path else profile.resolve_model_path(None)
-    backend = WanBackend.from_folder(root, max_sequence_length=profile.max_sequence_length)
+    profile, root, backend = tiny_backend(args.model_path)
     width, height, frames = profile.width, profile.height, profile.segment_frames
     counts = {"first_ok": 0, "last_ok": 0, "direction_ok": 0}
     for scene in prompt_scenes(args.count):
