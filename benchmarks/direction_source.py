@@ -24,9 +24,9 @@ from mmpl_cli.procedural import judge, prompt_scenes, render_scene
 from mmpl_cli.render import to_uint8_frames
 from mmpl_cli.train import to_model_pixels
 from mmpl_cli.wan import ContextGroup
+from caption_words import OPPOSITE
 from tiny_backend import tiny_backend
 
-OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 STARTS = ("true initial latents", "true initial latents, direction reversed", "the model's own initial group")
 
 
