@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import random
 import sys
+from dataclasses import replace
 
 import torch
 
@@ -32,14 +33,10 @@ def swapped(scene: Scene) -> dict[str, str]:
     colour = next(c for c in sorted(COLOURS) if c not in (scene.colour, scene.background))
     size = next(s for s in SIZES if s != scene.size)
     return {"true caption": scene.caption(),
-            "direction swapped": Scene(scene.shape, scene.colour, scene.background, OPPOSITE[scene.direction],
-                                       scene.size, scene.start).caption(),
-            "shape swapped": Scene(OTHER_SHAPE[scene.shape], scene.colour, scene.background, scene.direction,
-                                   scene.size, scene.start).caption(),
-            "size swapped": Scene(scene.shape, scene.colour, scene.background, scene.direction, size,
-                                  scene.start).caption(),
-            "colour swapped": Scene(scene.shape, colour, scene.background, scene.direction, scene.size,
-                                    scene.start).caption(),
+            "direction swapped": replace(scene, direction=OPPOSITE[scene.direction]).caption(),
+            "shape swapped": replace(scene, shape=OTHER_SHAPE[scene.shape]).caption(),
+            "size swapped": replace(scene, size=size).caption(),
+            "colour swapped": replace(scene, colour=colour).caption(),
             "no caption": ""}
 
 
@@ -68,14 +65,12 @@ def main() -> int:
         for scene, z in zip(scenes, latents):
             context_groups = [ContextGroup(z[:, list(frames)], frames, group_sees) for frames, group_sees in context]
             clean = z[:, list(targets)]
-            for sigma in sigmas:
-                noise = torch.randn(clean.shape, generator=gen)
-                noisy = (1 - sigma) * clean + sigma * noise
-                for name, caption in swapped(scene).items():
+            noises = [torch.randn(clean.shape, generator=gen) for _ in sigmas]  # the same for every caption
+            for name, caption in swapped(scene).items():
+                evaluate = backend._recomputing_evaluator(targets, sees, context_groups, [backend.encode_text(caption)])
+                for sigma, noise in zip(sigmas, noises):
                     with torch.no_grad():
-                        evaluate = backend._recomputing_evaluator(targets, sees, context_groups,
-                                                                  [backend.encode_text(caption)])
-                        flow = evaluate(noisy, torch.tensor(sigma * 1000.0), 0)
+                        flow = evaluate((1 - sigma) * clean + sigma * noise, torch.tensor(sigma * 1000.0), 0)
                     share = float((flow - (noise - clean)).pow(2).mean()) / (len(scenes) * len(sigmas))
                     error[kind][name] = error[kind].get(name, 0.0) + share
     names = list(error[groups[0]])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 import torch
 
@@ -44,7 +45,7 @@ def main() -> int:
     for i, scene in enumerate(prompt_scenes(args.count)):
         clip = backend.encode(to_model_pixels(render_scene(scene, profile.segment_frames, profile.width, profile.height)))
         noise = torch.randn(clip.shape, generator=torch.Generator().manual_seed(i))
-        reversed_caption = scene.caption().replace(f"moving {scene.direction}", f"moving {OPPOSITE[scene.direction]}")
+        reversed_caption = replace(scene, direction=OPPOSITE[scene.direction]).caption()
         verdicts = []
         for start in STARTS:
             text = backend.text(reversed_caption if "reversed" in start else scene.caption(), "", sampler.guidance)

@@ -50,11 +50,11 @@ def main() -> int:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     seconds = time.perf_counter() - started
 
-    results = [judge(read_frames(out / "render" / f"p{i:02d}.mp4"), s) for i, s in enumerate(scenes)]
+    videos = [read_frames(out / "render" / f"p{i:02d}.mp4") for i in range(len(scenes))]
+    results = [judge(video, s) for video, s in zip(videos, scenes)]
     if args.frames:
         rows = []
-        for i in range(len(scenes)):
-            video = read_frames(out / "render" / f"p{i:02d}.mp4")
+        for video in videos:
             rows += [np.concatenate([video[0], np.full((video.shape[1], 4, 3), 255, np.uint8), video[-1]], 1),
                      np.full((4, video.shape[2] * 2 + 4, 3), 255, np.uint8)]
         picture = np.concatenate(rows[:-1], 0)

@@ -590,7 +590,7 @@ def _train_transformer(model_dir, profile, source, cfg, run, seed, index, deadli
 def _latent_pool(backend, source: ClipSource, profile, cfg: StageConfig, run: StageRun, message, name):
     """`cfg.pool` clips of one segment window, VAE-encoded once (kept in the stage folder for resumes):
     (latents, captions, each clip's first frame in its video)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     path = run.folder / "pool.safetensors"
     about_path = run.folder / "pool.json"
@@ -598,13 +598,22 @@ def _latent_pool(backend, source: ClipSource, profile, cfg: StageConfig, run: St
         tensors, about = load_file(path), json.loads(about_path.read_text())
         # older pools listed captions only: where their clips begin is unknown
         about = [a if isinstance(a, dict) else {"caption": a, "first": None} for a in about]
-        return [tensors[str(i)] for i in range(len(about))], [a["caption"] for a in about], [a["first"] for a in about]
+        latents = [tensors[str(i)] for i in range(len(about))]
+    else:
+        latents, about = _encode_pool(backend, source, profile, cfg, path, about_path, message, name)
+    return latents, [a["caption"] for a in about], [a["first"] for a in about]
+
+
+def _encode_pool(backend, source: ClipSource, profile, cfg: StageConfig, path: Path, about_path: Path, message, name):
+    """Encode the pool 8 clips at a time and write it atomically: (latents, [{caption, first}])."""
+    from safetensors.torch import save_file
+
     message(f"{name}: encoding {cfg.pool} clips of {profile.segment_frames} frames with the VAE")
     latents, about = [], []
     every = max(POOL_BATCH, cfg.pool // 8)  # a progress line about every eighth of the pool
     for batch in range(0, cfg.pool, POOL_BATCH):
         clips = [source.clip(10_000_000 + i, profile.segment_frames) for i in range(batch, min(cfg.pool, batch + POOL_BATCH))]
-        latents.extend(z.clone() for z in backend.encode(torch.stack([to_model_pixels(c.frames) for c in clips])))
+        latents.extend(backend.encode(torch.stack([to_model_pixels(c.frames) for c in clips])))
         about.extend({"caption": c.caption, "first": c.first} for c in clips)
         if len(latents) == cfg.pool or len(latents) // every > batch // every:
             message(f"{name}: encoded {len(latents)}/{cfg.pool} clips")
@@ -612,5 +621,5 @@ def _latent_pool(backend, source: ClipSource, profile, cfg: StageConfig, run: St
     save_file({str(i): z.contiguous() for i, z in enumerate(latents)}, tmp)
     os.replace(tmp, path)
     _write_json(about_path, about)
-    return latents, [a["caption"] for a in about], [a["first"] for a in about]
+    return latents, about
 

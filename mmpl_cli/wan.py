@@ -345,8 +345,9 @@ class WanBackend:
 
     # -- text ------------------------------------------------------------------------------
 
-    def prompt_embeds(self, prompt: str) -> torch.Tensor:
-        """Prompt embeddings as diffusers' Wan pipeline makes them (with gradients, for training)."""
+    def prompt_embeds(self, prompt: str | list[str]) -> torch.Tensor:
+        """Prompt embeddings [B, tokens, dim] as diffusers' Wan pipeline makes them, one row per prompt
+        (with gradients, for training)."""
         embeds, _ = self.pipe.encode_prompt(prompt, do_classifier_free_guidance=False,
                                             max_sequence_length=self.max_sequence_length,
                                             device=self.device, dtype=self.dtype)
