@@ -102,6 +102,7 @@ def render(
     interruption, a crash or an edit of the shot list reuses all work that is still valid.
     SIGINT, SIGTERM and SIGUSR1 stop cleanly (exit code 3).
     """
+    from mmpl_cli.numerics import requested_threads
     from mmpl_cli.request import RenderRequest, check
 
     request = RenderRequest(shots=shots, out=out, profile=profile, seeding=seeding.value,
@@ -109,6 +110,7 @@ def render(
                             strategy=strategy.value if strategy is not None else None)
     try:
         checked = check(request)  # bad input stops here: exit 2, nothing written, torch not even imported
+        threads = requested_threads()
         ckpt = checked.profile.checkpoint
         if ckpt is not None and as_worker is None:  # a transformer checkpoint is read (memory-mapped) and checked first
             from mmpl_cli.weights import verify_checkpoint
@@ -117,7 +119,8 @@ def render(
     except BaseException as exc:  # noqa: BLE001
         _fail(exc)
     from mmpl_cli.control import Interrupted, StopFlag, Worker
-    from mmpl_cli.launch import cpu_threads, detect
+    from mmpl_cli.launch import detect
+    from mmpl_cli.numerics import oversubscription
 
     launch = detect()
     children: list = []
@@ -152,7 +155,8 @@ def render(
             if device == "auto" and gpus:
                 request = dataclasses.replace(request, device=f"cuda:{launch.local_rank % gpus}")
                 checked = dataclasses.replace(checked, request=request)
-            torch.set_num_threads(cpu_threads(launch.local_world_size or 1))
+            if launch.local_rank == 0 and (warning := oversubscription(threads, launch.local_world_size or 1)):
+                typer.echo(f"mmpl: warning: {warning}", err=True)
         else:
             if workers is None:  # one per GPU: only then does this process need torch
                 import torch
@@ -160,6 +164,8 @@ def render(
                 count = max(1, torch.cuda.device_count() if torch.cuda.is_available() else 0)
             name, count = launch.name, workers or count
             team = count * launch.team
+            if count > 1 and (warning := oversubscription(threads, count)):
+                typer.echo(f"mmpl: warning: {warning}", err=True)
         if count > 1 or (launch.mode != "plain" and as_worker is None and restart):
             if restart:
                 if launch.mode != "plain":
@@ -169,7 +175,7 @@ def render(
                 from mmpl_cli.store import RenderStore
 
                 RenderStore(checked.out).restart([p.shot.id for p in checked.plans])
-            code = _run_children(request, checked.out, name, count, team, claim_timeout, children, stop)
+            code = _run_children(request, checked.out, name, count, team, claim_timeout, children, stop, threads)
             if code:
                 raise typer.Exit(code)
             paths = [checked.out / f"{p.shot.id}.mp4" for p in checked.plans]
@@ -190,18 +196,17 @@ def render(
             typer.echo(f"wrote {path}")
 
 
-def _run_children(request, out, name, count, team, claim_timeout, children, stop) -> int:
+def _run_children(request, out, name, count, team, claim_timeout, children, stop, threads) -> int:
     """Start `count` workers of this render as child processes (each takes GPU i of the visible
-    ones, or a share of the CPU cores) and wait for all of them; returns the exit code to report."""
+    ones) and wait for all of them; returns the exit code to report. Each worker runs its tasks with
+    the folder's thread count (numerics.py); OMP_NUM_THREADS only sizes its pool until then."""
     import subprocess
-
-    from mmpl_cli.launch import cpu_threads
 
     base = [sys.executable, "-m", "mmpl_cli", "render", *dataclasses.replace(request, out=out).render_args(),
             "--claim-timeout", str(claim_timeout)]
     for i in range(count):
         env = {**os.environ, "MMPL_WORKER_INDEX": str(i), "MMPL_WORKERS": str(team),
-               "OMP_NUM_THREADS": str(cpu_threads(count))}
+               "OMP_NUM_THREADS": str(threads)}
         children.append(subprocess.Popen(base + ["--as-worker", f"{name}/w{i}"], env=env))
     codes = [child.wait() for child in children]
     if stop.reason is not None or 3 in codes:

@@ -6,6 +6,9 @@ starts more workers. Reads the environment that torchrun / accelerate launch and
 * a SLURM array task (SLURM_ARRAY_TASK_ID), or a plain `mmpl render`: one worker per visible GPU,
   or `--workers N` on the CPU; with more than one, this process starts them as child processes.
 
+However it was launched, a worker runs its tasks with the render folder's CPU thread count
+(numerics.py), not with the OMP_NUM_THREADS its launcher set: the bits must not depend on it.
+
 Every worker runs the same render against the same folder; they cooperate through its claims.
 """
 
@@ -37,7 +40,3 @@ def detect(env: dict[str, str] | None = None) -> Launch:
                       team=int(env.get("SLURM_ARRAY_TASK_COUNT", "1")))
     return Launch("plain", f"{host}:{os.getpid()}")
 
-
-def cpu_threads(workers_here: int) -> int:
-    """Threads per worker so that workers on one machine share its cores instead of fighting."""
-    return max(1, (os.cpu_count() or 1) // max(1, workers_here))

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from mmpl_cli import numerics
 from mmpl_cli.errors import InputError, MMPLError, Problem
 from mmpl_cli.plan import (PROGRESSIVE_CHUNK, SLIDING_CONTEXT, WINDOW_KIND, ShotPlan, Task, derive_seed,
                            progressive_levels, segment_task_id)
@@ -405,7 +406,8 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
 
     Takes ready tasks in priority order (planning chain first), claims each one in the render
     folder, runs it and saves the result there. Every valid finished task is reused, whoever
-    made it, so resuming and cooperating with other workers are the same thing.
+    made it, so resuming and cooperating with other workers are the same thing. Tasks run with
+    the folder's CPU thread count (numerics.py), so their bits do not depend on the launcher.
     """
     from mmpl_cli.plan import plan_shot_list, task_hashes
     from mmpl_cli.profiles import model_fingerprint
@@ -431,6 +433,11 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
                          f"{worker.name}: {seeding} seeding, as recorded in the render folder")
         if seeding != plans[0].seeding:
             plans = plan_shot_list(shot_list, profile, seeding)
+    here = numerics.environment(device)
+    numeric = store.numerics_decision(here)
+    for difference in numerics.differences(numeric, here):
+        progress.message(f"{worker.name}: warning: {difference}; tasks computed here may differ from "
+                         "the folder's others in their last bits")
     hashes = {}
     for plan in plans:
         hashes.update(task_hashes(plan, fingerprint, digests.get(plan.shot.id)))
@@ -441,70 +448,71 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
         progress.message(f"{shot_id}: the model's tokenizer does not know {', '.join(map(repr, words))}; "
                          "it reads them as <unk>")
 
-    # 3. Take ready tasks in priority order until every task is done, by us or by another worker
-    plan_of = {t.id: plan for plan in plans for t in plan.tasks}
-    keys = tuned_priorities(plans, worker.team)
-    order = sorted(plan_of, key=keys.__getitem__)
-    task_of = {t.id: t for plan in plans for t in plan.tasks}
-    results = _LazyResults(store, hashes)
-    runners: dict[str, ShotRunner] = {}
-    backend = None
-    done: set[str] = set()
-    while len(done) < len(order):
-        stop.check()
-        ran = False
-        for task_id in order:
-            if task_id in done:
-                continue
-            task = task_of[task_id]
-            if store.is_done(task_id, hashes[task_id]):
-                done.add(task_id)
-                progress.task_reused(task, len(done) - 1, len(order))
-                continue
-            if not all(d in done for d in task.deps):
-                continue
-            claim = store.try_claim(task_id, worker.name, worker.claim_timeout)
-            if claim is None:
-                continue  # another worker is on it
-            try:
-                if store.is_done(task_id, hashes[task_id]):  # finished while we were looking
+    with numerics.applied(numeric["cpu_threads"]):  # every task of the folder with one thread count
+        # 3. Take ready tasks in priority order until every task is done, by us or by another worker
+        plan_of = {t.id: plan for plan in plans for t in plan.tasks}
+        keys = tuned_priorities(plans, worker.team)
+        order = sorted(plan_of, key=keys.__getitem__)
+        task_of = {t.id: t for plan in plans for t in plan.tasks}
+        results = _LazyResults(store, hashes)
+        runners: dict[str, ShotRunner] = {}
+        backend = None
+        done: set[str] = set()
+        while len(done) < len(order):
+            stop.check()
+            ran = False
+            for task_id in order:
+                if task_id in done:
+                    continue
+                task = task_of[task_id]
+                if store.is_done(task_id, hashes[task_id]):
                     done.add(task_id)
+                    progress.task_reused(task, len(done) - 1, len(order))
                     continue
-                if backend is None:
-                    progress.message(f"{worker.name}: loading {profile.name} from {root} on {device}")
-                    backend = load_backend(profile, root, device, plans[0].seeding)
-                    progress.message(f"{worker.name}: loaded " + "; ".join(backend.loaded))
-                plan = plan_of[task_id]
-                runner = runners.setdefault(plan.shot.id, ShotRunner(backend, plan, store, progress, stop))
-                progress.task_started(task, len(done), len(order))
-                store.log("started", task_id, hashes[task_id], worker=worker.name)
-                started = time.perf_counter()
-                with _heartbeat(store, claim, max(0.5, worker.claim_timeout / 4)):
-                    result = runner.run(task, results)
-                if not store.holds(claim, task_id):
-                    progress.message(f"{worker.name}: {task_id} was taken over by another worker; dropping ours")
+                if not all(d in done for d in task.deps):
                     continue
-                results[task_id] = store.save(task_id, hashes[task_id], result, plan.fps)
-                store.log("finished", task_id, hashes[task_id], worker=worker.name,
-                          seconds=round(time.perf_counter() - started, 3))
-                done.add(task_id)
-                progress.task_finished(task, time.perf_counter() - started)
-                if request.storyboard and task.kind == "plan":
+                claim = store.try_claim(task_id, worker.name, worker.claim_timeout)
+                if claim is None:
+                    continue  # another worker is on it
+                try:
+                    if store.is_done(task_id, hashes[task_id]):  # finished while we were looking
+                        done.add(task_id)
+                        continue
+                    if backend is None:
+                        progress.message(f"{worker.name}: loading {profile.name} from {root} on {device}")
+                        backend = load_backend(profile, root, device, plans[0].seeding)
+                        progress.message(f"{worker.name}: loaded " + "; ".join(backend.loaded))
+                    plan = plan_of[task_id]
+                    runner = runners.setdefault(plan.shot.id, ShotRunner(backend, plan, store, progress, stop))
+                    progress.task_started(task, len(done), len(order))
+                    store.log("started", task_id, hashes[task_id], worker=worker.name)
+                    started = time.perf_counter()
+                    with _heartbeat(store, claim, max(0.5, worker.claim_timeout / 4)):
+                        result = runner.run(task, results)
+                    if not store.holds(claim, task_id):
+                        progress.message(f"{worker.name}: {task_id} was taken over by another worker; dropping ours")
+                        continue
+                    results[task_id] = store.save(task_id, hashes[task_id], result, plan.fps)
+                    store.log("finished", task_id, hashes[task_id], worker=worker.name,
+                              seconds=round(time.perf_counter() - started, 3), threads=torch.get_num_threads())
+                    done.add(task_id)
+                    progress.task_finished(task, time.perf_counter() - started)
+                    if request.storyboard and task.kind == "plan":
+                        _storyboard_when_planned(runner, results, store, done, progress)
+                finally:
+                    store.release(task_id)
+                ran = True
+                break  # priorities may have changed: look again from the top
+            if not ran and len(done) < len(order):
+                time.sleep(worker.poll)
+        if request.storyboard:  # planning finished in an earlier run or by another worker
+            for plan in plans:
+                has_plan = any(t.kind == "plan" for t in plan.tasks)  # mmpl shots; other strategies have no macro plan
+                if has_plan and not store.storyboard(plan.shot.id).exists():
+                    if backend is None:
+                        backend = load_backend(profile, root, device, plans[0].seeding)
+                    runner = runners.setdefault(plan.shot.id, ShotRunner(backend, plan, store, progress, stop))
                     _storyboard_when_planned(runner, results, store, done, progress)
-            finally:
-                store.release(task_id)
-            ran = True
-            break  # priorities may have changed: look again from the top
-        if not ran and len(done) < len(order):
-            time.sleep(worker.poll)
-    if request.storyboard:  # planning finished in an earlier run or by another worker
-        for plan in plans:
-            has_plan = any(t.kind == "plan" for t in plan.tasks)  # mmpl shots; other strategies have no macro plan
-            if has_plan and not store.storyboard(plan.shot.id).exists():
-                if backend is None:
-                    backend = load_backend(profile, root, device, plans[0].seeding)
-                runner = runners.setdefault(plan.shot.id, ShotRunner(backend, plan, store, progress, stop))
-                _storyboard_when_planned(runner, results, store, done, progress)
     return [store.shot_video(plan.shot.id) for plan in plans]
 
 

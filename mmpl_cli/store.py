@@ -8,6 +8,7 @@ where latents are read or written, so validating a request stays quick.
     <out>/.mmpl/tasks/<shot>/s000-plan.safetensors    latents of a finished task (+ metadata)
     <out>/.mmpl/tasks/<shot>/s000-decode.json         record of a finished video task (file + sha256)
     <out>/.mmpl/events.jsonl                          started / finished events, append-only
+    <out>/.mmpl/seeding.json, numerics.json           decisions the first worker made for the folder
 
 Every file is written to a temporary name in its own folder, fsynced, renamed into place, and the
 folder fsynced: a crash leaves either the old file or the new one, never half of one. A task file
@@ -151,8 +152,22 @@ class RenderStore:
 
     def seeding_decision(self, proposed: str) -> str:
         """The folder's automatic seeding choice: the first worker's `proposed` choice is recorded
-        (O_EXCL) and every later worker and resume uses it, so they all run the same task graph."""
-        path = self.meta / "seeding.json"
+        and every later worker and resume uses it, so they all run the same task graph."""
+        recorded = self._first_decision("seeding.json", {"seeding": proposed})
+        return recorded["seeding"] if recorded.get("seeding") in ("terminal", "midpoint") else proposed
+
+    def numerics_decision(self, proposed: dict) -> dict:
+        """The folder's numeric environment (numerics.py): the first worker's `proposed` record,
+        which every later worker and resume applies, so a task's bits do not depend on its launcher."""
+        from mmpl_cli.numerics import check_record
+
+        path = self.meta / "numerics.json"
+        return check_record(self._first_decision(path.name, proposed), path)
+
+    def _first_decision(self, name: str, proposed: dict) -> dict:
+        """First writer wins: record `proposed` in .mmpl/<name> unless a record exists (O_EXCL),
+        and return the record that holds for the folder."""
+        path = self.meta / name
         with _disk_errors(path):
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -160,12 +175,13 @@ class RenderStore:
             except FileExistsError:
                 for _ in range(50):  # the winner may still be writing it
                     try:
-                        return json.loads(path.read_text())["seeding"]
-                    except (ValueError, KeyError):
+                        record = json.loads(path.read_text())
+                        return record if isinstance(record, dict) else {}
+                    except ValueError:
                         time.sleep(0.05)
-                return proposed
+                return {}  # still not JSON: the caller's check says what that means
             with os.fdopen(fd, "w") as fh:
-                json.dump({"seeding": proposed}, fh)
+                json.dump(proposed, fh)
                 fh.flush()
                 os.fsync(fh.fileno())
         return proposed
@@ -174,6 +190,7 @@ class RenderStore:
         """Forget every finished task and remove the videos of these shots: the explicit fresh start."""
         with _disk_errors(self.root):
             (self.meta / "seeding.json").unlink(missing_ok=True)
+            (self.meta / "numerics.json").unlink(missing_ok=True)
             shutil.rmtree(self.meta / "tasks", ignore_errors=True)
             shutil.rmtree(self.root / "segments", ignore_errors=True)
             for shot_id in shot_ids:

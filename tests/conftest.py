@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+os.environ.pop("MMPL_CPU_THREADS", None)  # the tests assume a new render folder's default thread count
 
 
 @pytest.fixture(scope="session")
@@ -27,9 +28,10 @@ def backend(tiny_model_dir):
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run `python -m mmpl_cli ...` as a user would, in a real subprocess."""
+    """Run `python -m mmpl_cli ...` as a user would, in a real subprocess (env: None unsets a variable)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("MMPL_DEBUG", None)
+    full_env = {k: v for k, v in full_env.items() if v is not None}
     return subprocess.run([sys.executable, "-m", "mmpl_cli", *args], cwd=cwd or REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -55,9 +57,11 @@ def shots_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def reference_dir(shots_file, tiny_model_dir, tmp_path_factory) -> Path:
-    """The render folder of one uninterrupted single-worker render of SHOTS (copy it; don't change it)."""
+    """The render folder of one uninterrupted single-worker render of SHOTS (copy it; don't change it),
+    made with torch's default thread count (every core): the worker tests launch with others."""
     out = tmp_path_factory.mktemp("reference")
-    proc = run_cli("render", str(shots_file), "--out", str(out), "--model-path", str(tiny_model_dir))
+    proc = run_cli("render", str(shots_file), "--out", str(out), "--model-path", str(tiny_model_dir),
+                   env={"OMP_NUM_THREADS": None, "MMPL_CPU_THREADS": None})
     assert proc.returncode == 0, proc.stderr
     return out
 

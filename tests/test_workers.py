@@ -5,14 +5,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO, run_cli, videos
 from mmpl_cli.store import RenderStore
 from test_resume import status, wait_for_start
+
+TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
 
 
 def computed_once(out: Path) -> None:
@@ -26,50 +31,109 @@ def workers_of(out: Path) -> set[str]:
     return {json.loads(line)["worker"] for line in log if '"finished"' in line}
 
 
-def test_torchrun_two_ranks(shots_file, tiny_model_dir, reference, tmp_path):
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+def task_checksums(out: Path) -> dict[str, str]:
+    """The checksum of every finished task's latents: the bits, before video encoding can hide them."""
+    from safetensors import safe_open
+
+    sums = {}
+    for path in sorted((out / ".mmpl" / "tasks").rglob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as fh:
+            sums[str(path.relative_to(out))] = fh.metadata()["checksum"]
+    return sums
+
+
+def threads_used(out: Path) -> set[int]:
+    """The intra-op thread counts the folder's tasks were computed with (from its event log)."""
+    events = [json.loads(line) for line in (out / ".mmpl" / "events.jsonl").read_text().splitlines()]
+    return {e["threads"] for e in events if e["event"] == "finished"}
+
+
+def same_bits_as_reference(out: Path, reference_dir: Path) -> None:
+    """Videos and every task's latents equal the plain render's, and every task ran with the one
+    thread count the folder recorded (1 unless MMPL_CPU_THREADS said otherwise when it was made):
+    where a CPU happens to give equal bits for any thread count, this still sees the mechanism."""
+    assert videos(out) == videos(reference_dir)
+    assert task_checksums(out) == task_checksums(reference_dir)
+    recorded = json.loads((out / ".mmpl" / "numerics.json").read_text())["cpu_threads"]
+    assert threads_used(out) == threads_used(reference_dir) == {recorded} == {1}
+
+
+def _render(shots_file, tiny_model_dir, out, env: dict, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mmpl_cli", "render", str(shots_file), "--out", str(out),
+                             "--model-path", str(tiny_model_dir), *extra], cwd=REPO, env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+# Every test below launches its workers with another OMP_NUM_THREADS than the plain reference render
+# (which runs with torch's default, every core): a thread count that changed the bits would show.
+
+
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_omp_num_threads_does_not_change_the_bits(threads, shots_file, tiny_model_dir, reference_dir, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", "29517", "-m", "mmpl_cli", "render",
+    proc = run_cli("render", str(shots_file), "--out", str(out), "--model-path", str(tiny_model_dir),
+                   env={"OMP_NUM_THREADS": threads})
+    assert proc.returncode == 0, proc.stderr
+    same_bits_as_reference(out, reference_dir)
+
+
+def test_torchrun_two_ranks(shots_file, tiny_model_dir, reference_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([TORCHRUN, "--nproc-per-node", "2", "--master-port", "29517", "-m", "mmpl_cli", "render",
                            str(shots_file), "--out", str(out), "--model-path", str(tiny_model_dir)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+                          cwd=REPO, capture_output=True, text=True, timeout=600)  # torchrun sets OMP_NUM_THREADS=1
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert videos(out) == reference
+    same_bits_as_reference(out, reference_dir)
     computed_once(out)
     assert workers_of(out) == {"rank0", "rank1"}
 
 
-def test_two_slurm_array_tasks(shots_file, tiny_model_dir, reference, tmp_path):
+def test_torchrun_killed_half_way_resumed_by_plain_render(shots_file, tiny_model_dir, reference_dir, tmp_path):
+    """The resume command mmpl prints is a plain `mmpl render`, with the user's own thread settings:
+    it must finish the torchrun render with the folder's thread count, not its own."""
     out = tmp_path / "out"
-    procs = [subprocess.Popen([sys.executable, "-m", "mmpl_cli", "render", str(shots_file), "--out", str(out),
-                               "--model-path", str(tiny_model_dir)], cwd=REPO,
-                              env={**os.environ, "SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": str(i),
-                                   "OMP_NUM_THREADS": "1"},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    job = subprocess.Popen([TORCHRUN, "--nproc-per-node", "2", "--master-port", "29518", "-m", "mmpl_cli", "render",
+                            str(shots_file), "--out", str(out), "--model-path", str(tiny_model_dir)],
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for_start(out, "k/s001/plan", job)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)  # the launcher and both ranks, as a node crash would
+        job.wait()
+    assert status(out)["remaining"] > 0
+    proc = run_cli("render", str(shots_file), "--out", str(out), "--model-path", str(tiny_model_dir),
+                   env={"OMP_NUM_THREADS": "2", "MMPL_CPU_THREADS": "2"})
+    assert proc.returncode == 0, proc.stderr
+    same_bits_as_reference(out, reference_dir)
+    assert status(out)["remaining"] == 0
+
+
+def test_two_slurm_array_tasks(shots_file, tiny_model_dir, reference_dir, tmp_path):
+    out = tmp_path / "out"
+    procs = [_render(shots_file, tiny_model_dir, out, {"SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": str(i),
+                                                       "OMP_NUM_THREADS": "3"}) for i in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err
-    assert videos(out) == reference
+    same_bits_as_reference(out, reference_dir)
     computed_once(out)
     assert len(workers_of(out)) == 2
 
 
-def test_plain_workers_option(shots_file, tiny_model_dir, reference, tmp_path):
+def test_plain_workers_option(shots_file, tiny_model_dir, reference_dir, tmp_path):
     out = tmp_path / "out"
     proc = run_cli("render", str(shots_file), "--out", str(out), "--model-path", str(tiny_model_dir), "--workers", "2")
     assert proc.returncode == 0, proc.stderr
-    assert videos(out) == reference
+    same_bits_as_reference(out, reference_dir)
     computed_once(out)
 
 
-def test_killed_worker_task_is_taken_over(shots_file, tiny_model_dir, reference, tmp_path):
+def test_killed_worker_task_is_taken_over(shots_file, tiny_model_dir, reference_dir, tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "SLURM_ARRAY_JOB_ID": "9", "OMP_NUM_THREADS": "1"}
+    env = {"SLURM_ARRAY_JOB_ID": "9", "OMP_NUM_THREADS": "1"}
 
     def start(i):
-        return subprocess.Popen([sys.executable, "-m", "mmpl_cli", "render", str(shots_file), "--out", str(out),
-                                 "--model-path", str(tiny_model_dir), "--claim-timeout", "3"], cwd=REPO,
-                                env={**env, "SLURM_ARRAY_TASK_ID": str(i)}, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        return _render(shots_file, tiny_model_dir, out, {**env, "SLURM_ARRAY_TASK_ID": str(i)}, "--claim-timeout", "3")
 
     victim = start(0)
     wait_for_start(out, "k/s000/decode", victim)  # the victim is alone until now: this task is its
@@ -78,11 +142,31 @@ def test_killed_worker_task_is_taken_over(shots_file, tiny_model_dir, reference,
     victim.wait()
     _, err = survivor.communicate(timeout=600)
     assert survivor.returncode == 0, err
-    assert videos(out) == reference
+    same_bits_as_reference(out, reference_dir)
     report = status(out)
     assert report["remaining"] == 0
     assert all(t["computed"] == 1 for t in report["tasks"])
     assert not list((out / ".mmpl" / "claims").rglob("*.claim.*"))
+
+
+def test_a_new_folder_takes_mmpl_cpu_threads_and_bad_values_are_refused(shots_file, tiny_model_dir, tmp_path):
+    out = tmp_path / "bad"
+    proc = run_cli("render", str(shots_file), "--out", str(out), "--model-path", str(tiny_model_dir),
+                   env={"MMPL_CPU_THREADS": "lots"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "MMPL_CPU_THREADS: expected a whole number from 1 to 1024, found 'lots'" in proc.stderr
+    assert not out.exists()
+    out = tmp_path / "two"
+    proc = run_cli("render", str(shots_file), "--out", str(out), "--model-path", str(tiny_model_dir),
+                   env={"MMPL_CPU_THREADS": "2"})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / ".mmpl" / "numerics.json").read_text())["cpu_threads"] == 2
+    assert threads_used(out) == {2}
+    # a tampered record is named, not trusted
+    (out / ".mmpl" / "numerics.json").write_text('{"cpu_threads": "all of them"}')
+    proc = run_cli("render", str(shots_file), "--out", str(out), "--model-path", str(tiny_model_dir))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "numerics.json: cpu_threads: expected a whole number from 1 to 1024, found 'all of them'" in proc.stderr
 
 
 def test_stale_claims_are_taken_over_and_live_ones_respected(tmp_path):
