@@ -11,10 +11,10 @@ the launcher would decide the bits.
 It does not: every task of a render folder runs with one thread count, `cpu_threads`. The folder's
 first worker records it (`.mmpl/numerics.json`, first writer wins, like the seeding decision), and
 every later worker and resume applies it with `torch.set_num_threads`, whatever OMP_NUM_THREADS,
-the launcher or the machine's core count says. A new folder gets MMPL_CPU_THREADS, default 1: on
-the 2-core machine one thread costs a plain CPU render 1.47x, while more threads per worker than
-cores per worker costs `--workers 2` 3.1x (benchmarks/threads.py); one thread per worker and
-`--workers N` is the fast way to use N cores, and it gives the same bits.
+the launcher or the machine's core count says. A new folder gets MMPL_CPU_THREADS, default 1: one
+thread costs a plain CPU render a little, while more threads than cores cost multi-worker renders
+twice over, and one thread per worker with `--workers N` is the fastest way to use N cores, with
+the same bits (benchmarks/threads.py; figures in benchmarks/README.md).
 
 What is not controlled here, and so not promised: another CPU model (its instruction set picks other
 kernels), another GPU model, another torch, diffusers or oneDNN build. Those are recorded too, and a
