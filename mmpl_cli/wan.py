@@ -396,8 +396,8 @@ class WanBackend:
         num_frames, height, width = x.shape[-3:]
         p_t, p_h, p_w = model.config.patch_size
         tokens_per_frame = (height // p_h) * (width // p_w)
-        if frame_timesteps is None:
-            frame_timesteps = torch.full((num_frames,), float(t))
+        if frame_timesteps is None:  # one level for every frame (a tensor stays a tensor: no sync with the device)
+            frame_timesteps = torch.as_tensor(t, dtype=torch.float32).reshape(()).expand(num_frames)
         timestep = frame_timesteps.to(self.device, torch.float32).repeat_interleave(tokens_per_frame, dim=-1)
         timestep = timestep if timestep.dim() == 2 else timestep[None]
         session = _Session(frames=torch.tensor(list(frames), dtype=torch.long),
@@ -447,7 +447,8 @@ class WanBackend:
             uncond = evaluate(x, t, 1) if len(texts) > 1 else None
             return guided(cond, uncond, sampler.guidance)
 
-        return sample(model_fn, noise.float().clone(), make_scheduler(sampler), callback, stop_after)
+        x = noise.to(self.device, torch.float32, copy=True)  # the sampler's state lives on the model's device
+        return sample(model_fn, x, make_scheduler(sampler), callback, stop_after).float().cpu()
 
     @torch.no_grad()
     def flow_at_levels(self, x: torch.Tensor, timesteps: torch.Tensor, text: Text, guidance: float) -> torch.Tensor:
@@ -455,8 +456,8 @@ class WanBackend:
         each sit at their own timestep (`timesteps` [F]), every frame seeing every other: one round of
         progressive denoising."""
         texts = [text.cond] + ([text.uncond] if text.uncond is not None and guidance != 1.0 else [])
-        flows = [self._forward(x, range(x.shape[1]), 0.0, emb, frame_timesteps=timesteps).cpu() for emb in texts]
-        return guided(flows[0], flows[1] if len(flows) > 1 else None, guidance)
+        flows = [self._forward(x, range(x.shape[1]), 0.0, emb, frame_timesteps=timesteps) for emb in texts]
+        return guided(flows[0], flows[1] if len(flows) > 1 else None, guidance).cpu()
 
     def _recomputing_evaluator(self, frames, sees, context, texts):
         """Reference path: [context groups..., targets] in one pass, visibility by attention mask (training
@@ -466,7 +467,7 @@ class WanBackend:
         allowed = torch.tensor([[gi == gj or (gj < gi and fj in groups[gi][1]) for gj, fj in owner]
                                 for gi, _ in owner])
         all_frames = [f for _, f in owner]
-        clean = [g.latents.float() for g in context]
+        clean = [g.latents.to(self.device, torch.float32) for g in context]
         context_steps = torch.zeros(len(all_frames) - len(frames))
         p_h, p_w = self.transformer.config.patch_size[1:]
 
@@ -475,7 +476,7 @@ class WanBackend:
             mask = allowed.repeat_interleave(per_frame, 0).repeat_interleave(per_frame, 1)[None, None]
             t = torch.as_tensor(t, dtype=torch.float32)  # one level, or one per batch sample
             steps = torch.cat([context_steps.expand(*t.shape, -1), t[..., None].expand(*t.shape, len(frames))], dim=-1)
-            out = self._forward(torch.cat([*clean, x.float()], dim=-3), all_frames, t, texts[which],
+            out = self._forward(torch.cat([*clean, x.to(self.device, torch.float32)], dim=-3), all_frames, t, texts[which],
                                 attn_mask=mask.to(self.device), frame_timesteps=steps)
             return out[..., -len(frames):, :, :]
 

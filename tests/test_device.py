@@ -1,0 +1,110 @@
+"""Device discipline, checked on a CPU: what crosses the backend's boundary lives on the CPU in
+float32, everything between lives on the model's device. The model runs on a stand-in device
+(standin.py) that refuses to mix with CPU tensors as CUDA does, so a render, the training step's
+backend calls and each backend call fail here the way they would fail on a GPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmpl_cli.profiles import Sampler
+from standin import OnDevice, StandInDevice
+
+# Every strategy, noise search, image-to-video, hand-overs (2 segments each) and the storyboard.
+SHOTS = """version: 1
+defaults: {steps: 3, seed: 5}
+shots:
+  - {id: m, prompt: "a red ball", duration: 9, search: 2, search_steps: 1}
+  - {id: i, prompt: "a red ball", duration: 6, init_image: still.png}
+  - {id: f, prompt: "a red ball", duration: 5, strategy: full}
+  - {id: w, prompt: "a red ball", duration: 9, strategy: sliding-window, search: 2, search_steps: 1}
+  - {id: p, prompt: "a red ball", duration: 9, strategy: progressive}
+"""
+
+
+def _latents(out):
+    from safetensors.torch import load_file
+
+    return {str(p.relative_to(out)): load_file(p) for p in sorted((out / ".mmpl" / "tasks").rglob("*.safetensors"))}
+
+
+def _render(shots, out, model, device):
+    from mmpl_cli.render import render
+    from mmpl_cli.request import RenderRequest, check
+
+    checked = check(RenderRequest(shots=shots, out=out, model_path=str(model), device=device, storyboard=True))
+    return render(checked)
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("device-shots")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(folder / "still.png")
+    (folder / "shots.yaml").write_text(SHOTS)
+    return folder / "shots.yaml"
+
+
+def test_a_render_on_another_device_than_the_cpu(shots, tiny_model_dir, tmp_path):
+    """Every task kind of every strategy, noise search, the hand-over's decode and encode, segment
+    decode, the storyboard and stitching, with the model on the stand-in device; the results equal
+    the CPU's up to the attention kernel's rounding (the stand-in takes another SDPA path)."""
+    with StandInDevice() as device:
+        videos = _render(shots, tmp_path / "dev", tiny_model_dir, str(device))
+    assert all(v.exists() for v in videos) and len(videos) == 5
+    cpu = tmp_path / "cpu"
+    _render(shots, cpu, tiny_model_dir, "cpu")
+    on_device, on_cpu = _latents(tmp_path / "dev"), _latents(cpu)
+    assert on_device.keys() == on_cpu.keys() and len(on_cpu) > 20
+    for name, tensors in on_cpu.items():
+        for key, value in tensors.items():
+            assert torch.allclose(on_device[name][key], value, atol=1e-3, rtol=0), (name, key)
+
+
+def test_backend_calls_take_and_give_cpu_float32(tiny_model_dir):
+    """Each call's inputs on the CPU, its outputs on the CPU in float32 (text embeddings are the
+    backend's own handle and stay on the device)."""
+    from mmpl_cli.wan import ContextGroup, WanBackend
+
+    with StandInDevice() as device:
+        backend = WanBackend.from_folder(tiny_model_dir, device=str(device), max_sequence_length=32)
+        assert isinstance(next(backend.transformer.parameters()), OnDevice)
+        text = backend.text("a red ball", "blurry", 3.0)
+        z = backend.vae.config.z_dim
+        clean = ContextGroup(torch.randn(z, 2, 8, 12), (0, 1), ())
+        outputs = {
+            "denoise": backend.denoise(torch.randn(z, 2, 8, 12), (2, 3), (0, 1), [clean], text, Sampler(steps=2)),
+            "denoise, recomputed context": backend.denoise(torch.randn(z, 2, 8, 12), (2, 3), (0, 1), [clean], text,
+                                                           Sampler(steps=2), recompute_context=True),
+            "flow_at_levels": backend.flow_at_levels(torch.randn(z, 3, 8, 12), torch.tensor([0.0, 500.0, 900.0]),
+                                                     text, 3.0),
+            "decode": backend.decode(torch.randn(z, 3, 8, 12)),
+            "encode": backend.encode(torch.rand(3, 5, 64, 96) * 2 - 1),
+        }
+    for name, out in outputs.items():
+        assert type(out) is torch.Tensor and out.device.type == "cpu" and out.dtype == torch.float32, name
+
+
+def test_training_step_on_another_device(tiny_model_dir):
+    """The backend calls a training step makes (teacher forcing through the masked evaluator, and
+    the progressive loss's per-frame levels), with gradients, on the stand-in device."""
+    from mmpl_cli.wan import ContextGroup, WanBackend
+
+    with StandInDevice() as device:
+        backend = WanBackend.from_folder(tiny_model_dir, device=str(device), max_sequence_length=32)
+        backend.transformer.requires_grad_(True)
+        z = backend.vae.config.z_dim
+        text = backend.prompt_embeds(["a red ball", "a blue cube"])
+        clean = ContextGroup(torch.randn(2, z, 2, 8, 12), (0, 1), ())
+        evaluate = backend._recomputing_evaluator((2, 3), (0, 1), [clean], [text])
+        target = torch.randn(2, z, 2, 8, 12)
+        loss = (evaluate(torch.randn(2, z, 2, 8, 12), torch.tensor([300.0, 700.0]), 0) - target.to(device)).pow(2).mean()
+        levels = backend._forward(torch.randn(2, z, 3, 8, 12), range(3), 0.0, text,
+                                  frame_timesteps=torch.tensor([[0.0, 400.0, 800.0], [100.0, 500.0, 900.0]]))
+        loss = loss + levels.pow(2).mean()
+        loss.backward()
+        grads = [p.grad for p in backend.transformer.parameters() if p.grad is not None]
+    assert grads and all(isinstance(g, OnDevice) for g in grads)
+    assert np.isfinite(loss.detach().cpu().item())
