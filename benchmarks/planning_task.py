@@ -72,10 +72,10 @@ def main() -> None:
         return torch.full((1, latents * tokens_per_latent), t, device=device)
 
     def ours_cache() -> ContextCache:
-        cache = ContextCache(len(model.blocks))
+        cache = ContextCache(len(model.blocks), PLAN_SEES, tokens_per_latent)
+        cache.begin(PLAN_SEES)
         with _active(_Session(frames=torch.tensor(PLAN_SEES), record_into=cache)):
             model(context, timestep(len(PLAN_SEES), 0.0), text, return_dict=False)
-        cache.token_frames.append(torch.tensor(PLAN_SEES).repeat_interleave(tokens_per_latent).to(device))
         return cache
 
     def ours_step(view) -> None:

@@ -73,30 +73,59 @@ def unknown_prompt_words(root: Path, prompts: dict[str, list[str]]) -> dict[str,
 
 
 class ContextCache:
-    """Self-attention keys/values of clean context latents, per layer, with the frame of each token."""
+    """Self-attention keys/values of a task's clean context latents: one buffer per layer, for one text.
 
-    def __init__(self, num_layers: int):
-        self.keys: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
-        self.values: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
-        self.token_frames: list[torch.Tensor] = []  # frame index of every cached token, per recorded group
+    The buffers hold every context token once, in the order the groups are recorded (each group's
+    keys/values are written in place while it runs at t = 0), and are read by frame: a visible
+    set that is a run of recorded frames (MMPL's always is: each group sees a prefix of what came
+    before it) is a view of the buffers, any other set an index into them. Nothing is concatenated
+    per step; the buffers are freed with the cache, when the task's last step is done.
+    """
+
+    def __init__(self, num_layers: int, frames: Sequence[int], tokens_per_frame: int):
+        self.frames = list(frames)  # frame of every slot, in recording order
+        if len(set(self.frames)) != len(self.frames):
+            raise ValueError(f"context frames recorded twice: {self.frames}")
+        self.tokens_per_frame = tokens_per_frame
+        self.keys: list[torch.Tensor | None] = [None] * num_layers  # [B, slots * tokens, heads, head_dim]
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.recorded = 0  # slots written so far
+        self._writing: slice | None = None  # token range of the group being recorded
+
+    def begin(self, frames: Sequence[int]) -> None:
+        """The next `_forward` records the group at `frames`: the next slots, in this order."""
+        expected = self.frames[self.recorded:self.recorded + len(frames)]
+        if list(frames) != expected:
+            raise ValueError(f"recording frames {list(frames)}, expected {expected}")
+        t = self.tokens_per_frame
+        self._writing = slice(self.recorded * t, (self.recorded + len(frames)) * t)
+        self.recorded += len(frames)
 
     def record(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        self.keys[layer].append(key)
-        self.values[layer].append(value)
+        if self._writing is None:
+            raise RuntimeError("ContextCache.record outside begin()")
+        if self.keys[layer] is None:  # the first group's shapes, device and dtype size the buffers
+            size = (key.shape[0], len(self.frames) * self.tokens_per_frame, *key.shape[2:])
+            self.keys[layer] = key.new_empty(size)
+            self.values[layer] = value.new_empty(size)
+        self.keys[layer][:, self._writing] = key
+        self.values[layer][:, self._writing] = value
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values) if t is not None)
 
     def visible(self, frames: Sequence[int]) -> "CacheView":
-        """Keys/values of the cached tokens whose frame is in `frames`, concatenated once per layer."""
-        if not self.token_frames or not frames:
+        """The cached tokens whose frame is in `frames`, in recording order (a view where it can be)."""
+        wanted = set(frames)
+        slots = [i for i, f in enumerate(self.frames[:self.recorded]) if f in wanted]
+        if not slots:
             return CacheView(None, None)
-        token_frames = torch.cat(self.token_frames)
-        wanted = torch.tensor(sorted(set(frames)), device=token_frames.device)
-        index = torch.nonzero(torch.isin(token_frames, wanted)).flatten()
-        if index.numel() == 0:
-            return CacheView(None, None)
-        index = index.to(self.keys[0][0].device)
-        keys = [torch.cat(k, dim=1).index_select(1, index) for k in self.keys]
-        values = [torch.cat(v, dim=1).index_select(1, index) for v in self.values]
-        return CacheView(keys, values)
+        t = self.tokens_per_frame
+        if slots == list(range(slots[0], slots[-1] + 1)):
+            part = slice(slots[0] * t, (slots[-1] + 1) * t)
+            return CacheView([k[:, part] for k in self.keys], [v[:, part] for v in self.values])
+        index = torch.tensor([s * t + i for s in slots for i in range(t)], device=self.keys[0].device)
+        return CacheView([k.index_select(1, index) for k in self.keys], [v.index_select(1, index) for v in self.values])
 
 
 @dataclass
@@ -402,17 +431,18 @@ class WanBackend:
         timestep = timestep if timestep.dim() == 2 else timestep[None]
         session = _Session(frames=torch.tensor(list(frames), dtype=torch.long),
                            context=context or CacheView(None, None), record_into=record_into, attn_mask=attn_mask)
+        if record_into is not None:
+            record_into.begin(frames)
         with _active(session):
             out = model(hidden_states=batch.to(self.device, self.dtype), timestep=timestep.expand(len(batch), -1),
                         encoder_hidden_states=text, return_dict=False)[0]
-        if record_into is not None:
-            record_into.token_frames.append(
-                torch.tensor(list(frames)).repeat_interleave(tokens_per_frame).to(self.device))
         return (out if x.dim() == 5 else out[0]).float()
 
     def build_cache(self, context: Sequence[ContextGroup], text: torch.Tensor) -> ContextCache:
         """Run the clean context once (t = 0), group by group, recording self-attention keys/values."""
-        cache = ContextCache(len(self.transformer.blocks))
+        p_h, p_w = self.transformer.config.patch_size[1:]
+        tokens = (context[0].latents.shape[-2] // p_h) * (context[0].latents.shape[-1] // p_w) if context else 0
+        cache = ContextCache(len(self.transformer.blocks), [f for g in context for f in g.frames], tokens)
         for group in context:
             self._forward(group.latents, group.frames, 0.0, text, context=cache.visible(group.sees), record_into=cache)
         return cache
@@ -435,7 +465,7 @@ class WanBackend:
         texts = [text.cond] + ([text.uncond] if text.uncond is not None and sampler.guidance != 1.0 else [])
         if recompute_context:
             evaluate = self._recomputing_evaluator(frames, sees, context, texts)
-        else:
+        else:  # one cache per text, each holding its tokens once; the views below are slices of them
             views = [self.build_cache(context, emb).visible(sees) for emb in texts]
 
             def evaluate(x: torch.Tensor, t: torch.Tensor, which: int) -> torch.Tensor:

@@ -61,6 +61,26 @@ def test_cached_context_equals_context_recomputed_in_the_same_pass(backend, guid
     assert (cached - recomputed).abs().max().item() <= 1e-5
 
 
+def test_the_context_cache_holds_each_token_once_and_hands_out_views(backend):
+    """One buffer per layer for one text, sized by the formula; MMPL's visible sets are slices of it
+    (no copy), a set with a hole is gathered."""
+    context, _ = _populate_stage_two_inputs()
+    text = backend.text("a harbour", "", 1.0).cond
+    cache = backend.build_cache(context, text)
+    config = backend.transformer.config
+    p_h, p_w = config.patch_size[1:]
+    tokens = sum(len(g.frames) for g in context) * (context[0].latents.shape[-2] // p_h) * (context[0].latents.shape[-1] // p_w)
+    inner = config.num_attention_heads * config.attention_head_dim
+    assert cache.nbytes() == config.num_layers * 2 * tokens * inner * 4  # K and V, float32
+    buffer = cache.keys[0].untyped_storage().data_ptr()
+    for sees in [(0, 1), (0, 1, 2, 3, 10, 11, 12), tuple(range(13)) + (19, 20)]:  # plan, stage one, stage two
+        view = cache.visible(sees)
+        assert view.keys[0].untyped_storage().data_ptr() == buffer
+        assert view.keys[0].shape[1] == len(sees) * tokens // sum(len(g.frames) for g in context)
+    holed = cache.visible((0, 1, 19, 20))
+    assert holed.keys[0].untyped_storage().data_ptr() != buffer and holed.keys[0].shape[1] == 4 * tokens // 15
+
+
 def test_visibility_list_hides_the_terminal_plan_in_populate_stage_one(backend):
     """Stage one hides 19-20 (seeds/001 App. C.2): the cached path must match the masked reference with
     them hidden, and differ from letting them be seen."""
