@@ -252,3 +252,14 @@ def test_progressive_tasks_equal_one_uninterrupted_progressive_run(backend, tmp_
     assert torch.equal(results["pg/s000/progressive"]["latents"], stream[:, 0:21])
     assert torch.equal(results["pg/s001/progressive"]["latents"], stream[:, 16:37])
     assert stream.abs().max() < 100  # finite, not blown up
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_keeps_rope_in_float32_and_the_text_encoder_out_of_float16(tiny_model_dir, dtype):
+    from mmpl_cli.wan import WanBackend
+
+    backend = WanBackend.from_folder(tiny_model_dir, dtype=dtype, max_sequence_length=32)
+    assert backend.transformer.rope.stock.freqs_cos.dtype == torch.float32
+    assert next(backend.transformer.blocks[0].attn1.parameters()).dtype == getattr(torch, dtype)
+    assert next(backend.pipe.text_encoder.parameters()).dtype == torch.bfloat16
+    assert backend.encode_text("a red ball").dtype == getattr(torch, dtype)
