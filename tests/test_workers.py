@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -92,13 +91,16 @@ def test_torchrun_killed_half_way_resumed_by_plain_render(shots_file, tiny_model
     """The resume command mmpl prints is a plain `mmpl render`, with the user's own thread settings:
     it must finish the torchrun render with the folder's thread count, not its own."""
     out = tmp_path / "out"
+    import psutil  # accelerate's dependency
+
     job = subprocess.Popen([TORCHRUN, "--nproc-per-node", "2", "--master-port", "29518", "-m", "mmpl_cli", "render",
                             str(shots_file), "--out", str(out), "--model-path", str(tiny_model_dir)],
-                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_start(out, "k/s001/plan", job)
-    finally:
-        os.killpg(job.pid, signal.SIGKILL)  # the launcher and both ranks, as a node crash would
+    finally:  # the launcher and both ranks (torchrun starts each in a session of its own), as a node crash would
+        for proc in [psutil.Process(job.pid), *psutil.Process(job.pid).children(recursive=True)]:
+            proc.kill()
         job.wait()
     assert status(out)["remaining"] > 0
     proc = run_cli("render", str(shots_file), "--out", str(out), "--model-path", str(tiny_model_dir),
