@@ -390,6 +390,19 @@ def _heartbeat(store: RenderStore, claim: Path, interval: float):
         thread.join()
 
 
+@contextlib.contextmanager
+def _peak_memory(device: str):
+    """On a CUDA device, the task's peak allocated memory ({"peak_gb": ...}, filled in on exit), for the
+    event log: what `benchmarks/gpu_check.py` compares with the memory model."""
+    found: dict[str, float] = {}
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    yield found
+    if cuda:
+        found["peak_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 3)
+
+
 def load_backend(profile, root: Path, device: str, seeding: str) -> WanBackend:
     """The profile's model on `device`: folder, transformer checkpoint, dtype, attention, offloading."""
     ckpt = profile.checkpoint
@@ -487,14 +500,14 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
                     progress.task_started(task, len(done), len(order))
                     store.log("started", task_id, hashes[task_id], worker=worker.name)
                     started = time.perf_counter()
-                    with _heartbeat(store, claim, max(0.5, worker.claim_timeout / 4)):
+                    with _heartbeat(store, claim, max(0.5, worker.claim_timeout / 4)), _peak_memory(device) as peak:
                         result = runner.run(task, results)
                     if not store.holds(claim, task_id):
                         progress.message(f"{worker.name}: {task_id} was taken over by another worker; dropping ours")
                         continue
                     results[task_id] = store.save(task_id, hashes[task_id], result, plan.fps)
                     store.log("finished", task_id, hashes[task_id], worker=worker.name,
-                              seconds=round(time.perf_counter() - started, 3), threads=torch.get_num_threads())
+                              seconds=round(time.perf_counter() - started, 3), threads=torch.get_num_threads(), **peak)
                     done.add(task_id)
                     progress.task_finished(task, time.perf_counter() - started)
                     if request.storyboard and task.kind == "plan":

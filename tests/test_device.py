@@ -108,3 +108,22 @@ def test_training_step_on_another_device(tiny_model_dir):
         grads = [p.grad for p in backend.transformer.parameters() if p.grad is not None]
     assert grads and all(isinstance(g, OnDevice) for g in grads)
     assert np.isfinite(loss.detach().cpu().item())
+
+
+def test_gpu_check_smoke_mode_runs_on_a_cpu(tmp_path):
+    """benchmarks/gpu_check.py is the command to run the first time a GPU is at hand: CI keeps it alive."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "check.json"
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--smoke", "--json", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result["renders"]) == {"native/terminal", "native/midpoint"}
+    assert "populate_stage_two" in result["renders"]["native/terminal"]["tasks"]
+    assert "populate_stage_two" not in result["renders"]["native/midpoint"]["tasks"]  # mid-point never fills 13-18
+    assert result["cache_vs_recomputed_rel"] < 1e-4
