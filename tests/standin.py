@@ -20,6 +20,8 @@ out of the way, so code that branches on `device.type == "cuda"` is not exercise
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.overrides import TorchFunctionMode
@@ -52,6 +54,7 @@ class OnDevice(torch.Tensor):
                                                   storage_offset=inner.storage_offset(), dtype=inner.dtype,
                                                   device=STANDIN, requires_grad=inner.requires_grad)
         out.inner = inner
+        Meter.track(out)
         return out
 
     def __repr__(self):
@@ -77,6 +80,40 @@ class _Constructors(TorchFunctionMode):
             kwargs.pop("device")
             return func(*args, **kwargs).to(STANDIN)
         return func(*args, **kwargs)
+
+
+class Meter:
+    """Bytes held on the stand-in device, as `torch.cuda.memory_allocated` counts them on a GPU (without
+    the allocator's rounding): every storage that an `OnDevice` tensor holds, once however many views
+    share it, until the last tensor on it is gone. `peak` is the most held since `reset()`."""
+
+    live = 0
+    peak = 0
+    _refs: dict[int, list[int]] = {}  # storage address -> [tensors on it, bytes]
+
+    @classmethod
+    def reset(cls) -> int:
+        cls.peak = cls.live
+        return cls.live
+
+    @classmethod
+    def track(cls, tensor: "OnDevice") -> None:
+        storage = tensor.inner.untyped_storage()
+        key = storage.data_ptr()
+        if key not in cls._refs:
+            cls._refs[key] = [0, storage.nbytes()]
+            cls.live += storage.nbytes()
+            cls.peak = max(cls.peak, cls.live)
+        cls._refs[key][0] += 1
+        weakref.finalize(tensor, cls._release, key)
+
+    @classmethod
+    def _release(cls, key: int) -> None:
+        entry = cls._refs[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            cls.live -= entry[1]
+            del cls._refs[key]
 
 
 class StandInDevice(TorchDispatchMode):

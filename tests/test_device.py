@@ -127,3 +127,41 @@ def test_gpu_check_smoke_mode_runs_on_a_cpu(tmp_path):
     assert "populate_stage_two" in result["renders"]["native/terminal"]["tasks"]
     assert "populate_stage_two" not in result["renders"]["native/midpoint"]["tasks"]  # mid-point never fills 13-18
     assert result["cache_vs_recomputed_rel"] < 1e-4
+
+
+def test_the_context_cache_on_the_device_is_one_copy_per_text(tiny_model_dir):
+    """Measured with the stand-in's meter (bytes held on the device, as torch.cuda.memory_allocated counts
+    them): building a stage-two cache leaves exactly the formula's bytes on the device, reading what a
+    group sees allocates nothing, and the second text of a guided denoise costs one more cache."""
+    import gc
+
+    from mmpl_cli.wan import ContextGroup, WanBackend
+    from standin import Meter
+
+    with StandInDevice() as device:
+        backend = WanBackend.from_folder(tiny_model_dir, device=str(device), max_sequence_length=32)
+        text = backend.text("a red ball", "blurry", 3.0)
+        z, config = backend.vae.config.z_dim, backend.transformer.config
+        context = [ContextGroup(torch.randn(z, 2, 8, 12), (0, 1), ()),
+                   ContextGroup(torch.randn(z, 7, 8, 12), (2, 3, 10, 11, 12, 19, 20), (0, 1)),
+                   ContextGroup(torch.randn(z, 6, 8, 12), tuple(range(4, 10)), (0, 1, 2, 3, 10, 11, 12))]
+        tokens = 15 * (8 // 2) * (12 // 2)
+        formula = config.num_layers * 2 * tokens * config.num_attention_heads * config.attention_head_dim * 4
+        gc.collect()
+        before = Meter.live
+        cache = backend.build_cache(context, text.cond)
+        gc.collect()
+        assert Meter.live - before == formula
+        base = Meter.reset()
+        view = cache.visible(tuple(range(13)) + (19, 20))  # what stage two sees: all of it, as a view
+        assert Meter.peak == base and view.keys[0].shape[1] == tokens
+        del cache, view
+        held = {}
+        for guidance in (1.0, 3.0):  # one text, then two
+            gc.collect()
+            base = Meter.reset()
+            backend.denoise(torch.randn(z, 6, 8, 12), tuple(range(13, 19)), tuple(range(13)) + (19, 20), context,
+                            text, Sampler(steps=2, guidance=guidance))
+            held[guidance] = Meter.peak - base
+    # the second text costs its cache and the cond output kept beside the uncond one, not another copy
+    assert formula <= held[3.0] - held[1.0] < 1.1 * formula, (held, formula)
