@@ -404,6 +404,13 @@ def plan(
     schedule = simulate(plans, gpus)
     if gantt is not None:
         draw_gantt(schedule, gantt)
+    from mmpl_cli.memory import estimate
+
+    try:
+        model_root = prof.resolve_model_path()
+    except Exception:  # noqa: BLE001 - only where the weights are: the named architecture serves without
+        model_root = None
+    memory = estimate(prof, model_root, gpu_memory)
     summary = {
         "shot_list": str(shots),
         "profile": prof.name,
@@ -413,6 +420,7 @@ def plan(
         "total_frames": sum(p.frames for p in plans),
         "total_tasks": sum(len(p.tasks) for p in plans),
         **schedule.summary(),
+        "memory": memory,
     }
     if as_json:
         typer.echo(json.dumps(summary, indent=2))

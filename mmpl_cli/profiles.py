@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 from mmpl_cli.errors import InputError, Problem
+from mmpl_cli.memory import WAN_TRANSFORMERS
 from mmpl_cli.yamlio import Fields, Located, load_yaml
 
 BUILTIN_PREFIX = "builtin:"
@@ -120,11 +121,12 @@ class Profile:
     layout: Layout
     noise_blend: float | None  # App. G: weight of the adjacent planning latent's noise at a populating edge; None: off
     costs: dict[str, float] = field(default_factory=dict)  # seconds per stage on the reference GPU
-    memory_gb: dict[str, float] = field(default_factory=dict)  # peak memory per seeding mode
+    memory_gb: dict[str, float] = field(default_factory=dict)  # overrides the memory model's peak per seeding mode
     checkpoint: Checkpoint | None = None  # replaces the folder's transformer weights
     attention: str = "auto"  # diffusers attention backend (ATTENTION_BACKENDS)
     offload: str = "auto"  # text encoder and VAE on the CPU between uses (OFFLOAD)
     handover: str = "reencode"  # App. F: the next segment's initial latents through the VAE, or "direct" (ablation)
+    architecture: str | None = None  # a released architecture (memory.WAN_TRANSFORMERS), for the memory model without weights
 
     @property
     def segment_frames(self) -> int:
@@ -272,12 +274,13 @@ def parse_profile(data, file: str, problems: list[Problem]) -> Profile | None:
     description = f.get(root, "description", "", "str", default="")
 
     model = f.get(root, "model", "", "mapping", required=True) or Located()
-    f.unknown_keys(model, {"path", "path_env", "dtype", "transformer", "attention", "offload"}, "model")
+    f.unknown_keys(model, {"path", "path_env", "dtype", "transformer", "attention", "offload", "architecture"}, "model")
     model_path = f.get(model, "path", "model", "str", required=True, default="")
     path_env = f.get(model, "path_env", "model", "str")
     dtype = f.get(model, "dtype", "model", "str", default="float32", choices=DTYPES)
     attention = f.get(model, "attention", "model", "str", default="auto", choices=ATTENTION_BACKENDS)
     offload = f.get(model, "offload", "model", "str", default="auto", choices=OFFLOAD)
+    architecture = f.get(model, "architecture", "model", "str", choices=list(WAN_TRANSFORMERS))
     checkpoint = None
     override = f.get(model, "transformer", "model", "mapping")
     if override is not None:
@@ -344,7 +347,7 @@ def parse_profile(data, file: str, problems: list[Problem]) -> Profile | None:
         dtype=dtype, width=width, height=height, fps=fps, vae_temporal=vae_temporal, vae_spatial=vae_spatial,
         max_sequence_length=max_seq, sampler=sampler, layout=layout,
         noise_blend=alpha, costs=costs, memory_gb=memory,
-        checkpoint=checkpoint, attention=attention, offload=offload, handover=handover,
+        checkpoint=checkpoint, attention=attention, offload=offload, handover=handover, architecture=architecture,
     )
 
 

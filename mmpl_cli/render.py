@@ -404,13 +404,16 @@ def _peak_memory(device: str):
 
 
 def load_backend(profile, root: Path, device: str, seeding: str) -> WanBackend:
-    """The profile's model on `device`: folder, transformer checkpoint, dtype, attention, offloading."""
+    """The profile's model on `device`: folder, transformer checkpoint, dtype, attention, offloading
+    (`auto`: when the memory model's peak with everything resident exceeds the GPU's free memory)."""
+    from mmpl_cli.memory import resident_peak_gb
+
     ckpt = profile.checkpoint
     return WanBackend.from_folder(
         root, device=device, dtype=profile.dtype, max_sequence_length=profile.max_sequence_length,
         checkpoint=profile.resolve_checkpoint(), checkpoint_key=ckpt.key if ckpt else "auto",
         checkpoint_naming=ckpt.naming if ckpt else "auto", attention=profile.attention,
-        offload=profile.offload, memory_gb=profile.memory_gb.get(seeding))
+        offload=profile.offload, memory_gb=resident_peak_gb(profile, root, seeding))
 
 
 def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | None = None,
@@ -435,7 +438,7 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
     device = pick_device(request.device)
     checkpoint = profile.resolve_checkpoint()
     fingerprint = model_fingerprint(root, checkpoint, profile.checkpoint.key if profile.checkpoint else "")
-    proposed, why = choose_seeding(profile, free_gpu_memory_gb()) if request.seeding == "auto" else (None, "")
+    proposed, why = choose_seeding(profile, free_gpu_memory_gb(), root) if request.seeding == "auto" else (None, "")
 
     # 2. Open the render folder: an explicit restart forgets everything, otherwise resume
     if request.restart:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmpl_cli.errors import InputError, Problem
+from mmpl_cli.memory import profile_peaks
 from mmpl_cli.plan import WINDOW_KIND, ShotPlan, Task
 from mmpl_cli.profiles import Profile
 
@@ -148,7 +149,7 @@ def simulate(plans: list[ShotPlan], devices: int, keys: dict[str, tuple] | None 
         task = tasks[tid][0]
         longest[tid] = cost[tid] + max((longest[d] for d in task.deps), default=0.0)
     seeding = plans[0].seeding if plans else "terminal"
-    memory = plans[0].profile.memory_gb.get(seeding) if plans else None
+    memory = profile_peaks(plans[0].profile).get(seeding) if plans else None
     return Schedule(devices=devices, seeding=seeding, makespan_s=now, total_work_s=sum(cost.values()),
                     critical_path_s=max(longest.values(), default=0.0), peak_memory_gb=memory, slots=slots)
 
@@ -233,15 +234,17 @@ def draw_gantt(schedule: Schedule, path: Path, width: int = 1400) -> Path:
     return path
 
 
-def choose_seeding(profile: Profile, free_gb: list[float] | None) -> tuple[str, str]:
-    """Terminal seeding when the profile's terminal-mode peak fits on every GPU, mid-point when only
-    that fits (seeds/001 App. E.3); otherwise a clear error that says what would fit."""
+def choose_seeding(profile: Profile, free_gb: list[float] | None, root: Path | None = None) -> tuple[str, str]:
+    """Terminal seeding when its peak (the memory model's, memory.py, or the profile's `memory_gb`)
+    fits on every GPU, mid-point when only that fits (the MMPL paper, App. E.3); otherwise a clear
+    error that says what would fit."""
     if not free_gb:
         return "terminal", "no GPU: terminal seeding (highest throughput)"
     smallest = min(free_gb)
-    terminal, midpoint = profile.memory_gb.get("terminal"), profile.memory_gb.get("midpoint")
+    peaks = profile_peaks(profile, root, smallest)
+    terminal, midpoint = peaks.get("terminal"), peaks.get("midpoint")
     if terminal is None:
-        return "terminal", f"profile {profile.name} gives no memory estimate: terminal seeding"
+        return "terminal", f"no memory estimate for {profile.name} (no model folder, no model.architecture): terminal seeding"
     if terminal <= smallest:
         return "terminal", (f"terminal seeding: needs about {terminal:g} GB, "
                             f"the smallest of {len(free_gb)} GPU(s) has {smallest:.1f} GB free")

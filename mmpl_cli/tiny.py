@@ -16,6 +16,8 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
+from mmpl_cli.memory import UMT5_XXL, WAN_TRANSFORMERS
+
 TEXT_DIM = 32
 
 TRANSFORMER_CONFIG = dict(
@@ -73,27 +75,11 @@ def build_tiny_model(dest: Path, seed: int = 0, num_layers: int = 2, vocabulary:
     return dest
 
 
-# The released architectures at their real widths (Wan2.1 technical report; the Diffusers folders'
-# configs). Tests and benchmarks cut their depth (`num_layers`, `text_layers`) so a CPU can run them:
-# a path only the tiny model went through is not a test of what users run.
-WAN_TRANSFORMERS = {
-    "wan2.1-1.3b": dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
-                        out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
-                        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
-    "wan2.1-14b": dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
-                       out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40,
-                       cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
-}
-UMT5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, relative_attention_num_buckets=32,
-                relative_attention_max_distance=128, feed_forward_proj="gated-gelu", dropout_rate=0.0,
-                pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-
-
 def build_wan_model(dest: Path, arch: str, num_layers: int = 1, text_layers: int = 1, seed: int = 0) -> Path:
-    """A Diffusers-format folder of a released architecture at its real width: the transformer of
-    `arch`, UMT5-XXL's encoder and the Wan2.1 VAE (diffusers' defaults), with `num_layers`
-    transformer blocks and `text_layers` encoder layers, random weights saved in float32. The
-    tokenizer is byte-level (the real one's vocabulary of 256,384 would be most of the memory)."""
+    """A Diffusers-format folder of a released architecture (memory.WAN_TRANSFORMERS) at its real
+    width: the transformer of `arch`, UMT5-XXL's encoder and the Wan2.1 VAE (diffusers' defaults), with
+    `num_layers` transformer blocks and `text_layers` encoder layers (tests cut the depth so a CPU can
+    run them), random weights saved in float32. The tokenizer is byte-level (the real one's vocabulary of 256,384 would be most of the memory)."""
     dest = Path(dest)
     torch.manual_seed(seed)
     tokenizer = byte_tokenizer()

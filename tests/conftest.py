@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,31 @@ def reference_dir(shots_file, tiny_model_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def reference(reference_dir) -> dict[str, bytes]:
     return videos(reference_dir)
+
+
+# The released architectures at their real widths with their depth cut (mmpl_cli.tiny.build_wan_model),
+# shared by the real-width render tests and the memory model's tests.
+
+
+@pytest.fixture(scope="session")
+def wan13(tmp_path_factory) -> Path:
+    from mmpl_cli.tiny import build_wan_model
+
+    return build_wan_model(tmp_path_factory.mktemp("wan13") / "model", "wan2.1-1.3b", num_layers=2, seed=11)
+
+
+@pytest.fixture(scope="session")
+def wan14(wan13, tmp_path_factory) -> Path:
+    """The 14B transformer (one block) beside the same text encoder and VAE."""
+    from diffusers import WanTransformer3DModel
+
+    from mmpl_cli.memory import WAN_TRANSFORMERS
+
+    dest = tmp_path_factory.mktemp("wan14") / "model"
+    shutil.copytree(wan13, dest, ignore=shutil.ignore_patterns("transformer"))
+    import torch
+
+    torch.manual_seed(14)
+    WanTransformer3DModel(**{**WAN_TRANSFORMERS["wan2.1-14b"], "num_layers": 1}).save_pretrained(
+        dest / "transformer", safe_serialization=True)
+    return dest

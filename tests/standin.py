@@ -12,10 +12,11 @@ CPU tensor of one or more dimensions raises the error CUDA raises ("Expected all
 the same device"); `.cpu()` gives the plain values back. CUDA's own exceptions are kept: a 0-dim CPU
 tensor mixes as a scalar, index tensors may stay on the CPU, and copies cross devices. The numbers
 are the CPU's, so a run on the stand-in gives the same bits as the same run on the CPU: a test can
-check both the device discipline and the results.
+check both the device discipline and the results. `Meter` counts the bytes held on the device.
 
-It claims `meta`, not `cuda`: that keeps torch's CUDA-only kernel choices (flash SDPA and the like)
-out of the way, so code that branches on `device.type == "cuda"` is not exercised here.
+It claims `meta`, not `cuda` (a CPU build of torch cannot move a tensor to a CUDA device even in name),
+so code that branches on `device.type == "cuda"` is not exercised here. Attention runs the CPU's fused
+kernel, as a GPU runs its own: no score matrix is held, and the bits are the CPU's.
 """
 
 from __future__ import annotations
@@ -79,6 +80,16 @@ class _Constructors(TorchFunctionMode):
         if func in (torch.tensor, torch.as_tensor) and _is_standin(kwargs.get("device")):
             kwargs.pop("device")
             return func(*args, **kwargs).to(STANDIN)
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            # On a device of its own, torch's composite would take the math path and materialise the
+            # scores, which a GPU's flash / memory-efficient kernels never hold: run the CPU's fused
+            # kernel on the values (the same bits as the CPU) and hand the result back on the device.
+            tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            if any(isinstance(t, OnDevice) for t in tensors):
+                if any(not isinstance(t, OnDevice) and t.dim() > 0 for t in tensors):
+                    raise DeviceMismatch(f"Expected all tensors to be on the same device ({func.__name__})")
+                unwrap = lambda t: t.inner if isinstance(t, OnDevice) else t  # noqa: E731
+                return OnDevice(func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs)))
         return func(*args, **kwargs)
 
 

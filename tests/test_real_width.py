@@ -33,28 +33,6 @@ def wan_profile(folder: Path, model: Path, dtype: str, transformer: str = "") ->
     return folder / "profile.yaml"
 
 
-@pytest.fixture(scope="module")
-def wan13(tmp_path_factory) -> Path:
-    from mmpl_cli.tiny import build_wan_model
-
-    return build_wan_model(tmp_path_factory.mktemp("wan13") / "model", "wan2.1-1.3b", num_layers=2, seed=11)
-
-
-@pytest.fixture(scope="module")
-def wan14(wan13, tmp_path_factory) -> Path:
-    """The 14B transformer (one block) beside the same text encoder and VAE."""
-    from diffusers import WanTransformer3DModel
-
-    from mmpl_cli.tiny import WAN_TRANSFORMERS
-
-    dest = tmp_path_factory.mktemp("wan14") / "model"
-    shutil.copytree(wan13, dest, ignore=shutil.ignore_patterns("transformer"))
-    torch.manual_seed(14)
-    WanTransformer3DModel(**{**WAN_TRANSFORMERS["wan2.1-14b"], "num_layers": 1}).save_pretrained(
-        dest / "transformer", safe_serialization=True)
-    return dest
-
-
 def render(tmp: Path, profile: Path) -> tuple[np.ndarray, str]:
     from mmpl_cli.video import read_frames
 
@@ -89,7 +67,7 @@ def test_original_layout_pt_at_real_width_gives_the_folders_frames(wan13, float3
     name>": tensor}}) over a folder whose own transformer is another one renders the same frames."""
     from diffusers import WanTransformer3DModel
 
-    from mmpl_cli.tiny import WAN_TRANSFORMERS
+    from mmpl_cli.memory import WAN_TRANSFORMERS
 
     other = tmp_path / "other"
     shutil.copytree(wan13, other, ignore=shutil.ignore_patterns("transformer"))
