@@ -12,8 +12,9 @@ What it does, with random weights made here (no download):
    flash-attn is installed, with flash;
 3. checks that the cached context path agrees with recomputing the context in the same forward
    (the masked reference), within bfloat16's tolerance, on a populate stage-two group;
-4. prints per task kind: seconds and peak `torch.cuda.max_memory_allocated` (from the render's
-   event log), and the peak of each seeding mode, and writes them to --json.
+4. prints per task kind: seconds, peak `torch.cuda.max_memory_allocated` (from the render's event
+   log) beside the memory model's figure (mmpl_cli/memory.py), and the peak of each seeding mode,
+   and writes them to --json.
 
 Exit code 0 when every render finished and the agreement holds; the figures are for the README.
 """
@@ -73,7 +74,8 @@ def render(shots: Path, profile: Path, out: Path, seeding: str, device: str) -> 
     kinds: dict[str, dict[str, list[float]]] = {}
     for e in events:
         if e["event"] == "finished":
-            kind = e["task"].split("/")[-1]
+            _, segment, kind = (e["task"].split("/") + ["", ""])[:3] if e["task"].count("/") == 2 else ("", "", "stitch")
+            kind = "handover" if kind == "initial" and segment != "s000" else kind
             entry = kinds.setdefault(kind, {"seconds": [], "peak_gb": []})
             entry["seconds"].append(e["seconds"])
             if "peak_gb" in e:
@@ -82,6 +84,17 @@ def render(shots: Path, profile: Path, out: Path, seeding: str, device: str) -> 
                     "peak_gb": max(v["peak_gb"]) if v["peak_gb"] else None} for k, v in kinds.items()}
     peaks = [v["peak_gb"] for v in per_kind.values() if v["peak_gb"] is not None]
     return {"wall_s": round(wall, 2), "tasks": per_kind, "peak_gb": max(peaks) if peaks else None}
+
+
+def memory_model(profile: Path, model: Path, seeding: str, free_gb: float | None) -> dict:
+    """The memory model's peak per task kind for this profile and seeding, offloading as `auto` would."""
+    from mmpl_cli.memory import estimate
+    from mmpl_cli.profiles import load_profile
+
+    found = estimate(load_profile(str(profile)), model, free_gb)
+    offloaded = found["resident"][seeding]["peak_gb"] > free_gb if free_gb is not None else False
+    tasks = found["offloaded" if offloaded else "resident"][seeding]["tasks"]
+    return {kind: v["total_gb"] for kind, v in tasks.items()}
 
 
 def cache_agreement(model: Path, dtype: str, device: str) -> float:
@@ -123,14 +136,17 @@ def main() -> None:
     shots.write_text(SHOTS.format(steps=2 if args.smoke else 4, duration=9))  # 9 s: two segments
     result = {"device": torch.cuda.get_device_name(0) if not args.smoke else "cpu (smoke)", "torch": torch.__version__,
               "build_s": round(built_s, 1), "renders": {}}
+    free_gb = torch.cuda.mem_get_info(0)[0] / 1e9 if not args.smoke else None
     for attention, profile in profiles.items():
         for seeding in ("terminal", "midpoint"):
             name = f"{attention}/{seeding}"
             result["renders"][name] = render(shots, profile, work / name.replace("/", "-"), seeding, device)
             r = result["renders"][name]
+            predicted = memory_model(profile, model, seeding, free_gb)
+            r["model_gb"] = {kind: predicted.get(kind) for kind in r["tasks"]}
             print(f"{name}: {r['wall_s']} s, peak {r['peak_gb']} GB", flush=True)
             for kind, v in r["tasks"].items():
-                print(f"    {kind:<20} {v['seconds']:8.2f} s   peak {v['peak_gb']} GB")
+                print(f"    {kind:<20} {v['seconds']:8.2f} s   peak {v['peak_gb']} GB   memory model {predicted.get(kind)} GB")
     tolerance = 2e-2 if not args.smoke else 1e-4  # bfloat16 on the GPU; float32 on the CPU
     agreement = cache_agreement(model, "float32" if args.smoke else "bfloat16", device)
     result["cache_vs_recomputed_rel"] = agreement

@@ -214,7 +214,6 @@ def task_peaks(arch: Architecture, profile, seeding: str, offload: bool) -> dict
         if kind == "populate_stage_two" and seeding != "terminal":
             continue
         peaks[kind] = denoise(stages[kind].targets, stages[kind].sees, context)
-    anchor = layout.anchor(seeding)
     peaks["handover"] = Peak(with_vae, 0, max(int(VAE_DECODE_BYTES * arch.vae_base_dim * pixels),
                                                int(VAE_ENCODE_BYTES * arch.vae_base_dim * pixels)))
     peaks["decode"] = decode(layout.last_latent(seeding) + 1)
