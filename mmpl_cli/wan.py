@@ -14,8 +14,9 @@ lacks, installed into the loaded model:
 * `ContextCacheAttnProcessor` replaces every self-attention processor: it appends the visible
   cached keys/values to the group's own, and can record the group's keys/values into a cache.
 
-Outside `_active(...)` both behave exactly like diffusers' stock modules. Per-frame timesteps use
-diffusers' per-token timestep path (`timestep` of shape [B, tokens]).
+Outside `_active(...)` both behave exactly like diffusers' stock modules. One level for a whole
+input takes diffusers' per-sample timestep path; a level per frame takes its per-token path
+(`timestep` of shape [B, tokens]).
 
 Stops at tensors: knows nothing of shot lists, files in a render folder or ffmpeg.
 """
@@ -288,7 +289,14 @@ class Text:
 
 
 class WanBackend:
-    """Text encoding, VAE and `denoise` on one device; built from a Diffusers-format Wan folder."""
+    """Text encoding, VAE and `denoise` on one device; built from a Diffusers-format Wan folder.
+
+    The device rule: what goes in and what comes out of the backend lives on the CPU in float32
+    (noise, context latents, pixels, latents, flows); everything between lives on the model's
+    device, the sampler's state included, and crosses over once each way per call. `Text` is the
+    backend's own handle: its embeddings stay on the device. tests/test_device.py holds every call
+    to it on a stand-in device that refuses mixed-device operations as CUDA does.
+    """
 
     def __init__(self, pipe: WanPipeline, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  max_sequence_length: int = 512, offload: bool = False, attention: str = "native"):
