@@ -64,7 +64,7 @@ def render(shots: Path, profile: Path, out: Path, seeding: str, device: str) -> 
     """One render through the CLI; per task kind its seconds and peak memory from the event log."""
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "mmpl_cli", "render", str(shots), "--profile", str(profile),
-                           "--out", str(out), "--seeding", seeding, "--device", device],
+                           "--out", str(out), "--seeding", seeding, "--device", device, "--workers", "1"],
                           cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:

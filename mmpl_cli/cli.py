@@ -386,6 +386,7 @@ def plan(
 ) -> None:
     """Show segments, frames and tasks of every shot, and simulate the multi-GPU schedule with the
     profile's stage costs, without loading any weights."""
+    from mmpl_cli.memory import estimate, model_folder, profile_peaks
     from mmpl_cli.plan import plan_shot_list
     from mmpl_cli.request import RenderRequest, prepare
     from mmpl_cli.schedule import choose_seeding, draw_gantt, simulate
@@ -399,18 +400,13 @@ def plan(
                 plans = plan_shot_list(shot_list, prof, chosen)
         else:
             why = f"{seeding.value} seeding, as asked"
+        memory = estimate(prof, model_folder(prof), gpu_memory)
+        peak = profile_peaks(prof, model_folder(prof), gpu_memory).get(plans[0].seeding)
     except BaseException as exc:  # noqa: BLE001
         _fail(exc)
-    schedule = simulate(plans, gpus)
+    schedule = simulate(plans, gpus, peak_memory_gb=peak)
     if gantt is not None:
         draw_gantt(schedule, gantt)
-    from mmpl_cli.memory import estimate
-
-    try:
-        model_root = prof.resolve_model_path()
-    except Exception:  # noqa: BLE001 - only where the weights are: the named architecture serves without
-        model_root = None
-    memory = estimate(prof, model_root, gpu_memory)
     summary = {
         "shot_list": str(shots),
         "profile": prof.name,

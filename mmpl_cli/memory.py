@@ -129,10 +129,28 @@ def _safetensors_params(folder: Path) -> int:
     return total
 
 
+def _has_configs(root: Path | None) -> bool:
+    return root is not None and all((Path(root) / n / "config.json").exists() for n in ("transformer", "text_encoder", "vae"))
+
+
+def model_folder(profile) -> Path | None:
+    """Where the profile's weights would be, or None when its path cannot be resolved here."""
+    try:
+        return profile.resolve_model_path()
+    except Exception:  # noqa: BLE001 - an unresolvable path only means: use the named architecture
+        return None
+
+
 def architecture_of(profile, root: Path | None) -> Architecture | None:
-    """The model folder's architecture, or the profile's named one when its weights are elsewhere."""
-    if root is not None and all((Path(root) / n / "config.json").exists() for n in ("transformer", "text_encoder", "vae")):
-        return Architecture.from_folder(root)
+    """The model folder's architecture, or the profile's named one when its weights are elsewhere.
+    A folder whose configs do not parse is bad input (InputError), as loading it would be."""
+    if _has_configs(root):
+        try:
+            return Architecture.from_folder(root)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            from mmpl_cli.errors import InputError, Problem
+
+            raise InputError(Problem(str(root), None, "model.path", f"cannot read the model's configs: {exc}")) from None
     name = getattr(profile, "architecture", None)
     return Architecture.named(name) if name else None
 
@@ -214,6 +232,8 @@ def task_peaks(arch: Architecture, profile, seeding: str, offload: bool) -> dict
         if kind == "populate_stage_two" and seeding != "terminal":
             continue
         peaks[kind] = denoise(stages[kind].targets, stages[kind].sees, context)
+    # the text encoder's visit: offloaded, it comes to the device beside the transformer to encode a prompt
+    peaks["encode_text"] = Peak(transformer + encoder + (0 if offload else vae), 0, 0, text)
     peaks["handover"] = Peak(with_vae, 0, max(int(VAE_DECODE_BYTES * arch.vae_base_dim * pixels),
                                                int(VAE_ENCODE_BYTES * arch.vae_base_dim * pixels)))
     peaks["decode"] = decode(layout.last_latent(seeding) + 1)
@@ -249,14 +269,13 @@ def estimate(profile, root: Path | None, free_gb: float | None = None) -> dict |
         else:  # auto: offloaded when the resident peak would not fit; with no GPU in view, the least it needs
             off = free_gb is None or resident[seeding]["peak_gb"] > free_gb
         chosen[seeding] = offloaded[seeding]["peak_gb"] if off else resident[seeding]["peak_gb"]
-    from_folder = root is not None and (Path(root) / "transformer" / "config.json").exists()
-    return {"architecture": str(root) if from_folder else profile.architecture,
+    return {"architecture": str(root) if _has_configs(root) else profile.architecture,
             "resident": resident, "offloaded": offloaded, "peak_gb": chosen}
 
 
 def resident_peak_gb(profile, root: Path | None, seeding: str) -> float | None:
     """The peak with the text encoder and VAE on the device: what `offload: auto` compares with the
-    GPU's free memory (the profile's `memory_gb` where it sets one)."""
+    GPU's free memory. A profile's `memory_gb` means the peak as it will run, so it stands here too."""
     if seeding in profile.memory_gb:
         return profile.memory_gb[seeding]
     found = estimate(profile, root)
@@ -266,12 +285,5 @@ def resident_peak_gb(profile, root: Path | None, seeding: str) -> float | None:
 def profile_peaks(profile, root: Path | None = None, free_gb: float | None = None) -> dict[str, float]:
     """Peak GB per seeding mode: the profile's `memory_gb` where it sets them, else the memory model
     (for the folder at `root`, or the profile's own, or its named architecture); {} when unknown."""
-    if profile.memory_gb:
-        return dict(profile.memory_gb)
-    if root is None:
-        try:
-            root = profile.resolve_model_path()
-        except Exception:  # noqa: BLE001 - an unresolvable path only means: use the named architecture
-            root = None
-    found = estimate(profile, root, free_gb)
-    return found["peak_gb"] if found else {}
+    found = estimate(profile, root if root is not None else model_folder(profile), free_gb)
+    return {**(found["peak_gb"] if found else {}), **profile.memory_gb}

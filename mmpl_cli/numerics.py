@@ -17,8 +17,9 @@ twice over, and one thread per worker with `--workers N` is the fastest way to u
 the same bits (benchmarks/threads.py; figures in benchmarks/README.md).
 
 What is not controlled here, and so not promised: another CPU model (its instruction set picks other
-kernels), another GPU model, another torch, diffusers or oneDNN build. Those are recorded too, and a
-worker that differs in any of them says so.
+kernels), another GPU model, another torch or diffusers version (oneDNN comes with torch). Those are
+recorded too, and a worker that differs in any of them says so. A folder made before the record
+existed gets it from the first worker that resumes it.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def requested_threads(env: dict[str, str] | None = None) -> int:
     raw = (os.environ if env is None else env).get(THREADS_ENV, "").strip()
     if not raw:
         return DEFAULT_CPU_THREADS
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_CPU_THREADS:
+    if not (raw.isascii() and raw.isdecimal()) or not 1 <= int(raw) <= MAX_CPU_THREADS:
         raise InputError(Problem("", None, THREADS_ENV, f"expected a whole number from 1 to {MAX_CPU_THREADS}, found {raw!r}",
                                  "unset it to use the default, 1 thread per worker"))
     return int(raw)
@@ -70,8 +71,10 @@ def environment(device) -> dict:
     import torch
 
     device = torch.device(device)
+    import diffusers
+
     here = {"cpu_threads": requested_threads(), "device_type": device.type, "cpu": _cpu_model(),
-            "torch": torch.__version__}
+            "torch": torch.__version__, "diffusers": diffusers.__version__}
     if device.type == "cuda":
         here["gpu"] = torch.cuda.get_device_name(device)
     return here
@@ -90,7 +93,7 @@ def check_record(record, path) -> dict:
 def differences(recorded: dict, here: dict) -> list[str]:
     """What differs between the folder's record and this worker, beyond the thread count it applies."""
     return [f"{key} {here.get(key)!r} (the folder's first worker: {recorded.get(key)!r})"
-            for key in ("device_type", "gpu", "cpu", "torch") if recorded.get(key) != here.get(key)]
+            for key in ("device_type", "gpu", "cpu", "torch", "diffusers") if recorded.get(key) != here.get(key)]
 
 
 @contextlib.contextmanager

@@ -324,7 +324,7 @@ def free_gpu_memory_gb() -> list[float] | None:
     """Free memory of every visible GPU, or None without one."""
     if not torch.cuda.is_available():
         return None
-    return [torch.cuda.mem_get_info(i)[0] / 2**30 for i in range(torch.cuda.device_count())]
+    return [torch.cuda.mem_get_info(i)[0] / 1e9 for i in range(torch.cuda.device_count())]  # GB, as memory.py
 
 
 def _versions() -> dict[str, str]:
@@ -413,7 +413,8 @@ def load_backend(profile, root: Path, device: str, seeding: str) -> WanBackend:
         root, device=device, dtype=profile.dtype, max_sequence_length=profile.max_sequence_length,
         checkpoint=profile.resolve_checkpoint(), checkpoint_key=ckpt.key if ckpt else "auto",
         checkpoint_naming=ckpt.naming if ckpt else "auto", attention=profile.attention,
-        offload=profile.offload, memory_gb=resident_peak_gb(profile, root, seeding))
+        offload=profile.offload,
+        memory_gb=resident_peak_gb(profile, root, seeding) if profile.offload == "auto" and device != "cpu" else None)
 
 
 def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | None = None,

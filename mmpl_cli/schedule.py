@@ -100,9 +100,11 @@ class Schedule:
         }
 
 
-def simulate(plans: list[ShotPlan], devices: int, keys: dict[str, tuple] | None = None) -> Schedule:
+def simulate(plans: list[ShotPlan], devices: int, keys: dict[str, tuple] | None = None,
+             peak_memory_gb: float | None = None) -> Schedule:
     """List scheduling: whenever a device is free, it takes the ready task of highest priority
-    (`keys`, by default the tuned priorities for this many devices)."""
+    (`keys`, by default the tuned priorities for this many devices). `peak_memory_gb` is only
+    reported (memory.profile_peaks computes it; it reads the model's configs, so not in here)."""
     if devices < 1:
         raise ValueError("need at least one device")
     tasks: dict[str, tuple[Task, ShotPlan, int]] = {}
@@ -149,9 +151,8 @@ def simulate(plans: list[ShotPlan], devices: int, keys: dict[str, tuple] | None 
         task = tasks[tid][0]
         longest[tid] = cost[tid] + max((longest[d] for d in task.deps), default=0.0)
     seeding = plans[0].seeding if plans else "terminal"
-    memory = profile_peaks(plans[0].profile).get(seeding) if plans else None
     return Schedule(devices=devices, seeding=seeding, makespan_s=now, total_work_s=sum(cost.values()),
-                    critical_path_s=max(longest.values(), default=0.0), peak_memory_gb=memory, slots=slots)
+                    critical_path_s=max(longest.values(), default=0.0), peak_memory_gb=peak_memory_gb, slots=slots)
 
 
 def tuned_priorities(plans: list[ShotPlan], devices: int, budget: int = 300_000) -> dict[str, tuple]:

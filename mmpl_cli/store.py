@@ -165,25 +165,29 @@ class RenderStore:
         return check_record(self._first_decision(path.name, proposed), path)
 
     def _first_decision(self, name: str, proposed: dict) -> dict:
-        """First writer wins: record `proposed` in .mmpl/<name> unless a record exists (O_EXCL),
-        and return the record that holds for the folder."""
+        """First writer wins: record `proposed` in .mmpl/<name> unless a record exists, and return
+        the record that holds for the folder. The record is written whole under a temporary name
+        and linked into place (link fails if the name exists), so no worker ever reads half of one."""
         path = self.meta / name
         with _disk_errors(path):
             path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._tmp_for(path)
             try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                for _ in range(50):  # the winner may still be writing it
+                with open(tmp, "w") as fh:
+                    json.dump(proposed, fh)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
                     try:
                         record = json.loads(path.read_text())
-                        return record if isinstance(record, dict) else {}
                     except ValueError:
-                        time.sleep(0.05)
-                return {}  # still not JSON: the caller's check says what that means
-            with os.fdopen(fd, "w") as fh:
-                json.dump(proposed, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
+                        return {}  # not JSON: the caller's check says what that means
+                    return record if isinstance(record, dict) else {}
+                _fsync_dir(path.parent)
+            finally:
+                tmp.unlink(missing_ok=True)
         return proposed
 
     def restart(self, shot_ids: list[str]) -> None:

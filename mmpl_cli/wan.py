@@ -256,7 +256,7 @@ def resolve_attention(name: str, device: torch.device, dtype: torch.dtype) -> st
 
 def decide_offload(mode: str, device: torch.device, memory_gb: float | None) -> bool:
     """Keep the text encoder and VAE on the CPU between uses: `always`, or with `auto` on a GPU whose
-    free memory is below the profile's peak estimate for the whole pipeline."""
+    free memory (GB) is below `memory_gb`, the memory model's peak with everything resident."""
     if mode == "never" or device.type != "cuda":
         return False
     if mode == "always":

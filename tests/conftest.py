@@ -59,7 +59,8 @@ def shots_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def reference_dir(shots_file, tiny_model_dir, tmp_path_factory) -> Path:
     """The render folder of one uninterrupted single-worker render of SHOTS (copy it; don't change it),
-    made with torch's default thread count (every core): the worker tests launch with others."""
+    launched with OMP_NUM_THREADS unset (torch's default, every core); the worker tests launch with
+    other settings, and every one of them must run its tasks with the folder's recorded count."""
     out = tmp_path_factory.mktemp("reference")
     proc = run_cli("render", str(shots_file), "--out", str(out), "--model-path", str(tiny_model_dir),
                    env={"OMP_NUM_THREADS": None, "MMPL_CPU_THREADS": None})

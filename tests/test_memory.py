@@ -59,8 +59,10 @@ def test_14b_at_832x480_fits_an_80_gb_card_and_reproduces_table_11(tmp_path):
     assert stage_two["cache_gb"] <= 38.4 * 1.05  # one copy per text: 15 latents x 1560 tokens x 5120 x 2 B x K,V x 40 layers x 2
     # everything resident would not fit an 80 GB card; offload: auto then keeps the text encoder off it
     assert memory["resident"]["terminal"]["peak_gb"] > 79 >= memory["offloaded"]["terminal"]["peak_gb"]
-    terminal, midpoint = runs["terminal"]["peak_memory_gb"], runs["midpoint"]["peak_memory_gb"]
-    assert terminal <= 76 and midpoint < terminal
+    assert runs["terminal"]["peak_memory_gb"] == memory["offloaded"]["terminal"]["peak_gb"] <= 76
+    # Table 11's setting keeps the text encoder off the GPU: the same ordering, within 15%
+    terminal, midpoint = (memory["offloaded"][s]["peak_gb"] for s in ("terminal", "midpoint"))
+    assert midpoint < terminal
     assert terminal == pytest.approx(68.16, rel=0.15) and midpoint == pytest.approx(55.17, rel=0.15)
 
 

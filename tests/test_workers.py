@@ -64,7 +64,10 @@ def _render(shots_file, tiny_model_dir, out, env: dict, *extra: str) -> subproce
 
 
 # Every test below launches its workers with another OMP_NUM_THREADS than the plain reference render
-# (which runs with torch's default, every core): a thread count that changed the bits would show.
+# (launched with it unset). Each must run its tasks with the folder's recorded thread count (the
+# event log says which) and give the reference's bits: on a CPU whose kernels round by thread count
+# (the machine) the bits would differ without that; on one that does not (ours), the
+# recorded count still shows the mechanism at work.
 
 
 @pytest.mark.parametrize("threads", ["1", "3"])
