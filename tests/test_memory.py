@@ -96,6 +96,10 @@ def _measured(root, width: int, height: int) -> tuple[dict[str, int], dict[str, 
         Meter.reset()
         backend.decode(lat(layout.latents))
         measured["decode"] = Meter.peak - weights
+        gc.collect()
+        Meter.reset()  # the hand-over: decode the anchor after the first latents, encode the tail
+        backend.encode(backend.decode(lat(4))[:, -profile.pixel_frames(len(layout.initial)):])
+        measured["handover"] = Meter.peak - weights
     return measured, {"weights": weights, "model": task_peaks(Architecture.from_folder(root), profile, "terminal", False)}
 
 
