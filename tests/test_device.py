@@ -15,13 +15,13 @@ from standin import OnDevice, StandInDevice
 
 # Every strategy, noise search, image-to-video, hand-overs (2 segments each) and the storyboard.
 SHOTS = """version: 1
-defaults: {steps: 3, seed: 5}
+defaults: {steps: 2, seed: 5}
 shots:
-  - {id: m, prompt: "a red ball", duration: 9, search: 2, search_steps: 1}
-  - {id: i, prompt: "a red ball", duration: 6, init_image: still.png}
+  - {id: m, prompt: "a red ball", duration: 6, search: 2, search_steps: 1}
+  - {id: i, prompt: "a red ball", duration: 3, init_image: still.png}
   - {id: f, prompt: "a red ball", duration: 5, strategy: full}
-  - {id: w, prompt: "a red ball", duration: 9, strategy: sliding-window, search: 2, search_steps: 1}
-  - {id: p, prompt: "a red ball", duration: 9, strategy: progressive}
+  - {id: w, prompt: "a red ball", duration: 6, strategy: sliding-window, search: 2, search_steps: 1}
+  - {id: p, prompt: "a red ball", duration: 6, strategy: progressive}
 """
 
 
