@@ -1,6 +1,6 @@
 """Does macro-from-micro planning drift less than extending a video window by window? The same
 prompts, rendered for the same length on the same model with each strategy and with MMPL's two
-boundary fixes switched off, measured with `mmpl eval` (seeds/001 Table 5, 13, 14).
+boundary fixes switched off, measured with `mmpl eval` (the MMPL paper, Table 5, 13, 14).
 
     python benchmarks/drift.py                      # 5 prompts x 60 s on the embedded default
     python benchmarks/drift.py --prompts 2 --duration 20 --variants mmpl sliding-window

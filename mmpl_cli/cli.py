@@ -386,7 +386,7 @@ def plan(
 ) -> None:
     """Show segments, frames and tasks of every shot, and simulate the multi-GPU schedule with the
     profile's stage costs, without loading any weights."""
-    from mmpl_cli.memory import estimate, model_folder, profile_peaks
+    from mmpl_cli.memory import estimate, model_folder
     from mmpl_cli.plan import plan_shot_list
     from mmpl_cli.request import RenderRequest, prepare
     from mmpl_cli.schedule import choose_seeding, draw_gantt, simulate
@@ -401,7 +401,7 @@ def plan(
         else:
             why = f"{seeding.value} seeding, as asked"
         memory = estimate(prof, model_folder(prof), gpu_memory)
-        peak = profile_peaks(prof, model_folder(prof), gpu_memory).get(plans[0].seeding)
+        peak = {**(memory["peak_gb"] if memory else {}), **prof.memory_gb}.get(plans[0].seeding)  # as profile_peaks
     except BaseException as exc:  # noqa: BLE001
         _fail(exc)
     schedule = simulate(plans, gpus, peak_memory_gb=peak)
