@@ -20,7 +20,7 @@ from dataclasses import replace
 import torch
 
 from mmpl_cli.procedural import COLOURS, SIZES, Scene, render_scene, scene_from_seed
-from mmpl_cli.train import group_for, to_model_pixels
+from mmpl_cli.recipe import group_for, to_model_pixels
 from mmpl_cli.wan import ContextGroup
 from tiny_backend import tiny_backend
 
@@ -67,7 +67,7 @@ def main() -> int:
             clean = z[:, list(targets)]
             noises = [torch.randn(clean.shape, generator=gen) for _ in sigmas]  # the same for every caption
             for name, caption in swapped(scene).items():
-                evaluate = backend._recomputing_evaluator(targets, sees, context_groups, [backend.encode_text(caption)])
+                evaluate = backend.reference_evaluator(targets, sees, context_groups, [backend.encode_text(caption)])
                 for sigma, noise in zip(sigmas, noises):
                     with torch.no_grad():
                         flow = evaluate((1 - sigma) * clean + sigma * noise, torch.tensor(sigma * 1000.0), 0)

@@ -33,7 +33,8 @@ from importlib.util import find_spec
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHOTS = "version: 1\ndefaults: {{steps: {steps}, seed: 7}}\nshots:\n  - {{id: check, prompt: \"a red boat on a grey sea at dawn\", duration: {duration}}}\n"
+SHOTS = ("version: 1\ndefaults: {{steps: {steps}, seed: 7}}\nshots:\n"
+         "  - {{id: check, prompt: \"a red boat on a grey sea at dawn\", duration: {duration}}}\n")
 
 
 def build(folder: Path, smoke: bool) -> tuple[Path, Path]:

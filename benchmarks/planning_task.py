@@ -93,7 +93,8 @@ def main() -> None:
         return time.perf_counter() - start
 
     backends = ["native"] + (["flash"] if device.type == "cuda" and find_spec("flash_attn") and dtype != torch.float32 else [])
-    results = {"arch": args.arch, "size": args.size, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    results = {"arch": args.arch, "size": args.size,
+               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "dtype": args.dtype, "steps": args.steps, "tokens_per_latent": tokens_per_latent, "backends": {}}
     from diffusers.utils import logging as diffusers_logging
 

@@ -1,4 +1,4 @@
-"""`mmpl eval`: how much a video drifts, measured on its hue (seeds/001 Table 5, 13, 14).
+"""`mmpl eval`: how much a video drifts, measured on its hue (MMPL paper, Table 5, 13, 14).
 
 Every comparison of two frames is made on their H channel (HSV hue): the hue histogram of each frame
 (36 bins of 10 degrees centred on 0, 10, 20 ..., normalised to sum 1), then
@@ -101,7 +101,7 @@ def evaluate_video(path: Path, segments_from: Path | None = None) -> dict:
     try:
         _, fps = count_frames(path)
         frames = read_frames(path)
-    except Exception as exc:  # ffmpeg could not read it: bad input, not a crash
+    except Exception as exc:  # noqa: BLE001 - ffmpeg could not read it: bad input, not a crash
         raise InputError(Problem(str(path), None, "VIDEO", f"expected a video ffmpeg can read ({exc})")) from None
     if len(frames) == 0:
         raise InputError(Problem(str(path), None, "VIDEO", "the video has no frames"))

@@ -1,22 +1,33 @@
-"""How this process takes part in a render: which worker it is, on which device, and whether it
-starts more workers. Reads the environment that torchrun / accelerate launch and SLURM set.
+"""How this process takes part in a render: which worker it is, on which device, which workers it
+starts, and which signals it forwards. Reads the environment torchrun / accelerate launch and SLURM set.
 
 * torchrun / accelerate launch (RANK, LOCAL_RANK, WORLD_SIZE): this process is one worker; its
   local rank picks its GPU (cuda:LOCAL_RANK), or it runs on the CPU when there is none;
 * a SLURM array task (SLURM_ARRAY_TASK_ID), or a plain `mmpl render`: one worker per visible GPU,
-  or `--workers N` on the CPU; with more than one, this process starts them as child processes.
+  or `--workers N` on the CPU; with more than one, this process starts them as child processes
+  (`--as-worker`), each on GPU i of the visible ones, and forwards the signals it gets to them.
 
 However it was launched, a worker runs its tasks with the render folder's CPU thread count
 (numerics.py), not with the OMP_NUM_THREADS its launcher set: the bits must not depend on it.
-
 Every worker runs the same render against the same folder; they cooperate through its claims.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import signal
 import socket
+import subprocess
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from mmpl_cli.control import Interrupted, StopFlag
+from mmpl_cli.errors import EXIT_INTERRUPTED, InputError, MMPLError, Problem
+from mmpl_cli.numerics import oversubscription
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # each stops a render cleanly (exit 3)
 
 
 @dataclass(frozen=True)
@@ -40,3 +51,120 @@ def detect(env: dict[str, str] | None = None) -> Launch:
                       team=int(env.get("SLURM_ARRAY_TASK_COUNT", "1")))
     return Launch("plain", f"{host}:{os.getpid()}")
 
+
+@dataclass(frozen=True)
+class Role:
+    """What this process does in the render."""
+
+    launch: Launch
+    name: str  # its worker name (or, when it starts workers, their names' prefix)
+    workers: int  # worker processes it runs: 1 is itself; more are child processes
+    team: int  # workers expected on the whole render: task priorities are tuned for that many
+    device: str  # the device it renders on ("auto" resolved to a GPU where one is its own)
+    as_worker: bool = False  # started by another mmpl process
+
+    @property
+    def log_prefix(self) -> str | None:
+        """Workers, launcher ranks and array tasks prefix their log lines with their name."""
+        return self.name if self.launch.mode != "plain" or self.as_worker else None
+
+
+def _gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _own_gpu(device: str, index: int) -> str:
+    """`auto` with GPUs visible: the index-th one (round robin); anything else as asked."""
+    if device != "auto":
+        return device
+    gpus = _gpus()
+    return f"cuda:{index % gpus}" if gpus else device
+
+
+def role(device: str, workers: int | None, as_worker: str | None, threads: int,
+         warn: Callable[[str], None], env: dict[str, str] | None = None) -> Role:
+    """Who this process is: a worker started by another mmpl process, a torchrun / accelerate rank,
+    or the process a user (or SLURM) started, which runs `--workers` (default: one per GPU) workers."""
+    env = dict(os.environ if env is None else env)
+    launch = detect(env)
+    if as_worker is not None:
+        index = int(env.get("MMPL_WORKER_INDEX", "0"))
+        return Role(launch, as_worker, 1, int(env.get("MMPL_WORKERS", "1")), _own_gpu(device, index), True)
+    if launch.mode == "distributed":
+        if launch.local_rank == 0 and (warning := oversubscription(threads, launch.local_world_size or 1)):
+            warn(warning)
+        return Role(launch, launch.name, 1, launch.team, _own_gpu(device, launch.local_rank))
+    count = workers or max(1, _gpus())  # one per GPU: only then does this process need torch
+    if count > 1 and (warning := oversubscription(threads, count)):
+        warn(warning)
+    return Role(launch, launch.name, count, count * launch.team, device)
+
+
+def check_restart(role: Role, restart: bool) -> None:
+    """--restart erases the folder's work: only a lone process the user started may do that."""
+    if restart and role.launch.mode != "plain" and not role.as_worker:
+        raise InputError(Problem("", None, "--restart",
+                                 f"--restart under {role.launch.mode} would let workers erase each other's work",
+                                 "run `mmpl render --restart` once on its own, or delete the folder"))
+
+
+def forward_signals(stop: StopFlag, children: list[subprocess.Popen], say: Callable[[str], None]) -> None:
+    """SIGINT, SIGTERM and SIGUSR1 set the stop flag (checked between denoising steps) and are passed
+    on to the workers this process started; a second signal stops at once (writes are atomic)."""
+
+    def on_signal(signum, frame):
+        name = signal.Signals(signum).name
+        for child in children:
+            child.send_signal(signum)
+        if stop.reason is not None:
+            raise Interrupted(f"stopped by {name}")
+        stop.request(name)
+        say(f"{name} received, stopping after the current step")
+
+    for sig in SIGNALS:
+        signal.signal(sig, on_signal)
+
+
+def run_workers(request, role: Role, claim_timeout: float, children: list[subprocess.Popen], threads: int) -> None:
+    """Start the role's workers as child processes of this render and wait for all of them. Each
+    worker runs its tasks with the folder's thread count (numerics.py); OMP_NUM_THREADS only sizes
+    its pool until then. A signal reaches them through forward_signals."""
+    base = [sys.executable, "-m", "mmpl_cli", "render", *request.render_args(), "--claim-timeout", str(claim_timeout)]
+    for i in range(role.workers):
+        env = {**os.environ, "MMPL_WORKER_INDEX": str(i), "MMPL_WORKERS": str(role.team),
+               "OMP_NUM_THREADS": str(threads)}
+        children.append(subprocess.Popen(base + ["--as-worker", f"{role.name}/w{i}"], env=env))
+    codes = [child.wait() for child in children]
+    if EXIT_INTERRUPTED in codes:
+        raise Interrupted("stopped")
+    if any(codes):
+        raise MMPLError(f"{sum(1 for c in codes if c)} of {len(codes)} workers failed (their messages are above)")
+
+
+def run(checked, role: Role, restart: bool, claim_timeout: float, threads: int, stop: StopFlag,
+        children: list[subprocess.Popen]) -> list:
+    """Render as this role: as the one worker, or by starting the role's workers and waiting for
+    them. Returns the shots' videos."""
+    check_restart(role, restart)
+    if role.workers > 1:
+        if restart:
+            from mmpl_cli.store import RenderStore
+
+            RenderStore(checked.out).restart([p.shot.id for p in checked.plans])
+        run_workers(dataclasses.replace(checked.request, out=checked.out), role, claim_timeout, children, threads)
+        if stop.reason is not None:
+            raise Interrupted(f"stopped by {stop.reason}")
+        return [checked.out / f"{p.shot.id}.mp4" for p in checked.plans]
+    from mmpl_cli.control import Worker
+    from mmpl_cli.progress import render_progress
+    from mmpl_cli.runtime import render
+
+    if role.device != checked.request.device:  # a worker's own GPU
+        checked = dataclasses.replace(checked, request=dataclasses.replace(checked.request, device=role.device))
+    progress = render_progress(role.log_prefix)
+    try:
+        return render(checked, progress, stop, Worker(name=role.name, claim_timeout=claim_timeout, team=role.team))
+    finally:
+        progress.close()

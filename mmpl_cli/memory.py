@@ -29,6 +29,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmpl_cli.terms import GROUPS, SEEDINGS, Kind, Seeding
+
 GB = 1e9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -225,18 +227,18 @@ def task_peaks(arch: Architecture, profile, seeding: str, offload: bool) -> dict
         return Peak(with_vae, 0, int(VAE_DECODE_BYTES * arch.vae_base_dim * pixels) + 3 * frames * pixels * 4)
 
     layout = profile.layout
-    stages = layout.stages()
-    peaks = {"initial": denoise(layout.initial, (), [])}
-    for kind, context in (("plan", ["initial"]), ("populate_stage_one", ["initial", "plan"]),
-                          ("populate_stage_two", ["initial", "plan", "populate_stage_one"])):
-        if kind == "populate_stage_two" and seeding != "terminal":
+    stages = layout.groups()
+    peaks = {Kind.INITIAL: denoise(layout.initial, (), [])}
+    for i, kind in enumerate(GROUPS[1:], 1):  # each group with the groups made before it as context
+        context = list(GROUPS[:i])
+        if kind == Kind.POPULATE_TWO and seeding != Seeding.TERMINAL:
             continue
         peaks[kind] = denoise(stages[kind].targets, stages[kind].sees, context)
     # the text encoder's visit: offloaded, it comes to the device beside the transformer to encode a prompt
     peaks["encode_text"] = Peak(transformer + encoder + (0 if offload else vae), 0, 0, text)
     peaks["handover"] = Peak(with_vae, 0, max(int(VAE_DECODE_BYTES * arch.vae_base_dim * pixels),
                                                int(VAE_ENCODE_BYTES * arch.vae_base_dim * pixels)))
-    peaks["decode"] = decode(layout.last_latent(seeding) + 1)
+    peaks[Kind.DECODE] = decode(layout.last_latent(seeding) + 1)
     n = layout.latents
     peaks["full"] = Peak(resident, 0, forward_bytes(arch, n * per_latent, 0, profile.max_sequence_length, profile.dtype), text)
     return peaks
@@ -245,7 +247,7 @@ def task_peaks(arch: Architecture, profile, seeding: str, offload: bool) -> dict
 def seeding_peaks(arch: Architecture, profile, offload: bool) -> dict[str, dict]:
     """Per seeding mode: its peak (the largest task's) and every task kind's, for `mmpl plan`."""
     out = {}
-    for seeding in ("terminal", "midpoint"):
+    for seeding in SEEDINGS:
         peaks = task_peaks(arch, profile, seeding, offload)
         mmpl_kinds = {k: v for k, v in peaks.items() if k != "full"}
         worst = max(mmpl_kinds, key=lambda k: mmpl_kinds[k].total)
@@ -263,7 +265,7 @@ def estimate(profile, root: Path | None, free_gb: float | None = None) -> dict |
         return None
     resident, offloaded = seeding_peaks(arch, profile, False), seeding_peaks(arch, profile, True)
     chosen = {}
-    for seeding in ("terminal", "midpoint"):
+    for seeding in SEEDINGS:
         if profile.offload in ("always", "never"):
             off = profile.offload == "always"
         else:  # auto: offloaded when the resident peak would not fit; with no GPU in view, the least it needs

@@ -24,16 +24,15 @@ from dataclasses import dataclass
 from mmpl_cli.errors import InputError, Problem
 from mmpl_cli.profiles import Profile, Sampler
 from mmpl_cli.shotlist import Shot, ShotList
+from mmpl_cli.terms import GROUPS, LATENT_KINDS, SEEDINGS, WINDOW_KIND, Kind, Seeding, Strategy
 
-SEEDINGS = ["terminal", "midpoint"]
 # sliding-window (the CausVid / SkyReels-style baseline): each window after the first is conditioned
 # on the previous window's last SLIDING_CONTEXT latents, reused as they are (no VAE re-encode)
 SLIDING_CONTEXT = 5
-# progressive (PA-VDM, seeds/004): latents move through a window in chunks of PROGRESSIVE_CHUNK, one
+# progressive (PA-VDM, Sec. 3.1-3.2, chunked as in its Sec. 4.1): latents move through a window in
+# chunks of PROGRESSIVE_CHUNK, one
 # noise level apart, with one clean chunk kept in front; segments are cut as sliding-window's are
 PROGRESSIVE_CHUNK = 2
-# the task that makes all latents of a segment, for the strategies that have one
-WINDOW_KIND = {"full": "full", "sliding-window": "window", "progressive": "progressive"}
 
 
 def progressive_levels(latents: int, steps: int) -> int:
@@ -46,7 +45,7 @@ def progressive_levels(latents: int, steps: int) -> int:
 class Task:
     id: str  # "<shot>/s000/plan"; stable across runs and machines
     shot: str
-    kind: str  # initial | plan | populate_stage_one | populate_stage_two | full | window | progressive | decode | stitch
+    kind: Kind
     segment: int | None
     deps: tuple[str, ...]
 
@@ -86,7 +85,7 @@ class ShotPlan:
     def plan_content_boundaries(self) -> list[int]:
         """Frames of a segment (its own numbering) where planning latents meet content latents: the
         first frame after each such edge (latent i holds frames 4i-3 .. 4i, latent 0 frame 0)."""
-        if self.strategy != "mmpl":
+        if self.strategy != Strategy.MMPL:
             return []
         layout = self.profile.layout
         planning = set(layout.initial) | set(layout.plan.targets)
@@ -147,16 +146,16 @@ def plan_shot(shot: Shot, profile: Profile, seeding: str, shot_list_path: str = 
     layout = profile.layout
     frames = max(1, round(shot.duration * profile.fps))
     overlap = profile.pixel_frames(len(layout.initial))
-    if shot.strategy == "full":
+    if shot.strategy == Strategy.FULL:
         window = profile.segment_frames
         if frames > window:
             raise InputError(Problem(
                 shot_list_path, shot.line, f"{shot.id}.duration",
                 f"the 'full' strategy renders one window of {window} frames ({window / profile.fps:g} s at "
                 f"{profile.fps} fps), found {shot.duration:g} s", "use strategy 'mmpl' for longer shots"))
-        seeding = "terminal"
-    elif shot.strategy in ("sliding-window", "progressive"):
-        window, overlap, seeding = profile.segment_frames, profile.pixel_frames(SLIDING_CONTEXT), "terminal"
+        seeding = Seeding.TERMINAL
+    elif shot.strategy in (Strategy.SLIDING_WINDOW, Strategy.PROGRESSIVE):
+        window, overlap, seeding = profile.segment_frames, profile.pixel_frames(SLIDING_CONTEXT), Seeding.TERMINAL
     else:
         window = profile.pixel_frames(layout.last_latent(seeding) + 1)
 
@@ -177,31 +176,28 @@ def plan_shot(shot: Shot, profile: Profile, seeding: str, shot_list_path: str = 
         def tid(kind: str, k: int = k) -> str:
             return segment_task_id(shot.id, k, kind)
 
-        if shot.strategy == "full":
-            tasks.append(Task(tid("full"), shot.id, "full", k, ()))
-            latent_tasks = [tid("full")]
-        elif shot.strategy in ("sliding-window", "progressive"):  # a chain: each task goes on from the last
+        if shot.strategy == Strategy.FULL:
+            tasks.append(Task(tid(Kind.FULL), shot.id, Kind.FULL, k, ()))
+            latent_tasks = [tid(Kind.FULL)]
+        elif shot.strategy in (Strategy.SLIDING_WINDOW, Strategy.PROGRESSIVE):  # a chain: each task goes on from the last
             kind = WINDOW_KIND[shot.strategy]
             tasks.append(Task(tid(kind), shot.id, kind, k, (tid(kind, k - 1),) if k else ()))
             latent_tasks = [tid(kind)]
         else:
             # The hand-over reads the previous segment's initial and planning latents (the macro chain).
-            handover = (segment_task_id(shot.id, k - 1, "initial"), segment_task_id(shot.id, k - 1, "plan")) if k else ()
-            tasks.append(Task(tid("initial"), shot.id, "initial", k, handover))
-            tasks.append(Task(tid("plan"), shot.id, "plan", k, (tid("initial"),)))
-            tasks.append(Task(tid("populate_stage_one"), shot.id, "populate_stage_one", k,
-                              (tid("initial"), tid("plan"))))
-            latent_tasks = [tid("initial"), tid("plan"), tid("populate_stage_one")]
-            if seeding == "terminal":
-                tasks.append(Task(tid("populate_stage_two"), shot.id, "populate_stage_two", k,
-                                  (tid("initial"), tid("plan"), tid("populate_stage_one"))))
-                latent_tasks.append(tid("populate_stage_two"))
-        tasks.append(Task(tid("decode"), shot.id, "decode", k, tuple(latent_tasks)))
-        decodes.append(tid("decode"))
-    tasks.append(Task(f"{shot.id}/stitch", shot.id, "stitch", None, tuple(decodes)))
+            handover = (segment_task_id(shot.id, k - 1, Kind.INITIAL), segment_task_id(shot.id, k - 1, Kind.PLAN)) if k else ()
+            tasks.append(Task(tid(Kind.INITIAL), shot.id, Kind.INITIAL, k, handover))
+            # each group reads every group of its segment made before it
+            groups = GROUPS if seeding == Seeding.TERMINAL else GROUPS[:-1]
+            for i, kind in enumerate(groups[1:], 1):
+                tasks.append(Task(tid(kind), shot.id, kind, k, tuple(tid(g) for g in groups[:i])))
+            latent_tasks = [tid(g) for g in groups]
+        tasks.append(Task(tid(Kind.DECODE), shot.id, Kind.DECODE, k, tuple(latent_tasks)))
+        decodes.append(tid(Kind.DECODE))
+    tasks.append(Task(f"{shot.id}/{Kind.STITCH}", shot.id, Kind.STITCH, None, tuple(decodes)))
 
     sampler = profile.sampler.with_overrides(shot.sampler_overrides)
-    if sampler.search > 1 and shot.strategy in ("full", "progressive"):
+    if sampler.search > 1 and shot.strategy in (Strategy.FULL, Strategy.PROGRESSIVE):
         raise InputError(Problem(
             shot_list_path, shot.line, f"{shot.id}.search",
             f"noise search picks among candidate noises for groups that have clean context (strategies mmpl and "
@@ -224,9 +220,6 @@ def plan_shot_list(shot_list: ShotList, profile: Profile, seeding: str) -> list[
     return plans
 
 
-
-
-LATENT_KINDS = ("initial", "plan", "populate_stage_one", "populate_stage_two", "full", "window", "progressive")
 
 
 def _digest(value) -> str:
@@ -255,21 +248,21 @@ def task_hashes(plan: ShotPlan, model_fingerprint: str, init_image_digest: str |
     for task in plan.tasks:
         parts: dict = {"kind": task.kind, "deps": [hashes[d] for d in task.deps]}
         seg = plan.segments[task.segment] if task.segment is not None else None
-        if task.kind == "initial" and task.segment > 0:
+        if task.kind == Kind.INITIAL and task.segment > 0:
             parts.update(model=model, anchor=list(profile.layout.anchor(plan.seeding)))  # VAE hand-over only
             if profile.handover != "reencode":  # the ablation (kept out of the default's hash: old folders resume)
                 parts.update(handover=profile.handover)
-        elif task.kind == "initial" and init_image_digest is not None:
+        elif task.kind == Kind.INITIAL and init_image_digest is not None:
             parts.update(model=model, init_image=init_image_digest)
         elif task.kind in LATENT_KINDS:
             parts.update(model=model, prompt=seg.prompt, negative_prompt=plan.shot.negative_prompt,
                          sampler=sampler, noise_seed=seg.noise_seed)
-            if task.kind == "window":
+            if task.kind == Kind.WINDOW:
                 parts.update(context=SLIDING_CONTEXT)
-            if task.kind == "progressive":
+            if task.kind == Kind.PROGRESSIVE:
                 parts.update(context=SLIDING_CONTEXT, chunk=PROGRESSIVE_CHUNK,
                              levels=progressive_levels(profile.layout.latents, plan.sampler.steps))
-        elif task.kind == "decode":
+        elif task.kind == Kind.DECODE:
             parts.update(model=model, keep=[seg.keep_from, seg.keep_to], fps=plan.fps,
                          last_latent=profile.layout.last_latent(plan.seeding))
         else:  # stitch

@@ -21,9 +21,9 @@ COLOURS = {
     "cyan": (35, 195, 205), "blue": (45, 70, 225), "magenta": (200, 45, 195),
 }
 SHAPES = ("circle", "square", "triangle")
-# Diameter as a fraction of the frame height. A tiny VAE trained on 0.18 and 0.32 lost or smeared
-# the moving shapes of half the clips (direction kept in 6 of 12 round trips); trained on these sizes,
-# 10 of 12 (benchmarks/vae_roundtrip.py).
+# Diameter as a fraction of the frame height. Why these sizes: a tiny VAE trained on smaller shapes
+# lost or smeared the moving ones in about half its round trips; with these, most keep their
+# direction (benchmarks/vae_roundtrip.py; the figures of each run are in dev/LOG.md).
 SIZES = {"small": 0.25, "large": 0.4}
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 SPEED = 0.012  # of the frame width per frame: about a third of the frame per 2 s at 16 fps

@@ -14,6 +14,7 @@ from pathlib import Path
 from mmpl_cli.errors import InputError, Problem
 from mmpl_cli.memory import WAN_TRANSFORMERS
 from mmpl_cli.yamlio import Fields, Located, load_yaml
+from mmpl_cli.terms import DTYPES, GROUPS, SEEDINGS, Kind, Seeding
 
 BUILTIN_PREFIX = "builtin:"
 # What a Diffusers-format Wan folder must hold for us to load it (diffusers' own layout).
@@ -24,7 +25,6 @@ REQUIRED_MODEL_FILES = {
     "tokenizer": ["tokenizer_config.json"],
 }
 SCHEDULERS = ["unipc", "euler"]
-DTYPES = ["float32", "bfloat16", "float16"]
 # diffusers attention backends that need nothing from the network (its *_hub backends download
 # kernels); "auto" is flash-attn on a GPU in half precision when the `flash` extra is installed.
 ATTENTION_BACKENDS = ["auto", "native", "flash", "flash_varlen", "_flash_3", "flex", "sage", "xformers",
@@ -57,7 +57,7 @@ class Sampler:
     steps: int = 50
     shift: float = 5.0  # flow-matching timestep shift
     guidance: float = 5.0  # classifier-free guidance scale; 1.0 turns CFG off
-    search: int = 1  # k-step noise search (seeds/002): candidate noises per group; 1 turns it off
+    search: int = 1  # k-step noise search (the k-step noise search paper): candidate noises per group; 1 turns it off
     search_steps: int = 2  # denoising steps each candidate runs before they are compared
 
     def with_overrides(self, overrides: dict) -> "Sampler":
@@ -65,7 +65,7 @@ class Sampler:
 
 
 @dataclass(frozen=True)
-class Stage:
+class Group:
     """One group of a segment: the latents it denoises and the clean latents it may attend to."""
 
     targets: tuple[int, ...]
@@ -74,33 +74,30 @@ class Stage:
 
 @dataclass(frozen=True)
 class Layout:
-    """The index groups of one segment (seeds/001 App. C.2); latent indices inside a segment."""
+    """The index groups of one segment (MMPL paper, App. C.2); latent indices inside a segment."""
 
     latents: int  # latents per segment (21 for Wan's 81-frame window)
     initial: tuple[int, ...]  # the initial group, handed over from the previous segment
-    plan: Stage  # micro plan: early, midpoint and terminal planning latents, jointly
-    populate_stage_one: Stage
-    populate_stage_two: Stage
+    plan: Group  # micro plan: early, midpoint and terminal planning latents, jointly
+    populate_stage_one: Group
+    populate_stage_two: Group
     terminal_anchor: tuple[int, ...]  # planning latents that seed the next segment (terminal seeding)
     midpoint_anchor: tuple[int, ...]  # ... (mid-point seeding)
 
-    def stages(self) -> dict[str, Stage]:
-        return {
-            "plan": self.plan,
-            "populate_stage_one": self.populate_stage_one,
-            "populate_stage_two": self.populate_stage_two,
-        }
+    def groups(self) -> dict[str, Group]:
+        """The groups denoised against context, by kind (the initial group is made from text or handed over)."""
+        return {Kind.PLAN: self.plan, Kind.POPULATE_ONE: self.populate_stage_one, Kind.POPULATE_TWO: self.populate_stage_two}
 
-    def group(self, kind: str) -> Stage:
+    def group(self, kind: str) -> Group:
         """The latents a group makes and those it attends to; the initial group attends to nothing."""
-        return Stage(self.initial, ()) if kind == "initial" else self.stages()[kind]
+        return Group(self.initial, ()) if kind == Kind.INITIAL else self.groups()[kind]
 
     def anchor(self, seeding: str) -> tuple[int, ...]:
-        return self.terminal_anchor if seeding == "terminal" else self.midpoint_anchor
+        return self.terminal_anchor if seeding == Seeding.TERMINAL else self.midpoint_anchor
 
     def last_latent(self, seeding: str) -> int:
         """The last latent that is populated: mid-point seeding never fills what follows the midpoint."""
-        return self.latents - 1 if seeding == "terminal" else max(self.midpoint_anchor)
+        return self.latents - 1 if seeding == Seeding.TERMINAL else max(self.midpoint_anchor)
 
 
 @dataclass(frozen=True)
@@ -254,13 +251,13 @@ def _indices(f: Fields, mapping: Located, key: str, prefix: str, latents: int) -
     return tuple(sorted(out))
 
 
-def _stage(f: Fields, layout: Located, key: str, latents: int) -> Stage:
+def _group(f: Fields, layout: Located, key: str, latents: int) -> Group:
     m = f.get(layout, key, "layout", "mapping", required=True)
     if m is None:
-        return Stage((), ())
+        return Group((), ())
     prefix = f"layout.{key}"
     f.unknown_keys(m, {"targets", "sees"}, prefix)
-    return Stage(_indices(f, m, "targets", prefix, latents), _indices(f, m, "sees", prefix, latents))
+    return Group(_indices(f, m, "targets", prefix, latents), _indices(f, m, "sees", prefix, latents))
 
 
 def parse_profile(data, file: str, problems: list[Problem]) -> Profile | None:
@@ -323,9 +320,9 @@ def parse_profile(data, file: str, problems: list[Problem]) -> Profile | None:
     layout = Layout(
         latents=latents,
         initial=_indices(f, lay, "initial", "layout", latents),
-        plan=_stage(f, lay, "plan", latents),
-        populate_stage_one=_stage(f, lay, "populate_stage_one", latents),
-        populate_stage_two=_stage(f, lay, "populate_stage_two", latents),
+        plan=_group(f, lay, "plan", latents),
+        populate_stage_one=_group(f, lay, "populate_stage_one", latents),
+        populate_stage_two=_group(f, lay, "populate_stage_two", latents),
         terminal_anchor=_indices(f, lay, "terminal_anchor", "layout", latents),
         midpoint_anchor=_indices(f, lay, "midpoint_anchor", "layout", latents),
     )
@@ -338,9 +335,8 @@ def parse_profile(data, file: str, problems: list[Problem]) -> Profile | None:
         alpha = None  # ablation: every populating latent starts from its own noise
     handover = f.get(root, "handover", "", "str", default="reencode", choices=list(HANDOVERS))
 
-    costs = _number_map(f, root, "costs", ["initial", "plan", "populate_stage_one", "populate_stage_two",
-                                           "handover", "decode"])
-    memory = _number_map(f, root, "memory_gb", ["terminal", "midpoint"])
+    costs = _number_map(f, root, "costs", [*map(str, GROUPS), "handover", str(Kind.DECODE)])
+    memory = _number_map(f, root, "memory_gb", list(SEEDINGS))
 
     return Profile(
         name=name, source=file, description=description, model_path=model_path, model_path_env=path_env,
@@ -395,7 +391,7 @@ def _check_layout(f: Fields, lay: Located, layout: Layout) -> None:
     if sorted(flat) != list(range(layout.latents)):
         f.add(line, "layout", f"expected the groups to cover latents 0..{layout.latents - 1} exactly once")
     available = set(layout.initial)
-    for key, stage in layout.stages().items():
+    for key, stage in layout.groups().items():
         early = set(stage.sees) - available
         if early:
             f.add(line, f"layout.{key}.sees", f"latents {sorted(early)} are not generated before this stage")

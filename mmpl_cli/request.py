@@ -15,6 +15,7 @@ from mmpl_cli.errors import InputError, Problem
 from mmpl_cli.plan import ShotPlan, plan_shot_list
 from mmpl_cli.profiles import GPU_ATTENTION, Profile, load_profile
 from mmpl_cli.shotlist import ShotList, load_shot_list
+from mmpl_cli.terms import Seeding
 from mmpl_cli.store import RenderStore
 
 
@@ -73,7 +74,7 @@ def prepare(request: RenderRequest) -> tuple[ShotList, Profile, list[ShotPlan]]:
                               if not p.file else p for p in exc.problems])
         raise exc from None
     # 'auto' is settled on the device (free memory); both modes validate alike, so plan terminal here
-    plans = plan_shot_list(shot_list, profile, "terminal" if request.seeding == "auto" else request.seeding)
+    plans = plan_shot_list(shot_list, profile, Seeding.TERMINAL if request.seeding == "auto" else request.seeding)
     return shot_list, profile, plans
 
 
@@ -120,7 +121,7 @@ def check_attention(profile: Profile, device: str) -> None:
 
 def image_digests(shot_list) -> dict[str, str]:
     """Content hash of every init image, reading each fully (an unreadable image fails here, early)."""
-    from mmpl_cli.store import sha256_file
+    from mmpl_cli.files import sha256_file
 
     out, problems = {}, []
     for shot in shot_list.shots:

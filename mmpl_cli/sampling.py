@@ -66,7 +66,7 @@ def sample(model_fn: ModelFn, x: torch.Tensor, scheduler, callback: StepCallback
 
 
 def blend_edge_noise(noise: torch.Tensor, targets: Sequence[int], anchors: set[int], alpha: float) -> torch.Tensor:
-    """Noise initialization at planning-to-content boundaries (seeds/001 App. G, Eq. 14).
+    """Noise initialization at planning-to-content boundaries (MMPL paper, App. G, Eq. 14).
 
     `noise` holds one noise latent per latent index of the segment, [C, F, H, W]. For each edge of
     a contiguous run of `targets` whose two neighbours outside the run are planning latents

@@ -1,4 +1,4 @@
-"""Adaptive workload scheduling (seeds/001 Sec. 3.3): task priorities and a simulation of the schedule.
+"""Adaptive workload scheduling (MMPL paper, Sec. 3.3): task priorities and a simulation of the schedule.
 
 Pure: plans and stage costs in, a schedule out. The same priorities order the real workers:
 the planning chain (initial frames, hand-overs, micro plans) first, because it is the critical
@@ -20,22 +20,23 @@ from pathlib import Path
 
 from mmpl_cli.errors import InputError, Problem
 from mmpl_cli.memory import profile_peaks
-from mmpl_cli.plan import WINDOW_KIND, ShotPlan, Task
+from mmpl_cli.plan import ShotPlan, Task
 from mmpl_cli.profiles import Profile
+from mmpl_cli.terms import GROUPS, WINDOW_KIND, Kind, Seeding
 
-CHAIN = ("initial", "plan", "window", "progressive")
-KIND_ORDER = {"initial": 0, "plan": 1, "full": 1, "window": 1, "progressive": 1, "populate_stage_one": 2, "populate_stage_two": 3,
-              "decode": 4, "stitch": 5}
+CHAIN = (Kind.INITIAL, Kind.PLAN, Kind.WINDOW, Kind.PROGRESSIVE)
+KIND_ORDER = {Kind.INITIAL: 0, Kind.PLAN: 1, Kind.FULL: 1, Kind.WINDOW: 1, Kind.PROGRESSIVE: 1, Kind.POPULATE_ONE: 2,
+              Kind.POPULATE_TWO: 3, Kind.DECODE: 4, Kind.STITCH: 5}
 
 
 def task_cost(plan: ShotPlan, task: Task) -> float:
     """Seconds for a task on the profile's reference device (profile `costs`)."""
     costs = plan.profile.costs
-    if task.kind == "initial":
+    if task.kind == Kind.INITIAL:
         first_from_text = task.segment == 0 and plan.shot.init_image is None
-        return costs.get("initial", 0.0) if first_from_text else costs.get("handover", 0.0)
+        return costs.get(Kind.INITIAL, 0.0) if first_from_text else costs.get("handover", 0.0)
     if task.kind in WINDOW_KIND.values():
-        return sum(costs.get(k, 0.0) for k in ("initial", "plan", "populate_stage_one", "populate_stage_two"))
+        return sum(costs.get(k, 0.0) for k in GROUPS)
     return costs.get(task.kind, 0.0)
 
 
@@ -150,7 +151,7 @@ def simulate(plans: list[ShotPlan], devices: int, keys: dict[str, tuple] | None 
     for tid in tasks:  # plans list tasks in dependency order
         task = tasks[tid][0]
         longest[tid] = cost[tid] + max((longest[d] for d in task.deps), default=0.0)
-    seeding = plans[0].seeding if plans else "terminal"
+    seeding = plans[0].seeding if plans else Seeding.TERMINAL
     return Schedule(devices=devices, seeding=seeding, makespan_s=now, total_work_s=sum(cost.values()),
                     critical_path_s=max(longest.values(), default=0.0), peak_memory_gb=peak_memory_gb, slots=slots)
 
@@ -191,13 +192,13 @@ def tuned_priorities(plans: list[ShotPlan], devices: int, budget: int = 300_000)
     return ordered(free)
 
 
-COLOURS = {"initial": (90, 90, 90), "plan": (214, 39, 40), "populate_stage_one": (31, 119, 180),
-           "populate_stage_two": (44, 160, 44), "decode": (148, 103, 189), "stitch": (140, 86, 75),
+COLOURS = {Kind.INITIAL: (90, 90, 90), Kind.PLAN: (214, 39, 40), Kind.POPULATE_ONE: (31, 119, 180),
+           Kind.POPULATE_TWO: (44, 160, 44), Kind.DECODE: (148, 103, 189), Kind.STITCH: (140, 86, 75),
            "full": (255, 127, 14), "window": (255, 127, 14), "progressive": (255, 127, 14)}
 
 
 def draw_gantt(schedule: Schedule, path: Path, width: int = 1400) -> Path:
-    """Tasks per device over time, coloured by stage and labelled by segment (like seeds/001 Fig. 6)."""
+    """Tasks per device over time, coloured by stage and labelled by segment (like MMPL paper, Fig. 6)."""
     from PIL import Image, ImageDraw
 
     row, top, left, right = 44, 40, 80, 20
@@ -240,17 +241,18 @@ def choose_seeding(profile: Profile, free_gb: list[float] | None, root: Path | N
     fits on every GPU, mid-point when only that fits (the MMPL paper, App. E.3); otherwise a clear
     error that says what would fit."""
     if not free_gb:
-        return "terminal", "no GPU: terminal seeding (highest throughput)"
+        return Seeding.TERMINAL, "no GPU: terminal seeding (highest throughput)"
     smallest = min(free_gb)
     peaks = profile_peaks(profile, root, smallest)
-    terminal, midpoint = peaks.get("terminal"), peaks.get("midpoint")
+    terminal, midpoint = peaks.get(Seeding.TERMINAL), peaks.get(Seeding.MIDPOINT)
     if terminal is None:
-        return "terminal", f"no memory estimate for {profile.name} (no model folder, no model.architecture): terminal seeding"
+        return Seeding.TERMINAL, (f"no memory estimate for {profile.name} (no model folder, no model.architecture): "
+                                  "terminal seeding")
     if terminal <= smallest:
-        return "terminal", (f"terminal seeding: needs about {terminal:g} GB, "
+        return Seeding.TERMINAL, (f"terminal seeding: needs about {terminal:g} GB, "
                             f"the smallest of {len(free_gb)} GPU(s) has {smallest:.1f} GB free")
     if midpoint is not None and midpoint <= smallest:
-        return "midpoint", (f"mid-point seeding: terminal needs about {terminal:g} GB but the smallest of "
+        return Seeding.MIDPOINT, (f"mid-point seeding: terminal needs about {terminal:g} GB but the smallest of "
                             f"{len(free_gb)} GPU(s) has {smallest:.1f} GB free; mid-point needs about {midpoint:g} GB")
     raise InputError(Problem(profile.source, None, "memory_gb",
                              f"neither seeding fits: terminal needs about {terminal:g} GB, mid-point about "

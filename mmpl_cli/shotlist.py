@@ -20,10 +20,10 @@ from pathlib import Path
 
 from mmpl_cli.errors import InputError, Problem
 from mmpl_cli.profiles import SAMPLER_KEYS, sampler_overrides
+from mmpl_cli.terms import STRATEGIES, Strategy
 from mmpl_cli.yamlio import Fields, Located, load_yaml
 
 SHOT_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,99}$")
-STRATEGIES = ["mmpl", "full", "sliding-window", "progressive"]
 DEFAULT_KEYS = {"profile", "seed", "negative_prompt", "strategy"} | SAMPLER_KEYS
 SHOT_KEYS = {"id", "prompt", "prompts", "duration", "seed", "negative_prompt", "init_image", "strategy"} | SAMPLER_KEYS
 MAX_SEED = 2**63 - 1
@@ -96,7 +96,7 @@ def parse_shot_list(data, path: Path, problems: list[Problem]) -> ShotList | Non
     profile = f.get(defaults, "profile", "defaults", "str", default="tiny")
     default_seed = f.get(defaults, "seed", "defaults", "int", default=0, minimum=0, maximum=MAX_SEED)
     default_negative = f.get(defaults, "negative_prompt", "defaults", "str", default="")
-    default_strategy = f.get(defaults, "strategy", "defaults", "str", default="mmpl", choices=STRATEGIES)
+    default_strategy = f.get(defaults, "strategy", "defaults", "str", default=Strategy.MMPL.value, choices=list(STRATEGIES))
     default_sampler = sampler_overrides(f, defaults, "defaults")
 
     shots_raw = f.get(root, "shots", "", "list", required=True, default=[])
@@ -134,7 +134,7 @@ def _parse_shot(f: Fields, m: Located, prefix: str, path: Path, default_seed: in
     duration = f.get(m, "duration", prefix, "float", required=True, exclusive_minimum=0.0, maximum=24 * 3600)
     seed = f.get(m, "seed", prefix, "int", default=default_seed, minimum=0, maximum=MAX_SEED)
     negative = f.get(m, "negative_prompt", prefix, "str", default=default_negative)
-    strategy = f.get(m, "strategy", prefix, "str", default=default_strategy, choices=STRATEGIES)
+    strategy = f.get(m, "strategy", prefix, "str", default=default_strategy, choices=list(STRATEGIES))
     sampler = {**default_sampler, **sampler_overrides(f, m, prefix)}
 
     prompts: list[PromptChange] = []

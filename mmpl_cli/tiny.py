@@ -79,7 +79,8 @@ def build_wan_model(dest: Path, arch: str, num_layers: int = 1, text_layers: int
     """A Diffusers-format folder of a released architecture (memory.WAN_TRANSFORMERS) at its real
     width: the transformer of `arch`, UMT5-XXL's encoder and the Wan2.1 VAE (diffusers' defaults), with
     `num_layers` transformer blocks and `text_layers` encoder layers (tests cut the depth so a CPU can
-    run them), random weights saved in float32. The tokenizer is byte-level (the real one's vocabulary of 256,384 would be most of the memory)."""
+    run them), random weights saved in float32. The tokenizer is byte-level (the real one's vocabulary
+    of 256,384 would be most of the memory)."""
     dest = Path(dest)
     torch.manual_seed(seed)
     tokenizer = byte_tokenizer()

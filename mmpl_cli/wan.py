@@ -100,7 +100,7 @@ class ContextCache:
         self._writing: slice | None = None  # token range of the group being recorded
 
     def begin(self, frames: Sequence[int]) -> None:
-        """The next `_forward` records the group at `frames`: the next slots, in this order."""
+        """The next `forward_at` records the group at `frames`: the next slots, in this order."""
         expected = self.frames[self.recorded:self.recorded + len(frames)]
         if list(frames) != expected:
             raise ValueError(f"recording frames {list(frames)}, expected {expected}")
@@ -249,7 +249,8 @@ def resolve_attention(name: str, device: torch.device, dtype: torch.dtype) -> st
                                  f"attention backend '{name}' needs bfloat16 or float16 weights, the profile's dtype is {dtype}",
                                  "set model.dtype to bfloat16, or model.attention to native"))
     if name in GPU_ATTENTION and device.type != "cuda":
-        raise InputError(Problem("", None, "model.attention", f"attention backend '{name}' needs a CUDA GPU, the device is {device}",
+        raise InputError(Problem("", None, "model.attention",
+                                 f"attention backend '{name}' needs a CUDA GPU, the device is {device}",
                                  "set model.attention to auto or native"))
     return name
 
@@ -290,6 +291,17 @@ class Text:
 
 class WanBackend:
     """Text encoding, VAE and `denoise` on one device; built from a Diffusers-format Wan folder.
+
+    Its contract, what the rest of mmpl calls:
+
+    * `text`, `encode_text`, `encode`, `decode`: prompts to embeddings, pixels to latents and back;
+    * `denoise(noise, frames, sees, context, text, sampler)`: a group from noise, against clean
+      context groups cached once (the render's path; `flow_at_levels` for per-latent noise levels);
+    * `forward_at(x, frames, t, text)`: one transformer evaluation at explicit frame positions
+      (training, tests and benchmarks);
+    * `reference_evaluator(frames, sees, context, texts)`: the same group's model in one masked pass
+      over context and targets, without a cache: what the cached path must equal, and what
+      training runs on batches.
 
     The device rule: what goes in and what comes out of the backend lives on the CPU in float32
     (noise, context latents, pixels, latents, flows); everything between lives on the model's
@@ -428,7 +440,7 @@ class WanBackend:
 
     # -- the primitive ---------------------------------------------------------------------
 
-    def _forward(self, x: torch.Tensor, frames: Sequence[int], t: torch.Tensor | float, text: torch.Tensor,
+    def forward_at(self, x: torch.Tensor, frames: Sequence[int], t: torch.Tensor | float, text: torch.Tensor,
                  context: CacheView | None = None, record_into: ContextCache | None = None,
                  attn_mask: torch.Tensor | None = None, frame_timesteps: torch.Tensor | None = None) -> torch.Tensor:
         """One transformer evaluation of latents x [C, F, H, W] at frame positions `frames` (or of a
@@ -462,7 +474,7 @@ class WanBackend:
         tokens = (context[0].latents.shape[-2] // p_h) * (context[0].latents.shape[-1] // p_w) if context else 0
         cache = ContextCache(len(self.transformer.blocks), [f for g in context for f in g.frames], tokens)
         for group in context:
-            self._forward(group.latents, group.frames, 0.0, text, context=cache.visible(group.sees), record_into=cache)
+            self.forward_at(group.latents, group.frames, 0.0, text, context=cache.visible(group.sees), record_into=cache)
         return cache
 
     @torch.no_grad()
@@ -482,12 +494,12 @@ class WanBackend:
         # 2. Prepare the context: one cache per text, cond and uncond see different text
         texts = [text.cond] + ([text.uncond] if text.uncond is not None and sampler.guidance != 1.0 else [])
         if recompute_context:
-            evaluate = self._recomputing_evaluator(frames, sees, context, texts)
+            evaluate = self.reference_evaluator(frames, sees, context, texts)
         else:  # one cache per text, each holding its tokens once; the views below are slices of them
             views = [self.build_cache(context, emb).visible(sees) for emb in texts]
 
             def evaluate(x: torch.Tensor, t: torch.Tensor, which: int) -> torch.Tensor:
-                return self._forward(x, frames, t, texts[which], context=views[which])
+                return self.forward_at(x, frames, t, texts[which], context=views[which])
 
         # 3. Denoise
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -504,10 +516,10 @@ class WanBackend:
         each sit at their own timestep (`timesteps` [F]), every frame seeing every other: one round of
         progressive denoising."""
         texts = [text.cond] + ([text.uncond] if text.uncond is not None and guidance != 1.0 else [])
-        flows = [self._forward(x, range(x.shape[1]), 0.0, emb, frame_timesteps=timesteps) for emb in texts]
+        flows = [self.forward_at(x, range(x.shape[1]), 0.0, emb, frame_timesteps=timesteps) for emb in texts]
         return guided(flows[0], flows[1] if len(flows) > 1 else None, guidance).cpu()
 
-    def _recomputing_evaluator(self, frames, sees, context, texts):
+    def reference_evaluator(self, frames, sees, context, texts):
         """Reference path: [context groups..., targets] in one pass, visibility by attention mask (training
         also passes batches: context latents and x [B, C, F, H, W], texts [B, tokens, dim])."""
         groups = [(tuple(g.frames), set(g.sees)) for g in context] + [(tuple(frames), set(sees))]
@@ -524,7 +536,7 @@ class WanBackend:
             mask = allowed.repeat_interleave(per_frame, 0).repeat_interleave(per_frame, 1)[None, None]
             t = torch.as_tensor(t, dtype=torch.float32)  # one level, or one per batch sample
             steps = torch.cat([context_steps.expand(*t.shape, -1), t[..., None].expand(*t.shape, len(frames))], dim=-1)
-            out = self._forward(torch.cat([*clean, x.to(self.device, torch.float32)], dim=-3), all_frames, t, texts[which],
+            out = self.forward_at(torch.cat([*clean, x.to(self.device, torch.float32)], dim=-3), all_frames, t, texts[which],
                                 attn_mask=mask.to(self.device), frame_timesteps=steps)
             return out[..., -len(frames):, :, :]
 

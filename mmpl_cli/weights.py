@@ -73,7 +73,8 @@ def _select(path: Path, raw, key: str) -> tuple[dict[str, torch.Tensor], str]:
             return prefixed, f"keys under '{key}.'"
         entries = [k for k, v in raw.items() if _is_state_dict(v)]
         raise _problem(path, f"no state dict under '{key}'",
-                       f"entries that hold one: {', '.join(entries)}" if entries else "the file is one flat state dict: use key: auto")
+                       f"entries that hold one: {', '.join(entries)}" if entries
+                       else "the file is one flat state dict: use key: auto")
     for name in ENTRY_KEYS:
         if _is_state_dict(raw.get(name)):
             return raw[name], f"entry '{name}'"

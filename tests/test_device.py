@@ -32,7 +32,7 @@ def _latents(out):
 
 
 def _render(shots, out, model, device):
-    from mmpl_cli.render import render
+    from mmpl_cli.runtime import render
     from mmpl_cli.request import RenderRequest, check
 
     checked = check(RenderRequest(shots=shots, out=out, model_path=str(model), device=device, storyboard=True))
@@ -98,10 +98,10 @@ def test_training_step_on_another_device(tiny_model_dir):
         z = backend.vae.config.z_dim
         text = backend.prompt_embeds(["a red ball", "a blue cube"])
         clean = ContextGroup(torch.randn(2, z, 2, 8, 12), (0, 1), ())
-        evaluate = backend._recomputing_evaluator((2, 3), (0, 1), [clean], [text])
+        evaluate = backend.reference_evaluator((2, 3), (0, 1), [clean], [text])
         target = torch.randn(2, z, 2, 8, 12)
         loss = (evaluate(torch.randn(2, z, 2, 8, 12), torch.tensor([300.0, 700.0]), 0) - target.to(device)).pow(2).mean()
-        levels = backend._forward(torch.randn(2, z, 3, 8, 12), range(3), 0.0, text,
+        levels = backend.forward_at(torch.randn(2, z, 3, 8, 12), range(3), 0.0, text,
                                   frame_timesteps=torch.tensor([[0.0, 400.0, 800.0], [100.0, 500.0, 900.0]]))
         loss = loss + levels.pow(2).mean()
         loss.backward()

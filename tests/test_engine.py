@@ -28,7 +28,7 @@ def test_primitive_without_context_equals_diffusers_forward(backend, t):
     text = backend.encode_text("a red ball")
     expected = backend.transformer(hidden_states=x[None], timestep=torch.tensor([t]), encoder_hidden_states=text,
                                    return_dict=False)[0][0]
-    ours = backend._forward(x, list(range(21)), t, text)
+    ours = backend.forward_at(x, list(range(21)), t, text)
     assert ours.shape == expected.shape
     assert (ours - expected).abs().max().item() <= 1e-5
 
@@ -37,8 +37,8 @@ def test_explicit_frame_positions_change_the_output(backend):
     """Frame indices must reach RoPE: the same latents at other positions attend differently."""
     x = _latents(3, 1)
     text = backend.encode_text("a red ball")
-    at_start = backend._forward(x, [0, 1, 2], 500.0, text)
-    spread = backend._forward(x, [0, 10, 20], 500.0, text)
+    at_start = backend.forward_at(x, [0, 1, 2], 500.0, text)
+    spread = backend.forward_at(x, [0, 10, 20], 500.0, text)
     assert (at_start - spread).abs().max().item() > 1e-3
 
 
@@ -82,7 +82,7 @@ def test_the_context_cache_holds_each_token_once_and_hands_out_views(backend):
 
 
 def test_visibility_list_hides_the_terminal_plan_in_populate_stage_one(backend):
-    """Stage one hides 19-20 (seeds/001 App. C.2): the cached path must match the masked reference with
+    """Stage one hides 19-20 (MMPL paper, App. C.2): the cached path must match the masked reference with
     them hidden, and differ from letting them be seen."""
     (initial, plan, _), _ = _populate_stage_two_inputs()
     text = backend.text("a harbour", "", 1.0)
@@ -104,11 +104,11 @@ def test_a_training_batch_equals_its_samples_one_at_a_time(backend):
     texts = [backend.encode_text("a red ball"), backend.encode_text("a blue square")]
     x, t = torch.stack([_latents(6, 7), _latents(6, 8)]), torch.tensor([900.0, 80.0])
     targets = tuple(range(13, 19))
-    together = backend._recomputing_evaluator(targets, sees, batched, [torch.cat(texts)])(x, t, 0)
+    together = backend.reference_evaluator(targets, sees, batched, [torch.cat(texts)])(x, t, 0)
     assert together.shape == x.shape
     for i in range(2):
         alone = [ContextGroup(g.latents[i], g.frames, g.sees) for g in batched]
-        expected = backend._recomputing_evaluator(targets, sees, alone, [texts[i]])(x[i], t[i], 0)
+        expected = backend.reference_evaluator(targets, sees, alone, [texts[i]])(x[i], t[i], 0)
         assert (together[i] - expected).abs().max().item() <= 1e-5
 
 
@@ -118,7 +118,7 @@ def test_full_strategy_equals_diffusers_wan_pipeline(tiny_model_dir, backend, tm
                 negative_prompt="blurry", init_image=None, strategy="full", sampler_overrides={"steps": 4}, line=1)
     plan = plan_shot(shot, profile, "terminal")
     runner = ShotRunner(backend, plan, RenderStore(tmp_path))
-    ours = runner.run(plan.tasks[0], {})["latents"]
+    ours = runner.run(plan.tasks[0], {}).latents
 
     # diffusers' own pipeline, loaded fresh from the same folder (no mmpl modules installed)
     pipe = WanPipeline(
@@ -181,16 +181,16 @@ def test_noise_search_keeps_the_candidate_nearest_the_context_in_colour(backend,
     runner, plan = _sliding_runner(backend, tmp_path, search=3, search_steps=1)
     first = runner.run(plan.tasks[0], {})  # window 0 has no context: no search
     plain, _ = _sliding_runner(backend, tmp_path)
-    assert torch.equal(first["latents"], plain.run(plan.tasks[0], {})["latents"])
+    assert torch.equal(first.latents, plain.run(plan.tasks[0], {}).latents)
 
     results = {plan.tasks[0].id: first}
     window = next(t for t in plan.tasks if t.kind == "window" and t.segment == 1)
-    chosen = runner.run(window, results)["latents"][:, 5:]
+    chosen = runner.run(window, results).latents[:, 5:]
     # by hand: every candidate's first step, scored against the 5 context latents
-    context = [ContextGroup(first["latents"][:, -5:], tuple(range(5)), ())]
-    text, sampler = runner._text(1), plan.sampler
+    context = [ContextGroup(first.latents[:, -5:], tuple(range(5)), ())]
+    text, sampler = runner.text(1), plan.sampler
     sigma = float(make_scheduler(sampler).sigmas[1])
-    candidates = [runner._noise(1, c)[:, 5:] for c in range(3)]
+    candidates = [runner.noise(1, c)[:, 5:] for c in range(3)]
     scores = [search_score(backend.denoise(n, tuple(range(5, 21)), tuple(range(5)), context, text, sampler,
                                            stop_after=1), sigma, context[0].latents) for n in candidates]
     best = min(range(3), key=scores.__getitem__)
@@ -233,7 +233,7 @@ def test_progressive_tasks_equal_one_uninterrupted_progressive_run(backend, tmp_
     # so it runs rounds 0-12 (chunk 10, latents 20-21, is clean after round 10 + 3 - 1); segment 1
     # needs latents 16-36 and runs rounds 13-20 (chunk 18). A round's new noise is its segment's.
     levels, c, shift, guidance = 3, 2, plan.sampler.shift, plan.sampler.guidance
-    text = runner._text(0)
+    text = runner.text(0)
     window: list[list] = []  # [chunk latents, its noise level]
     stream = []
     for r in range(21):
@@ -249,8 +249,8 @@ def test_progressive_tasks_equal_one_uninterrupted_progressive_run(backend, tmp_
             stream.append(window[0][0])
     stream = torch.cat(stream, dim=1)
     assert stream.shape[1] == 38
-    assert torch.equal(results["pg/s000/progressive"]["latents"], stream[:, 0:21])
-    assert torch.equal(results["pg/s001/progressive"]["latents"], stream[:, 16:37])
+    assert torch.equal(results["pg/s000/progressive"].latents, stream[:, 0:21])
+    assert torch.equal(results["pg/s001/progressive"].latents, stream[:, 16:37])
     assert stream.abs().max() < 100  # finite, not blown up
 
 

@@ -1,4 +1,4 @@
-"""Adaptive workload scheduling, simulated with the 14B profile's stage costs (seeds/001 App. E)."""
+"""Adaptive workload scheduling, simulated with the 14B profile's stage costs (MMPL paper, App. E)."""
 
 from __future__ import annotations
 
@@ -61,7 +61,8 @@ def test_tuned_order_beats_the_rule_and_is_deterministic():
 
 def test_plan_json_reports_segments_and_schedule(tmp_path):
     shots = tmp_path / "s.yaml"
-    shots.write_text(f"version: 1\ndefaults: {{profile: wan2.1-t2v-14b}}\nshots:\n  - {{id: a, prompt: x, duration: {TWELVE_SEGMENTS_S}}}\n")
+    shots.write_text("version: 1\ndefaults: {profile: wan2.1-t2v-14b}\nshots:\n"
+                     f"  - {{id: a, prompt: x, duration: {TWELVE_SEGMENTS_S}}}\n")
     gantt = tmp_path / "g.png"
     proc = run_cli("plan", str(shots), "--gpus", "4", "--seeding", "terminal", "--json", "--gantt", str(gantt))
     assert proc.returncode == 0, proc.stderr

@@ -116,7 +116,7 @@ def test_the_text_encoder_trains_only_when_asked(tmp_path):
 def test_anchor_latents_carry_each_cell_colour():
     """The anchor latents of a VAE trained from scratch: an orthogonal mix of cell colours, so the
     colour of every 8x8 cell (the first frame alone, then 4 frames at a time) can be read back."""
-    from mmpl_cli.train import anchor_latents
+    from mmpl_cli.recipe import anchor_latents
 
     torch.manual_seed(0)
     cells = torch.rand(2, 3, 3, 8, 12) * 2 - 1  # colours of (first frame, 4 frames, 4 frames) x 8 x 12 cells
@@ -134,7 +134,7 @@ def test_anchor_latents_carry_each_cell_colour():
 def test_detail_weight_makes_the_pixels_of_a_shape_count():
     """An error confined to a shape covering fraction p of the frame costs e·p with plain L1; with
     detail weight w the shape's pixels weigh 1 + w, so it costs e·p(1 + w) / (1 + w·p)."""
-    from mmpl_cli.train import reconstruction_loss
+    from mmpl_cli.recipe import reconstruction_loss
 
     pixels = torch.full((1, 3, 2, 16, 16), -0.5)
     pixels[:, 1] = 0.8  # a coloured background
@@ -155,7 +155,7 @@ def test_chunked_reconstruction_is_diffusers_encode_and_decode_window_by_window(
     from diffusers import AutoencoderKLWan
 
     from mmpl_cli.tiny import VAE_CONFIG
-    from mmpl_cli.train import chunked_reconstruction
+    from mmpl_cli.recipe import chunked_reconstruction
 
     torch.manual_seed(0)
     vae = AutoencoderKLWan(**VAE_CONFIG).eval()
@@ -176,7 +176,7 @@ def test_clips_that_begin_their_video_move_the_way_their_caption_says():
     """Why the groups that begin a shot (initial, full) train on clips with first == 0 only: there the
     shape moves as the caption says; a later window may show it after a bounce, moving back."""
     from mmpl_cli import procedural
-    from mmpl_cli.train import ClipSource
+    from mmpl_cli.recipe import ClipSource
 
     source = ClipSource("procedural", 96, 64, seed=0, relative_to=Path("."))
     agree: dict[bool, list[bool]] = {True: [], False: []}
@@ -189,7 +189,7 @@ def test_clips_that_begin_their_video_move_the_way_their_caption_says():
 
 
 def test_parameter_subsets_follow_table_3():
-    from mmpl_cli.train import trainable_names
+    from mmpl_cli.recipe import trainable_names
 
     names = ["blocks.0.attn1.to_q.weight", "blocks.0.attn1.to_k.bias", "blocks.0.attn1.to_v.weight",
              "blocks.0.attn1.to_out.0.weight", "blocks.0.attn2.to_q.weight", "blocks.0.ffn.net.2.weight", "proj_out.weight"]

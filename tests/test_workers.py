@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from conftest import REPO, run_cli, videos
+from mmpl_cli.claims import Claims
 from mmpl_cli.store import RenderStore
 from test_resume import status, wait_for_start
 
@@ -173,7 +174,7 @@ def test_a_new_folder_takes_mmpl_cpu_threads_and_bad_values_are_refused(shots_fi
 
 
 def test_stale_claims_are_taken_over_and_live_ones_respected(tmp_path):
-    store = RenderStore(tmp_path)
+    store = Claims(RenderStore(tmp_path).claims_folder)
     mine = store.try_claim("s/s000/plan", "a", timeout=60)
     assert mine is not None and store.holds(mine, "s/s000/plan")
     assert store.try_claim("s/s000/plan", "b", timeout=60) is None  # alive: its heartbeat is fresh

@@ -1,0 +1,134 @@
+"""Which worker runs which task, and the decisions the first worker makes for a render folder.
+
+A claim is a file `<claims>/<shot>/<task>.claim.<generation>` created with O_EXCL, so one worker
+wins it. Its holder touches it while the task runs (a heartbeat). A claim not touched for `timeout`
+seconds, or whose process is gone from this machine, belongs to a dead worker: another worker takes
+it over by creating the next generation, which again only one can do. Claims live in the render
+folder, so this works across processes, machines and SLURM array tasks on a shared filesystem.
+
+A decision (`.mmpl/seeding.json`, `.mmpl/numerics.json`) is first-writer-wins: written whole under a
+temporary name and hard-linked into place, which fails if the name exists, so every worker and
+every resume reads the one record the first worker made, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from mmpl_cli.files import alive, disk_errors, fsync_dir, temporary_name
+from mmpl_cli.numerics import check_record
+from mmpl_cli.terms import SEEDINGS
+
+
+class Claims:
+    def __init__(self, folder: Path, warn: Callable[[str], None] | None = None):
+        self.folder = Path(folder)  # the render folder's claims (RenderStore.claims_folder)
+        self.warn = warn or (lambda text: None)
+
+    def _base(self, task_id: str) -> Path:
+        shot, *rest = task_id.split("/")
+        return self.folder / shot / ("-".join(rest) + ".claim")
+
+    def _claims(self, task_id: str) -> list[tuple[int, Path]]:
+        base = self._base(task_id)
+        if not base.parent.exists():
+            return []
+        found = []
+        for path in base.parent.glob(base.name + ".*"):
+            suffix = path.name[len(base.name) + 1:]
+            if suffix.isdigit():
+                found.append((int(suffix), path))
+        return sorted(found)
+
+    def try_claim(self, task_id: str, worker: str, timeout: float) -> Path | None:
+        """Claim a task for `worker`; returns the claim file, or None if a live worker holds it."""
+        claims = self._claims(task_id)
+        if claims:
+            generation, current = claims[-1]
+            try:
+                age = time.time() - current.stat().st_mtime
+                holder = json.loads(current.read_text() or "{}")
+            except FileNotFoundError:
+                return None  # being released right now; look again later
+            except ValueError:
+                holder = {}  # written a moment ago, or cut short by a crash: judged by its age
+            dead_here = holder.get("host") == os.uname().nodename and not alive(int(holder.get("pid", 0)))
+            if age < timeout and not dead_here:
+                return None
+            why = "its process is gone" if dead_here else f"no heartbeat for {age:.0f} s"
+            self.warn(f"{task_id}: taking over from worker {holder.get('worker', '?')} ({why})")
+            generation += 1
+        else:
+            generation = 0
+        base = self._base(task_id)
+        path = base.with_name(f"{base.name}.{generation}")
+        with disk_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return None
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"worker": worker, "pid": os.getpid(), "host": os.uname().nodename,
+                           "time": time.time()}, fh)
+        return path
+
+    def holds(self, claim: Path, task_id: str) -> bool:
+        """Whether this claim is still the newest one (nobody took the task over)."""
+        claims = self._claims(task_id)
+        return bool(claims) and claims[-1][1] == claim
+
+    @staticmethod
+    def heartbeat(claim: Path) -> None:
+        try:
+            os.utime(claim)
+        except FileNotFoundError:
+            pass
+
+    def release(self, task_id: str) -> None:
+        for _, path in self._claims(task_id):
+            path.unlink(missing_ok=True)
+
+
+# -- first-writer-wins decisions -------------------------------------------------------------
+
+
+def first_decision(path: Path, proposed: dict) -> dict:
+    """Record `proposed` at `path` unless a record exists, and return the record that holds."""
+    with disk_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_name(path)
+        try:
+            with open(tmp, "w") as fh:
+                json.dump(proposed, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                try:
+                    record = json.loads(path.read_text())
+                except ValueError:
+                    return {}  # not JSON: the caller's check says what that means
+                return record if isinstance(record, dict) else {}
+            fsync_dir(path.parent)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return proposed
+
+
+def seeding_decision(path: Path, proposed: str) -> str:
+    """The folder's automatic seeding choice: the first worker's `proposed` choice is recorded and
+    every later worker and resume uses it, so they all run the same task graph."""
+    recorded = first_decision(path, {"seeding": proposed})
+    return recorded["seeding"] if recorded.get("seeding") in SEEDINGS else proposed
+
+
+def numerics_decision(path: Path, proposed: dict) -> dict:
+    """The folder's numeric environment (numerics.py): the first worker's `proposed` record, which
+    every later worker and resume applies, so a task's bits do not depend on its launcher."""
+    return check_record(first_decision(path, proposed), path)

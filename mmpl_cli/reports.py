@@ -1,0 +1,46 @@
+"""What `mmpl status` and `mmpl plan` print: their reports as text lines, and `plan --json`'s
+summary. Pure: the commands gather the facts (store.RenderStore.report, plan, schedule, memory)."""
+
+from __future__ import annotations
+
+
+def status_lines(report: dict) -> list[str]:
+    lines = [f"{report['folder']}: profile {report['profile']}, {report['seeding']} seeding"]
+    for shot in report["shots"]:
+        line = f"  {shot['id']}: {shot['done']}/{shot['total']} tasks done"
+        lines.append(line + (f", video {shot['video']}" if shot["video"] else ""))
+        for seg in shot["segments"]:
+            lines.append(f"    s{seg['index']:03d}: " + ", ".join(f"{k} {v}" for k, v in seg["tasks"].items()))
+    if report["remaining"]:
+        lines.append(f"{report['remaining']} task(s) remain; resume with: {report['resume']}")
+    else:
+        lines.append("everything is done")
+    return lines
+
+
+def plan_summary(shots, profile, plans, why: str, schedule, memory) -> dict:
+    return {
+        "shot_list": str(shots), "profile": profile.name, "seeding": plans[0].seeding, "seeding_reason": why,
+        "shots": [p.summary() for p in plans], "total_frames": sum(p.frames for p in plans),
+        "total_tasks": sum(len(p.tasks) for p in plans), **schedule.summary(), "memory": memory,
+    }
+
+
+def plan_lines(shots, profile, plans, why: str, schedule, gpus: int) -> list[str]:
+    lines = [f"{shots}: {len(plans)} shot(s), profile {profile.name} "
+             f"({profile.width}x{profile.height}, {profile.fps} fps), {why}"]
+    for p in plans:
+        lines.append(f"  {p.shot.id}: {p.frames} frames = {p.frames / p.fps:.3f} s, {len(p.segments)} segment(s), "
+                     f"{len(p.tasks)} tasks, strategy {p.strategy}, {p.sampler.steps} {p.sampler.scheduler} steps")
+        for s in p.segments:
+            lines.append(f"    s{s.index:03d}: frames {s.video_from}-{s.video_from + s.kept - 1}  \"{s.prompt}\"")
+        last = p.segments[-1]
+        if len(p.segments) > 1 and last.kept * 4 < p.profile.segment_frames:
+            lines.append(f"    note: the last segment adds only {last.kept} frame(s); a duration of "
+                         f"{last.video_from / p.fps:g} s would need one segment fewer")
+    util = ", ".join(f"{u:.0%}" for u in schedule.utilisation())
+    peak = f", peak memory about {schedule.peak_memory_gb:g} GB per GPU" if schedule.peak_memory_gb else ""
+    lines.append(f"simulated on {gpus} GPU(s) with {profile.name}'s stage costs: makespan {schedule.makespan_s:.1f} s "
+                 f"(lower bound {schedule.lower_bound_s:.1f} s; work {schedule.total_work_s:.1f} s, critical path "
+                 f"{schedule.critical_path_s:.1f} s), utilisation {util}{peak}")
+    return lines

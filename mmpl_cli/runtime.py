@@ -1,0 +1,265 @@
+"""The runtime: one worker rendering a checked request against its render folder. It takes ready
+tasks in priority order, claims each one (claims.py), keeps a heartbeat on the claim while the task
+runs, saves what the task made (encoding videos into the store's temporary paths), and releases the
+claim. It also picks the device, loads the backend once a task needs it, writes the manifest, and
+applies the folder's decisions (seeding, numerics) so every worker runs the same graph with the
+same bits. The tasks themselves are in render.py and baselines.py; who the worker is and which
+processes it starts is launch.py's business.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from mmpl_cli import numerics, video
+from mmpl_cli.claims import Claims, numerics_decision, seeding_decision
+from mmpl_cli.control import StopFlag, Worker
+from mmpl_cli.errors import InputError, MMPLError, Problem
+from mmpl_cli.plan import Task
+from mmpl_cli.progress import Progress
+from mmpl_cli.render import Frames, Made, ShotRunner
+from mmpl_cli.request import Checked
+from mmpl_cli.store import Latents, RenderStore, Result
+from mmpl_cli.storyboard import write_when_planned
+from mmpl_cli.terms import Kind
+from mmpl_cli.wan import WanBackend, unknown_prompt_words
+
+
+def pick_device(device: str) -> str:
+    if device != "auto":
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise InputError(Problem("", None, "--device", f"'{device}' asked for, but no CUDA GPU is visible"))
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def free_gpu_memory_gb() -> list[float] | None:
+    """Free memory of every visible GPU, or None without one."""
+    if not torch.cuda.is_available():
+        return None
+    return [torch.cuda.mem_get_info(i)[0] / 1e9 for i in range(torch.cuda.device_count())]  # GB, as memory.py
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import transformers
+
+    from mmpl_cli import __version__
+
+    return {"mmpl": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__}
+
+
+def _manifest(request, shot_list, profile, root, fingerprint, plans, hashes) -> dict:
+    return {
+        "request": {"shots": str(request.shots), "profile": request.profile, "seeding": plans[0].seeding,
+                    "model_path": request.model_path, "device": request.device},
+        "resume": request.resume_command(),
+        "versions": _versions(),
+        "profile": {"name": profile.name, "source": profile.source, "model_path": str(root),
+                    "model_fingerprint": fingerprint},
+        "shot_list": {"path": str(shot_list.path), "shots": [
+            {**{k: v for k, v in shot.__dict__.items() if k not in ("prompts", "init_image")},
+             "prompts": [[c.at, c.prompt] for c in shot.prompts],
+             "init_image": str(shot.init_image) if shot.init_image else None}
+            for shot in shot_list.shots]},
+        "shots": [{**{k: v for k, v in p.summary().items() if k != "tasks"},
+                   "tasks": [{"id": t.id, "kind": t.kind, "segment": t.segment, "deps": list(t.deps),
+                              "hash": hashes[t.id]} for t in p.tasks]}
+                  for p in plans],
+    }
+
+
+class _LazyResults(dict):
+    """Results by task id: what this run computed, or else what the store holds for the task's hash."""
+
+    def __init__(self, store: RenderStore, hashes: dict[str, str]):
+        super().__init__()
+        self.store, self.hashes = store, hashes
+
+    def __missing__(self, task_id: str) -> Result:
+        found = self.store.load(task_id, self.hashes[task_id])
+        if found is None:
+            raise MMPLError(f"{task_id} is needed but its result is gone from the render folder; run again")
+        self[task_id] = found
+        return found
+
+
+@contextlib.contextmanager
+def _heartbeat(claims: Claims, claim: Path, interval: float):
+    """Touch the claim every `interval` seconds while the task runs (a background thread)."""
+    finished = threading.Event()
+
+    def beat():
+        while not finished.wait(interval):
+            claims.heartbeat(claim)
+
+    thread = threading.Thread(target=beat, name="mmpl-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        finished.set()
+        thread.join()
+
+
+@contextlib.contextmanager
+def _peak_memory(device: str):
+    """On a CUDA device, the task's peak allocated memory ({"peak_gb": ...}, filled in on exit), for the
+    event log: what `benchmarks/gpu_check.py` compares with the memory model."""
+    found: dict[str, float] = {}
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    yield found
+    if cuda:
+        found["peak_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 3)
+
+
+def load_backend(profile, root: Path, device: str, seeding: str) -> WanBackend:
+    """The profile's model on `device`: folder, transformer checkpoint, dtype, attention, offloading
+    (`auto`: when the memory model's peak with everything resident exceeds the GPU's free memory)."""
+    from mmpl_cli.memory import resident_peak_gb
+
+    ckpt = profile.checkpoint
+    return WanBackend.from_folder(
+        root, device=device, dtype=profile.dtype, max_sequence_length=profile.max_sequence_length,
+        checkpoint=profile.resolve_checkpoint(), checkpoint_key=ckpt.key if ckpt else "auto",
+        checkpoint_naming=ckpt.naming if ckpt else "auto", attention=profile.attention,
+        offload=profile.offload,
+        memory_gb=resident_peak_gb(profile, root, seeding) if profile.offload == "auto" and device != "cpu" else None)
+
+
+def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | None = None,
+           worker: Worker = Worker()) -> list[Path]:
+    """Render every shot of a checked request as one worker; returns the videos.
+
+    Takes ready tasks in priority order (planning chain first), claims each one in the render
+    folder, runs it and saves the result there. Every valid finished task is reused, whoever
+    made it, so resuming and cooperating with other workers are the same thing. Tasks run with
+    the folder's CPU thread count (numerics.py), so their bits do not depend on the launcher.
+    """
+    from mmpl_cli.plan import plan_shot_list, task_hashes
+    from mmpl_cli.profiles import model_fingerprint
+    from mmpl_cli.schedule import choose_seeding, tuned_priorities
+
+    progress = progress or Progress()
+    stop = stop or StopFlag()
+    # 1. Check inputs: the request was validated (request.check) before anything is written
+    request, shot_list, profile, plans = checked.request, checked.shot_list, checked.profile, checked.plans
+    root, digests = checked.model_root, checked.image_digests
+    store = RenderStore(checked.out, warn=progress.message)
+    claims = Claims(store.claims_folder, warn=progress.message)
+    device = pick_device(request.device)
+    checkpoint = profile.resolve_checkpoint()
+    fingerprint = model_fingerprint(root, checkpoint, profile.checkpoint.key if profile.checkpoint else "")
+    proposed, why = choose_seeding(profile, free_gpu_memory_gb(), root) if request.seeding == "auto" else (None, "")
+
+    # 2. Open the render folder: an explicit restart forgets everything, otherwise resume
+    if request.restart:
+        store.restart([p.shot.id for p in plans])
+    if proposed is not None:  # the first worker's choice holds for the whole folder
+        seeding = seeding_decision(store.decision("seeding"), proposed)
+        progress.message(f"{worker.name}: {why}" if seeding == proposed else
+                         f"{worker.name}: {seeding} seeding, as recorded in the render folder")
+        if seeding != plans[0].seeding:
+            plans = plan_shot_list(shot_list, profile, seeding)
+    here = numerics.environment(device)
+    numeric = numerics_decision(store.decision("numerics"), here)
+    for difference in numerics.differences(numeric, here):
+        progress.message(f"{worker.name}: warning: {difference}; tasks computed here may differ from "
+                         "the folder's others in their last bits")
+    hashes = {}
+    for plan in plans:
+        hashes.update(task_hashes(plan, fingerprint, digests.get(plan.shot.id)))
+    store.clean_temporary_files(older_than=worker.claim_timeout)
+    store.write_manifest(_manifest(request, shot_list, profile, root, fingerprint, plans, hashes))
+    prompts = {p.shot.id: [s.prompt for s in p.segments] + [p.shot.negative_prompt] for p in plans}
+    for shot_id, words in unknown_prompt_words(root, prompts).items():
+        progress.message(f"{shot_id}: the model's tokenizer does not know {', '.join(map(repr, words))}; "
+                         "it reads them as <unk>")
+
+    with numerics.applied(numeric["cpu_threads"]):  # every task of the folder with one thread count
+        # 3. Take ready tasks in priority order until every task is done, by us or by another worker
+        plan_of = {t.id: plan for plan in plans for t in plan.tasks}
+        keys = tuned_priorities(plans, worker.team)
+        order = sorted(plan_of, key=keys.__getitem__)
+        task_of = {t.id: t for plan in plans for t in plan.tasks}
+        results = _LazyResults(store, hashes)
+        runners: dict[str, ShotRunner] = {}
+        backend = None
+        done: set[str] = set()
+        while len(done) < len(order):
+            stop.check()
+            ran = False
+            for task_id in order:
+                if task_id in done:
+                    continue
+                task = task_of[task_id]
+                if store.is_done(task_id, hashes[task_id]):
+                    done.add(task_id)
+                    progress.task_reused(task, len(done) - 1, len(order))
+                    continue
+                if not all(d in done for d in task.deps):
+                    continue
+                claim = claims.try_claim(task_id, worker.name, worker.claim_timeout)
+                if claim is None:
+                    continue  # another worker is on it
+                try:
+                    if store.is_done(task_id, hashes[task_id]):  # finished while we were looking
+                        done.add(task_id)
+                        continue
+                    if backend is None:
+                        progress.message(f"{worker.name}: loading {profile.name} from {root} on {device}")
+                        backend = load_backend(profile, root, device, plans[0].seeding)
+                        progress.message(f"{worker.name}: loaded " + "; ".join(backend.loaded))
+                    plan = plan_of[task_id]
+                    runner = runners.setdefault(plan.shot.id, ShotRunner(backend, plan, store, progress, stop))
+                    progress.task_started(task, len(done), len(order))
+                    store.log("started", task_id, hashes[task_id], worker=worker.name)
+                    started = time.perf_counter()
+                    with _heartbeat(claims, claim, max(0.5, worker.claim_timeout / 4)), _peak_memory(device) as peak:
+                        result = runner.run(task, results)
+                    if not claims.holds(claim, task_id):
+                        progress.message(f"{worker.name}: {task_id} was taken over by another worker; dropping ours")
+                        continue
+                    results[task_id] = _save(store, task, hashes[task_id], result, plan.fps)
+                    store.log("finished", task_id, hashes[task_id], worker=worker.name,
+                              seconds=round(time.perf_counter() - started, 3), threads=torch.get_num_threads(), **peak)
+                    done.add(task_id)
+                    progress.task_finished(task, time.perf_counter() - started)
+                    if request.storyboard and task.kind == Kind.PLAN:
+                        write_when_planned(runner, results, store, done, progress)
+                finally:
+                    claims.release(task_id)
+                ran = True
+                break  # priorities may have changed: look again from the top
+            if not ran and len(done) < len(order):
+                time.sleep(worker.poll)
+        if request.storyboard:  # planning finished in an earlier run or by another worker
+            for plan in plans:
+                has_plan = any(t.kind == Kind.PLAN for t in plan.tasks)  # mmpl shots; other strategies have no macro plan
+                if has_plan and not store.storyboard(plan.shot.id).exists():
+                    if backend is None:
+                        backend = load_backend(profile, root, device, plans[0].seeding)
+                    runner = runners.setdefault(plan.shot.id, ShotRunner(backend, plan, store, progress, stop))
+                    write_when_planned(runner, results, store, done, progress)
+    return [store.shot_video(plan.shot.id) for plan in plans]
+
+
+def _save(store: RenderStore, task: Task, task_hash: str, made: Made, fps: int) -> Result:
+    """Persist what a task made: latents as they are, frames and parts encoded by ffmpeg into the
+    store's temporary path for the video, which is moved into place whole."""
+    if isinstance(made, Latents):
+        return store.save(task.id, task_hash, made)
+    with store.video_file(made.target) as tmp:
+        if isinstance(made, Frames):
+            video.write_mp4(made.frames, tmp, fps)
+        else:
+            video.stitch(made.parts, tmp, fps)
+    return store.save_video(task.id, task_hash, made.target)
