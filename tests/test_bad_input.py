@@ -112,6 +112,7 @@ def test_output_folder_that_is_not_a_render_folder(tmp_path):
     assert proc.returncode == 2 and "expected a folder, found a file" in proc.stderr
 
 
+@pytest.mark.slow
 def test_cuda_asked_for_without_a_gpu(tmp_path, tiny_model_dir):
     import torch
 

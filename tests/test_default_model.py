@@ -18,6 +18,7 @@ TRAINED = json.loads(TOKENIZER.read_text())["model"]["type"] == "WordLevel"
 pytestmark = pytest.mark.skipif(not TRAINED, reason="the shipped default is not trained yet (issue 6)")
 
 
+@pytest.mark.slow
 def test_first_frame_background_matches_the_prompt_for_at_least_18_of_20(tmp_path):
     scenes = prompt_scenes(20)
     assert {s.background for s in scenes} == set(COLOURS)  # every colour is asked for
@@ -29,6 +30,7 @@ def test_first_frame_background_matches_the_prompt_for_at_least_18_of_20(tmp_pat
     assert matched >= 18, [(r["prompt"], r["background_first"]) for r in results if not r["first_ok"]]
 
 
+@pytest.mark.slow
 def test_prompt_words_the_default_does_not_know_are_named(tmp_path):
     shots = {"version": 1, "defaults": {"profile": "tiny"}, "shots": [
         {"id": "odd", "prompt": "a purple circle spinning on a blue background", "duration": 1},

@@ -47,6 +47,7 @@ def shots(tmp_path_factory):
     return folder / "shots.yaml"
 
 
+@pytest.mark.slow
 def test_a_render_on_another_device_than_the_cpu(shots, tiny_model_dir, tmp_path):
     """Every task kind of every strategy, noise search, the hand-over's decode and encode, segment
     decode, the storyboard and stitching, with the model on the stand-in device; the results are the
@@ -63,6 +64,7 @@ def test_a_render_on_another_device_than_the_cpu(shots, tiny_model_dir, tmp_path
             assert torch.equal(on_device[name][key], value), (name, key)
 
 
+@pytest.mark.slow
 def test_backend_calls_take_and_give_cpu_float32(tiny_model_dir):
     """Each call's inputs on the CPU, its outputs on the CPU in float32 (text embeddings are the
     backend's own handle and stay on the device)."""
@@ -110,6 +112,7 @@ def test_training_step_on_another_device(tiny_model_dir):
     assert np.isfinite(loss.detach().cpu().item())
 
 
+@pytest.mark.slow
 def test_gpu_check_smoke_mode_runs_on_a_cpu(tmp_path):
     """benchmarks/gpu_check.py is the command to run the first time a GPU is at hand: CI keeps it alive."""
     import json
@@ -129,6 +132,7 @@ def test_gpu_check_smoke_mode_runs_on_a_cpu(tmp_path):
     assert result["cache_vs_recomputed_rel"] < 1e-4
 
 
+@pytest.mark.slow
 def test_the_context_cache_on_the_device_is_one_copy_per_text(tiny_model_dir):
     """Measured with the stand-in's meter (bytes held on the device, as torch.cuda.memory_allocated counts
     them): building a stage-two cache leaves exactly the formula's bytes on the device, reading what a

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import json
 from importlib.util import find_spec
 
@@ -11,6 +12,7 @@ import torch
 from conftest import run_cli
 
 
+@pytest.mark.slow
 def test_doctor_json_reports_this_machine(tiny_model_dir, tmp_path):
     partial = tmp_path / "partial"
     (partial / "transformer").mkdir(parents=True)
@@ -42,6 +44,7 @@ def test_doctor_json_reports_this_machine(tiny_model_dir, tmp_path):
     assert big["present"] and big["model_path"] == str(tiny_model_dir)
 
 
+@pytest.mark.slow
 def test_doctor_text_and_a_missing_folder(tmp_path):
     env = {"MMPL_WAN21_T2V_1_3B": str(tmp_path / "nowhere")}
     proc = run_cli("doctor", "--profile", "wan2.1-t2v-1.3b", "--profile", "tiny", env=env)
@@ -55,6 +58,7 @@ def test_doctor_text_and_a_missing_folder(tmp_path):
         assert "GPU: none" in out
 
 
+@pytest.mark.slow
 def test_doctor_fails_without_ffmpeg():
     proc = run_cli("doctor", "--json", env={"IMAGEIO_FFMPEG_EXE": "/bin/false"})
     assert proc.returncode == 1

@@ -22,6 +22,7 @@ def _latents(frames: int, seed: int) -> torch.Tensor:
     return torch.randn(16, frames, *LATENT_HW, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("t", [999.0, 500.0, 3.0])
 def test_primitive_without_context_equals_diffusers_forward(backend, t):
     x = _latents(21, 0)
@@ -50,6 +51,7 @@ def _populate_stage_two_inputs():
     return [initial, plan, stage_one], sees
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("guidance", [1.0, 5.0])
 def test_cached_context_equals_context_recomputed_in_the_same_pass(backend, guidance):
     context, sees = _populate_stage_two_inputs()
@@ -81,6 +83,7 @@ def test_the_context_cache_holds_each_token_once_and_hands_out_views(backend):
     assert holed.keys[0].untyped_storage().data_ptr() != buffer and holed.keys[0].shape[1] == 4 * tokens // 15
 
 
+@pytest.mark.slow
 def test_visibility_list_hides_the_terminal_plan_in_populate_stage_one(backend):
     """Stage one hides 19-20 (MMPL paper, App. C.2): the cached path must match the masked reference with
     them hidden, and differ from letting them be seen."""
@@ -96,6 +99,7 @@ def test_visibility_list_hides_the_terminal_plan_in_populate_stage_one(backend):
     assert (hidden - seen).abs().max().item() > 1e-4
 
 
+@pytest.mark.slow
 def test_a_training_batch_equals_its_samples_one_at_a_time(backend):
     """Training runs one group over a batch of clips at once, each clip at its own noise level and with
     its own caption: every sample's prediction must be what the reference path gives it alone."""
@@ -112,6 +116,7 @@ def test_a_training_batch_equals_its_samples_one_at_a_time(backend):
         assert (together[i] - expected).abs().max().item() <= 1e-5
 
 
+@pytest.mark.slow
 def test_full_strategy_equals_diffusers_wan_pipeline(tiny_model_dir, backend, tmp_path):
     profile = load_profile("tiny")
     shot = Shot(id="peer", prompts=(PromptChange(0.0, "a red ball on a blue floor"),), duration=81 / 16, seed=3,
@@ -175,6 +180,7 @@ def _sliding_runner(backend, tmp_path, **sampler):
     return ShotRunner(backend, plan, RenderStore(tmp_path)), plan
 
 
+@pytest.mark.slow
 def test_noise_search_keeps_the_candidate_nearest_the_context_in_colour(backend, tmp_path):
     from mmpl_cli.sampling import make_scheduler, search_score
 
@@ -213,6 +219,7 @@ def test_noise_search_settings_enter_the_hash_only_when_used():
     assert hashes() != hashes(search=4)
 
 
+@pytest.mark.slow
 def test_progressive_tasks_equal_one_uninterrupted_progressive_run(backend, tmp_path):
     from mmpl_cli.plan import derive_seed
     from mmpl_cli.sampling import flow_sigma, segment_noise

@@ -36,6 +36,7 @@ def test_hue_comparison_of_known_frames():
     assert compare(red, half_shift()[-1])[0] == pytest.approx(1.0)  # half of the hue mass moved
 
 
+@pytest.mark.slow
 def test_eval_measures_a_known_colour_shift_and_known_flicker(tmp_path):
     shift = write_mp4(half_shift(), tmp_path / "shift.mp4", 16)
     steady = write_mp4(np.repeat(half_shift()[:1], 48, axis=0), tmp_path / "steady.mp4", 16)

@@ -111,6 +111,7 @@ def _measured(root, width: int, height: int) -> tuple[dict[str, int], dict[str, 
     return measured, {"weights": weights, "model": task_peaks(Architecture.from_folder(root), profile, "terminal", False)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [(48, 32), (64, 48)])
 @pytest.mark.parametrize("arch", ["1.3b", "14b"])
 def test_the_model_matches_the_meter_for_every_task_kind(arch, size, wan13, wan14):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import numpy as np
 
 from mmpl_cli import procedural as P
@@ -31,6 +32,7 @@ def test_colours_are_named_back_by_hue():
         assert P.background_colour(frames[-1]) == scene.background
 
 
+@pytest.mark.slow
 def test_shapes_move_the_way_the_caption_says():
     for seed in range(20):
         scene = P.scene_from_seed(seed)
@@ -67,6 +69,7 @@ def test_unknown_words_are_those_the_tokenizer_reads_as_unk():
     assert unknown_words(byte_tokenizer(), "a purple circle spinning \u2713") == []  # bytes: nothing is unknown
 
 
+@pytest.mark.slow
 def test_judge_agrees_with_the_true_video_and_not_with_a_wrong_one():
     from mmpl_cli.procedural import judge, prompt_scenes, render_scene
 

@@ -47,6 +47,7 @@ def float32_render(wan13, tmp_path_factory):
     return render(tmp, wan_profile(tmp, wan13, "float32"))
 
 
+@pytest.mark.slow
 def test_wan_1_3b_at_real_width_in_float32(float32_render):
     frames, log = float32_render
     assert frames.shape == (80, 32, 32, 3)  # 5 s at 16 fps, one segment
@@ -54,6 +55,7 @@ def test_wan_1_3b_at_real_width_in_float32(float32_render):
     assert frames.astype(float).std() > 1.0  # random weights draw something, not one flat colour
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["wan2.1-1.3b", "wan2.1-14b"])
 def test_wan_at_real_width_in_bfloat16(arch, wan13, wan14, tmp_path):
     frames, log = render(tmp_path, wan_profile(tmp_path, wan13 if arch == "wan2.1-1.3b" else wan14, "bfloat16"))
@@ -62,6 +64,7 @@ def test_wan_at_real_width_in_bfloat16(arch, wan13, wan14, tmp_path):
     assert frames.astype(float).std() > 1.0
 
 
+@pytest.mark.slow
 def test_original_layout_pt_at_real_width_gives_the_folders_frames(wan13, float32_render, tmp_path):
     """The 1.3B transformer saved as an MMPL / Self-Forcing checkpoint ({"generator_ema": {"model.<original
     name>": tensor}}) over a folder whose own transformer is another one renders the same frames."""

@@ -28,6 +28,7 @@ def example_render(tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.slow
 def test_example_renders_with_the_frames_and_fps_that_plan_states(example_render):
     out, proc = example_render
     plan = json.loads(run_cli("plan", "examples/shots.yaml", "--json").stdout)
@@ -44,6 +45,7 @@ def test_example_renders_with_the_frames_and_fps_that_plan_states(example_render
         assert np.array_equal(read_frames(path), np.concatenate([read_frames(p) for p in parts]))
 
 
+@pytest.mark.slow
 def test_two_renders_are_bit_identical(example_render, tmp_path):
     first, _ = example_render
     proc = run_cli("render", "examples/shots.yaml", "--out", str(tmp_path))
@@ -60,6 +62,7 @@ def _shots(tmp_path: Path, body: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_midpoint_seeding_renders_the_planned_frames(tmp_path, tiny_model_dir):
     shots = _shots(tmp_path, "  - {id: mid, prompt: 'a boat', duration: 5}\n")
     proc = run_cli("render", str(shots), "--out", str(tmp_path / "out"), "--seeding", "midpoint",
@@ -71,6 +74,7 @@ def test_midpoint_seeding_renders_the_planned_frames(tmp_path, tiny_model_dir):
     assert "populate_stage_two" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_progressive_goes_on_from_the_window_the_previous_segment_handed_on(tmp_path, tiny_model_dir):
     shots = _shots(tmp_path, "  - {id: pg, prompt: 'a boat', duration: 9, strategy: progressive, steps: 3}\n")
     out = tmp_path / "out"
@@ -98,6 +102,7 @@ def test_progressive_goes_on_from_the_window_the_previous_segment_handed_on(tmp_
     assert (out / "pg.mp4").read_bytes() == video
 
 
+@pytest.mark.slow
 def test_image_to_video_starts_from_the_image(tmp_path, tiny_model_dir, backend):
     gradient = np.zeros((90, 120, 3), np.uint8)
     gradient[..., 0] = np.linspace(0, 255, 120, dtype=np.uint8)[None]
@@ -158,6 +163,7 @@ def test_version_and_help():
     assert (REPO / "examples" / "shots.yaml").exists()
 
 
+@pytest.mark.slow
 def test_storyboard_is_written_when_planning_is_done_with_one_tile_per_planning_frame(tmp_path):
     from mmpl_cli.storyboard import LABEL
 

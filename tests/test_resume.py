@@ -44,6 +44,7 @@ def status(out: Path) -> dict:
     return json.loads(proc.stdout)
 
 
+@pytest.mark.slow
 def test_sigkill_at_several_points_then_resume_is_bit_identical(shots_file, tiny_model_dir, reference, tmp_path):
     out = tmp_path / "out"
     # planning, populating, decoding, stitching (in the order the worker takes them): kill the
@@ -65,6 +66,7 @@ def test_sigkill_at_several_points_then_resume_is_bit_identical(shots_file, tiny
     assert not list(out.rglob("*.tmp-*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1])
 def test_signals_stop_cleanly_with_exit_3_and_resume(sig, shots_file, tiny_model_dir, reference, tmp_path):
     out = tmp_path / "out"
@@ -90,6 +92,7 @@ def _computed(out: Path) -> dict[str, int]:
     return {t["id"]: t["computed"] for t in status(out)["tasks"]}
 
 
+@pytest.mark.slow
 def test_editing_one_shot_leaves_the_other_untouched(tmp_path, tiny_model_dir):
     body = """version: 1
 defaults: {steps: 2}
@@ -112,6 +115,7 @@ shots:
     assert (out / "b.mp4").read_bytes() != b_video
 
 
+@pytest.mark.slow
 def test_changing_the_prompt_from_second_20_keeps_every_earlier_segment(tmp_path, tiny_model_dir):
     body = """version: 1
 defaults: {steps: 2}
@@ -148,6 +152,7 @@ shots:
         assert n == (2 if recomputed else 1), task_id
 
 
+@pytest.mark.slow
 def test_damaged_task_files_are_detected_and_recomputed(shots_file, tiny_model_dir, reference, reference_dir,
                                                         tmp_path):
     out = tmp_path / "out"
@@ -173,6 +178,7 @@ def test_damaged_task_files_are_detected_and_recomputed(shots_file, tiny_model_d
     assert counts["k/s000/plan"] == 1
 
 
+@pytest.mark.slow
 def test_restart_computes_everything_again(shots_file, tiny_model_dir, reference, reference_dir, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(reference_dir, out)  # a finished render, each task computed once
@@ -182,6 +188,7 @@ def test_restart_computes_everything_again(shots_file, tiny_model_dir, reference
     assert videos(out) == reference
 
 
+@pytest.mark.slow
 def test_ffmpeg_failure_keeps_finished_tasks(shots_file, tiny_model_dir, reference, tmp_path):
     out = tmp_path / "out"
     proc = run_cli("render", str(shots_file), "--out", str(out), "--model-path", str(tiny_model_dir),

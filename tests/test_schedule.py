@@ -41,6 +41,7 @@ def test_paper_work_and_gpu_scaling():
     assert one.critical_path_s == pytest.approx(25 + 12 * 109 + 11 * 1.3 + 113 + 148 + 1.3)
 
 
+@pytest.mark.slow
 def test_tuned_order_beats_the_rule_and_is_deterministic():
     """The rule alone leaves 2 GPUs finishing a populate stage apart (2349.6 s); tuning the order
     of populating closes the gap, the same way every time (every worker computes it on its own)."""

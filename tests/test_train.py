@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import json
 import os
 import signal
@@ -38,6 +39,7 @@ def transformer_weights(model: Path) -> dict[str, torch.Tensor]:
     return load_file(next((model / "transformer").glob("*.safetensors")))
 
 
+@pytest.mark.slow
 def test_loss_falls_and_a_killed_run_resumes_to_the_same_weights(tmp_path):
     whole = write_config(tmp_path / "whole", TRANSFORMER_60)
     proc = run_cli("train", str(whole))
@@ -69,6 +71,7 @@ def test_loss_falls_and_a_killed_run_resumes_to_the_same_weights(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_self_attention_training_changes_only_self_attention(tmp_path):
     from mmpl_cli.procedural import vocabulary
     from mmpl_cli.tiny import build_tiny_model
@@ -149,6 +152,7 @@ def test_detail_weight_makes_the_pixels_of_a_shape_count():
     torch.testing.assert_close(reconstruction_loss(background_error, pixels, 20.0), torch.tensor(0.1))
 
 
+@pytest.mark.slow
 def test_chunked_reconstruction_is_diffusers_encode_and_decode_window_by_window():
     """Training on a window of a long clip sees exactly what rendering computes there: the causal
     caches carried from the clip's start."""
@@ -172,6 +176,7 @@ def test_chunked_reconstruction_is_diffusers_encode_and_decode_window_by_window(
     assert torch.equal(middle[2], x[:, :, 5:13])
 
 
+@pytest.mark.slow
 def test_clips_that_begin_their_video_move_the_way_their_caption_says():
     """Why the groups that begin a shot (initial, full) train on clips with first == 0 only: there the
     shape moves as the caption says; a later window may show it after a bounce, moving back."""
@@ -198,6 +203,7 @@ def test_parameter_subsets_follow_table_3():
     assert trainable_names(names, "qk") == names[:2]
 
 
+@pytest.mark.slow
 def test_bad_training_config_is_reported(tmp_path):
     config = write_config(tmp_path, "  - {stage: transformer, steps: 0, trainable: attention}")
     proc = run_cli("train", str(config))

@@ -82,6 +82,7 @@ def profile_with(tmp: Path, model: Path, transformer: str = "") -> Path:
 SHOT = "version: 1\ndefaults: {steps: 2, seed: 3}\nshots:\n  - {id: a, prompt: \"a red boat\", duration: 1}\n"
 
 
+@pytest.mark.slow
 def test_original_layout_pt_renders_the_same_frames_as_the_diffusers_folder(
         tiny_model_dir, other_folder, original_pt, tmp_path):
     from mmpl_cli.video import read_frames
@@ -106,6 +107,7 @@ def test_original_layout_pt_renders_the_same_frames_as_the_diffusers_folder(
     assert (frames_a == frames_b).all()
 
 
+@pytest.mark.slow
 def test_a_pickled_object_is_refused_before_anything_is_written(tiny_model_dir, original_pt, tmp_path):
     state = torch.load(original_pt, weights_only=True)
     evil = tmp_path / "with-config.pt"

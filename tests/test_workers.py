@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import json
 import os
 import shutil
@@ -69,6 +70,7 @@ def _render(shots_file, tiny_model_dir, out, env: dict, *extra: str) -> subproce
 # recorded count still shows the mechanism at work.
 
 
+@pytest.mark.slow
 def test_omp_num_threads_does_not_change_the_bits(shots_file, tiny_model_dir, reference_dir, tmp_path):
     """`OMP_NUM_THREADS=1 mmpl render` (the array tasks below run with 3)."""
     out = tmp_path / "out"
@@ -78,6 +80,7 @@ def test_omp_num_threads_does_not_change_the_bits(shots_file, tiny_model_dir, re
     same_bits_as_reference(out, reference_dir)
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks(shots_file, tiny_model_dir, reference_dir, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([TORCHRUN, "--nproc-per-node", "2", "--master-port", "29517", "-m", "mmpl_cli", "render",
@@ -89,6 +92,7 @@ def test_torchrun_two_ranks(shots_file, tiny_model_dir, reference_dir, tmp_path)
     assert workers_of(out) == {"rank0", "rank1"}
 
 
+@pytest.mark.slow
 def test_torchrun_killed_half_way_resumed_by_plain_render(shots_file, tiny_model_dir, reference_dir, tmp_path):
     """The resume command mmpl prints is a plain `mmpl render`, with the user's own thread settings:
     it must finish the torchrun render with the folder's thread count, not its own."""
@@ -112,6 +116,7 @@ def test_torchrun_killed_half_way_resumed_by_plain_render(shots_file, tiny_model
     assert status(out)["remaining"] == 0
 
 
+@pytest.mark.slow
 def test_two_slurm_array_tasks(shots_file, tiny_model_dir, reference_dir, tmp_path):
     out = tmp_path / "out"
     procs = [_render(shots_file, tiny_model_dir, out, {"SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": str(i),
@@ -124,6 +129,7 @@ def test_two_slurm_array_tasks(shots_file, tiny_model_dir, reference_dir, tmp_pa
     assert len(workers_of(out)) == 2
 
 
+@pytest.mark.slow
 def test_plain_workers_option(shots_file, tiny_model_dir, reference_dir, tmp_path):
     out = tmp_path / "out"
     proc = run_cli("render", str(shots_file), "--out", str(out), "--model-path", str(tiny_model_dir), "--workers", "2")
@@ -132,6 +138,7 @@ def test_plain_workers_option(shots_file, tiny_model_dir, reference_dir, tmp_pat
     computed_once(out)
 
 
+@pytest.mark.slow
 def test_killed_worker_task_is_taken_over(shots_file, tiny_model_dir, reference_dir, tmp_path):
     out = tmp_path / "out"
     env = {"SLURM_ARRAY_JOB_ID": "9", "OMP_NUM_THREADS": "1"}
@@ -153,6 +160,7 @@ def test_killed_worker_task_is_taken_over(shots_file, tiny_model_dir, reference_
     assert not list((out / ".mmpl" / "claims").rglob("*.claim.*"))
 
 
+@pytest.mark.slow
 def test_a_new_folder_takes_mmpl_cpu_threads_and_bad_values_are_refused(shots_file, tiny_model_dir, tmp_path):
     out = tmp_path / "bad"
     proc = run_cli("render", str(shots_file), "--out", str(out), "--model-path", str(tiny_model_dir),
