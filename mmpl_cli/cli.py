@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
@@ -23,7 +24,8 @@ app = typer.Typer(
     name="mmpl", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     rich_markup_mode=None,  # click's plain help: paragraphs reflowed, every [default: ...] shown as written
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
-    help="Render long AI video from a YAML shot list with Macro-from-Micro Planning (MMPL).",
+    help="Render long AI video from a YAML shot list with Macro-from-Micro Planning (MMPL). "
+         "Start with `mmpl render examples/shots.yaml`; `mmpl COMMAND -h` tells more.",
 )
 
 Seeding = Enum("Seeding", {name: name for name in ("auto", *SEEDINGS)}, type=str)
@@ -41,10 +43,7 @@ def main_callback(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
-    """Render long AI video from a YAML shot list with Macro-from-Micro Planning (MMPL).
-
-    Start with `mmpl render examples/shots.yaml`; `mmpl COMMAND -h` tells more.
-    """
+    """Render long AI video from a YAML shot list with Macro-from-Micro Planning (MMPL)."""
 
 
 def _say(text: str) -> None:
@@ -122,6 +121,8 @@ def render(
     processes (--workers, torchrun, accelerate launch, SLURM array tasks) on one folder share the
     work. SIGINT, SIGTERM and SIGUSR1 stop cleanly (exit code 3).
     """
+    from mmpl_cli import launch
+    from mmpl_cli.control import StopFlag
     from mmpl_cli.numerics import requested_threads
     from mmpl_cli.request import RenderRequest, check
 
@@ -136,9 +137,6 @@ def render(
             from mmpl_cli.weights import verify_checkpoint
 
             verify_checkpoint(checked.model_root, checked.profile.resolve_checkpoint(), ckpt.key, ckpt.naming)
-    from mmpl_cli import launch
-    from mmpl_cli.control import StopFlag
-
     children: list = []
     stop = StopFlag()
     launch.forward_signals(stop, children, _say)
@@ -198,45 +196,50 @@ def plan(
         memory = estimate(prof, model_folder(prof), gpu_memory)
         peak = {**(memory["peak_gb"] if memory else {}), **prof.memory_gb}.get(plans[0].seeding)  # as profile_peaks
     schedule = simulate(plans, gpus, peak_memory_gb=peak)
+    typer.echo(json.dumps(plan_summary(shots, prof, plans, why, schedule, memory), indent=2) if as_json
+               else "\n".join(plan_lines(shots, prof, plans, why, schedule, gpus)))
     if gantt is not None:
         draw_gantt(schedule, gantt)
-    if as_json:
-        typer.echo(json.dumps(plan_summary(shots, prof, plans, why, schedule, memory), indent=2))
-        return
-    typer.echo("\n".join(plan_lines(shots, prof, plans, why, schedule, gpus)))
-    if gantt is not None:
-        typer.echo(f"wrote {gantt}")
+        typer.echo(f"wrote {gantt}", err=as_json)
 
 
 @app.command(short_help="Write an sbatch script: a SLURM array that renders one folder together.")
 def slurm(
     shots: ShotsArg,
-    array: Annotated[int, typer.Option("--array", min=1, metavar="N", help="Number of array tasks (cooperating workers).")],
-    gpus_per_task: Annotated[int, typer.Option("--gpus-per-task", min=0, metavar="N", help="GPUs per array task.")] = 1,
+    array: Annotated[int, typer.Option("--array", min=1, metavar="N", help="Array tasks (cooperating workers).")],
+    gpus_per_task: Annotated[int, typer.Option("--gpus-per-task", min=0, metavar="N",
+                                               help="GPUs per array task; 0 for a CPU cluster.")] = 1,
+    cpus_per_task: Annotated[Optional[int], typer.Option("--cpus-per-task", min=1, metavar="N",
+                                                         show_default="the cluster's")] = None,
+    mem: Annotated[Optional[str], typer.Option("--mem", metavar="SIZE", show_default="the cluster's",
+                                               help="Memory per array task, e.g. 64G.")] = None,
+    time_limit: Annotated[str, typer.Option("--time", metavar="D-HH:MM:SS", help="Wall time per array task.")] = "24:00:00",
+    partition: Annotated[Optional[str], typer.Option("--partition", show_default="the cluster's")] = None,
+    account: Annotated[Optional[str], typer.Option("--account", show_default="yours")] = None,
+    qos: Annotated[Optional[str], typer.Option("--qos", show_default="the cluster's")] = None,
+    sbatch_args: Annotated[Optional[list[str]], typer.Option(
+        "--sbatch-arg", metavar="--NAME=VALUE", show_default="none", help="Any other sbatch option; repeatable.")] = None,
     out: OutOpt = None,
     profile: ProfileOpt = None,
     seeding: SeedingOpt = Seeding.auto,
-    time_limit: Annotated[str, typer.Option("--time", metavar="D-HH:MM:SS",
-                                            help="Wall time per array task (sbatch --time).")] = "24:00:00",
-    partition: Annotated[Optional[str], typer.Option("--partition", show_default="the cluster's default",
-                                                     help="sbatch --partition.")] = None,
-    script: Annotated[Optional[Path], typer.Option("--script", metavar="PATH", show_default="<out>.sbatch",
-                                                   help="Where to write the script.")] = None,
+    model_path: Annotated[Optional[str], typer.Option("--model-path", metavar="FOLDER",
+                                                      show_default="the profile's model.path")] = None,
+    script: Annotated[Optional[Path], typer.Option("--script", metavar="PATH", show_default="<out>.sbatch")] = None,
 ) -> None:
     """Write a ready sbatch script: an array of tasks that all run the same `mmpl render` on one
-    render folder and cooperate; pre-emption sends SIGUSR1 two minutes ahead and requeues."""
+    render folder and cooperate. It runs this Python, so it works from any shell. Pre-emption (USR1,
+    sent 120 s before the time limit) stops a task cleanly and requeues it; `scancel` ends it."""
     from mmpl_cli.request import RenderRequest, prepare
-    from mmpl_cli.slurm import sbatch_script
+    from mmpl_cli.slurm import Resources, write_script
 
-    request = RenderRequest(shots=shots, out=out, profile=profile, seeding=seeding.value)
+    request = RenderRequest(shots=shots, out=out, profile=profile, seeding=seeding.value, model_path=model_path)
+    res = Resources(array, gpus_per_task, cpus_per_task, mem, time_limit, partition, account, qos, tuple(sbatch_args or ()))
     with errors():
         shot_list, _, _ = prepare(request)
-    folder = request.out_dir(shot_list.name)
-    text = sbatch_script(request, folder, array, gpus_per_task, time_limit, partition)
-    script = script or folder.with_suffix(".sbatch")
-    script.parent.mkdir(parents=True, exist_ok=True)
-    script.write_text(text)
-    typer.echo(f"wrote {script}\nsubmit it with:  sbatch {script}\nwatch it with:   mmpl status {folder}")
+        folder = request.out_dir(shot_list.name)
+        script = write_script(request, folder, res, script)
+    typer.echo(f"wrote {script}\nsubmit it with:  sbatch {shlex.quote(str(script))}\n"
+               f"watch it with:   mmpl status {shlex.quote(str(folder))}")
 
 
 @app.command(short_help="Check Python, torch, GPUs, ffmpeg and every profile's weights.")
