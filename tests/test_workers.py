@@ -93,6 +93,22 @@ def test_torchrun_two_ranks(shots_file, tiny_model_dir, reference_dir, tmp_path)
 
 
 @pytest.mark.slow
+def test_the_readmes_accelerate_line_starts_two_ranks_on_a_cpu(shots_file, tiny_model_dir, reference_dir, tmp_path):
+    line = next(line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("accelerate launch"))
+    launcher = line.split(" -m mmpl_cli ")[0].split()
+    assert launcher == ["accelerate", "launch", "--multi_gpu", "--num_processes", "2"]
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    out = tmp_path / "out"
+    proc = subprocess.run([accelerate, *launcher[1:], "--main_process_port", "29519", "-m", "mmpl_cli", "render",
+                           str(shots_file), "--out", str(out), "--model-path", str(tiny_model_dir)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    same_bits_as_reference(out, reference_dir)
+    computed_once(out)
+    assert workers_of(out) == {"rank0", "rank1"}
+
+
+@pytest.mark.slow
 def test_torchrun_killed_half_way_resumed_by_plain_render(shots_file, tiny_model_dir, reference_dir, tmp_path):
     """The resume command mmpl prints is a plain `mmpl render`, with the user's own thread settings:
     it must finish the torchrun render with the folder's thread count, not its own."""
@@ -195,22 +211,6 @@ def test_stale_claims_are_taken_over_and_live_ones_respected(tmp_path):
     assert not store.holds(mine, "s/s000/plan") and store.holds(taken, "s/s000/plan")
     store.release("s/s000/plan")
     assert store.try_claim("s/s000/plan", "c", timeout=60) is not None
-
-
-def test_sbatch_script(tmp_path, shots_file):
-    script = tmp_path / "job.sbatch"
-    proc = run_cli("slurm", str(shots_file), "--array", "4", "--gpus-per-task", "2", "--out", str(tmp_path / "r"),
-                   "--script", str(script), "--partition", "gpu")
-    assert proc.returncode == 0, proc.stderr
-    assert f"sbatch {script}" in proc.stdout
-    text = script.read_text()
-    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    directives = [line for line in text.splitlines() if line.startswith("#SBATCH")]
-    for expected in ("--array=0-3", "--gpus-per-task=2", "--signal=B:USR1@120", "--requeue", "--partition=gpu",
-                     f"--output={tmp_path / 'r'}.logs/%A_%a.out"):
-        assert f"#SBATCH {expected}" in directives
-    assert f"mmpl render {shots_file} --out {tmp_path / 'r'}" in text
-    assert "kill -USR1 $child" in text and "scontrol requeue" in text
 
 
 def test_launch_environment_names_the_worker_and_its_team():
