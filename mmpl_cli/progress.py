@@ -59,7 +59,7 @@ class PlainProgress(Progress):
         log_line(f"{self.prefix}[{elapsed:7.1f}s] {self.index + 1}/{self.total} {task.id} done in {seconds:.1f}s")
 
     def message(self, text):
-        log_line(f"{self.prefix}{text}")
+        log_line(text if self.prefix and text.startswith(self.prefix.rstrip() + ":") else f"{self.prefix}{text}")
 
     def close(self):
         self.flush_reused()
