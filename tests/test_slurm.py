@@ -20,6 +20,7 @@ from test_workers import computed_once, same_bits_as_reference
 
 HOSTILE = ["new\nline", "quo'te", 'dou"ble', "$(touch PWNED)", "sp ace", "back`tick`"]
 BARE_PATH = "/usr/bin:/bin"  # a submitting shell without mmpl or its virtual environment
+REQUEUE_DELAY_S = 120  # SLURM holds a requeued batch job this long (Reason=BeginTime; measured: 121 s)
 
 
 def test_sbatch_script(tmp_path, shots_file):
@@ -172,7 +173,7 @@ def test_preemption_requeues_and_resumes_and_a_cancel_cancels(shots_file, tiny_m
     same_bits_as_reference(preempted, reference_dir)
     computed_once(preempted)  # no finished task was computed again
 
-    time.sleep(max(0.0, cancelled_at + 200 - time.time()))  # longer than SLURM's delay before a requeued job runs
+    time.sleep(max(0.0, cancelled_at + REQUEUE_DELAY_S + 30 - time.time()))  # past the delay before a requeued job runs
     assert not _queued(jobs[cancelled])
     state = _job(jobs[cancelled])
     assert state.get("JobState") == "CANCELLED" and state.get("Restarts") == "0", state
