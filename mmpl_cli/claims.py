@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,8 @@ from pathlib import Path
 from mmpl_cli.files import alive, disk_errors, fsync_dir, temporary_name
 from mmpl_cli.numerics import check_record
 from mmpl_cli.terms import SEEDINGS
+
+FUTURE_SLACK = 60.0  # seconds a claim's time may lie ahead of ours (clock skew between machines)
 
 
 class Claims:
@@ -50,31 +53,44 @@ class Claims:
         if claims:
             generation, current = claims[-1]
             try:
-                age = time.time() - current.stat().st_mtime
-                holder = json.loads(current.read_text() or "{}")
+                info = os.lstat(current)
+                age = time.time() - info.st_mtime
+                holder = {}
+                if stat.S_ISREG(info.st_mode):  # never open a planted FIFO or device: it could block
+                    with open(current, "rb") as fh:
+                        holder = json.loads(fh.read(4096) or b"{}")
             except FileNotFoundError:
                 return None  # being released right now; look again later
-            except ValueError:
-                holder = {}  # written a moment ago, or cut short by a crash: judged by its age
-            dead_here = holder.get("host") == os.uname().nodename and not alive(int(holder.get("pid", 0)))
-            if age < timeout and not dead_here:
+            except (OSError, ValueError):
+                holder = {}  # cut short by a crash, or not a claim at all: judged by its age
+            holder = holder if isinstance(holder, dict) else {}
+            pid = holder.get("pid")
+            dead_here = (holder.get("host") == os.uname().nodename and isinstance(pid, int) and 0 < pid < 2**22
+                         and not alive(pid))
+            future = age < -FUTURE_SLACK  # a heartbeat from the future is no heartbeat: a wrong clock or tampering
+            if 0 <= age + FUTURE_SLACK and age < timeout and not dead_here:
                 return None
-            why = "its process is gone" if dead_here else f"no heartbeat for {age:.0f} s"
+            why = ("its process is gone" if dead_here else "its heartbeat lies in the future" if future
+                   else f"no heartbeat for {age:.0f} s")
             self.warn(f"{task_id}: taking over from worker {holder.get('worker', '?')} ({why})")
             generation += 1
         else:
             generation = 0
         base = self._base(task_id)
         path = base.with_name(f"{base.name}.{generation}")
+        # written whole under a temporary name and linked into place (which fails if the name exists, as
+        # O_EXCL would): a full disk leaves no empty claim behind
         with disk_errors(path):
             path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = temporary_name(path)
             try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                tmp.write_text(json.dumps({"worker": worker, "pid": os.getpid(), "host": os.uname().nodename,
+                                           "time": time.time()}))
+                os.link(tmp, path)
             except FileExistsError:
                 return None
-            with os.fdopen(fd, "w") as fh:
-                json.dump({"worker": worker, "pid": os.getpid(), "host": os.uname().nodename,
-                           "time": time.time()}, fh)
+            finally:
+                tmp.unlink(missing_ok=True)
         return path
 
     def holds(self, claim: Path, task_id: str) -> bool:

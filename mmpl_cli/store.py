@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,6 +41,9 @@ STORE_VERSION = 1
 META = ".mmpl"
 
 DONE, MISSING, INVALID, STALE = "done", "missing", "invalid", "stale"
+MAX_RECORD_BYTES = 1 << 16  # a video task's record is a few hundred bytes
+MAX_MANIFEST_BYTES = 256 << 20
+MAX_EVENTS_BYTES = 1 << 30
 DECISIONS = ("seeding", "numerics")  # .mmpl/<name>.json: what the first worker decided (claims.py)
 
 
@@ -103,15 +107,21 @@ class RenderStore:
                                      "choose an empty or new folder with --out"))
 
     def read_manifest(self) -> dict:
+        if os.path.lexists(self.manifest_path) and not self._plain_file(self.manifest_path, MAX_MANIFEST_BYTES):
+            raise InputError(Problem(str(self.manifest_path), None, "",
+                                     f"not a plain file of at most {MAX_MANIFEST_BYTES >> 20} MB inside the folder"))
         try:
-            return json.loads(self.manifest_path.read_text())
+            manifest = json.loads(self.manifest_path.read_text())
+            if not isinstance(manifest, dict):
+                raise ValueError(f"expected a JSON object, found {type(manifest).__name__}")
+            return manifest
         except FileNotFoundError:
             raise InputError(Problem(str(self.root), None, "", "not an mmpl render folder (no .mmpl/manifest.json)")) from None
         except (OSError, ValueError) as exc:
             raise InputError(Problem(str(self.manifest_path), None, "", f"unreadable manifest: {exc}")) from None
 
     def write_manifest(self, manifest: dict) -> None:
-        write_atomic(self.manifest_path, json.dumps({**manifest, "store_version": STORE_VERSION},
+        write_atomic(self._confined(self.manifest_path), json.dumps({**manifest, "store_version": STORE_VERSION},
                                                          indent=2, sort_keys=True).encode())
 
     def clean_temporary_files(self, older_than: float = 0.0) -> None:
@@ -155,7 +165,7 @@ class RenderStore:
 
     def write_storyboard(self, shot_id: str, png: bytes) -> Path:
         path = self.storyboard(shot_id)
-        write_atomic(path, png)
+        write_atomic(self._confined(path), png)
         return path
 
     def state(self, task_id: str, task_hash: str) -> str:
@@ -186,11 +196,22 @@ class RenderStore:
     def _load(self, task_id: str, task_hash: str, quiet: bool) -> tuple[str, Result | None]:
         latents_file = self._task_file(task_id, ".safetensors")
         record_file = self._task_file(task_id, ".json")
-        if latents_file.exists():
-            return self._load_latents(task_id, latents_file, task_hash, quiet)
-        if record_file.exists():
-            return self._load_record(task_id, record_file, task_hash, quiet)
+        for path, load in ((latents_file, self._load_latents), (record_file, self._load_record)):
+            if os.path.lexists(path):
+                if not self._plain_file(path, MAX_RECORD_BYTES if path is record_file else None):
+                    return self._invalid(task_id, "task file is not a plain file inside the folder", quiet)
+                return load(task_id, path, task_hash, quiet)
         return MISSING, None
+
+    def _plain_file(self, path: Path, max_bytes: int | None = None) -> bool:
+        """A regular file inside the folder, reached without a symlink (and not over max_bytes)."""
+        try:
+            rel = path.relative_to(self.root)
+            info = os.lstat(path)
+        except (ValueError, OSError):
+            return False
+        return self.inside(rel) is not None and stat.S_ISREG(info.st_mode) and \
+            (max_bytes is None or info.st_size <= max_bytes)
 
     def _invalid(self, task_id: str, why: str, quiet: bool) -> tuple[str, None]:
         if not quiet:
@@ -213,18 +234,52 @@ class RenderStore:
         return DONE, Latents(tensors["latents"], tensors.get("window"))
 
     def _load_record(self, task_id, path, task_hash, quiet):
+        # a render folder's contents are untrusted: the record must be what save_video writes, and
+        # the file it names a regular file inside the folder, reached without a symlink
         try:
             record = json.loads(path.read_text())
-            target = self.root / record["file"]
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError):
             return self._invalid(task_id, "unreadable task record", quiet)
-        if record.get("hash") != task_hash:
+        if not (isinstance(record, dict) and all(isinstance(record.get(k), str) for k in ("file", "hash", "sha256"))):
+            return self._invalid(task_id, "task record of the wrong shape", quiet)
+        if record["hash"] != task_hash:
             return STALE, None
-        if not target.exists():
+        target = self.inside(record["file"])
+        if target is None:
+            return self._invalid(task_id, "task record names a file outside the render folder", quiet)
+        if not os.path.lexists(target):
             return MISSING, None
-        if sha256_file(target) != record.get("sha256"):
+        if not stat.S_ISREG(os.lstat(target).st_mode):
+            return self._invalid(task_id, "task record names something that is not a plain file", quiet)
+        if sha256_file(target) != record["sha256"]:
             return self._invalid(task_id, f"{record['file']} was altered", quiet)
         return DONE, VideoFile(target)
+
+    def inside(self, relative: str | Path) -> Path | None:
+        """root / relative if that stays inside the folder with no symlink on the way, else None."""
+        rel = Path(relative)
+        if rel.is_absolute() or ".." in rel.parts:
+            return None
+        at = self.root
+        for part in rel.parts:
+            at = at / part
+            if at.is_symlink():
+                return None
+        return at
+
+    def _confined(self, path: Path, follows_last: bool = False) -> Path:
+        """`path`, unless a symlink planted in the folder would lead the write outside it (exit 2). An
+        atomic write replaces a symlink in the last place rather than following it; an append
+        (`follows_last`) would follow it."""
+        try:
+            rel = Path(path).relative_to(self.root)
+        except ValueError:
+            rel = None
+        if rel is None or self.inside(rel if follows_last else rel.parent) is None:
+            raise InputError(Problem(str(self.root), None, "--out",
+                                     f"{path} leads outside the render folder (a symlink in it?); nothing was written",
+                                     "remove the symlink, or render into a new folder"))
+        return path
 
     def save(self, task_id: str, task_hash: str, result: Latents) -> Latents:
         """Persist a denoising task's latents; returns them as later loads will see them."""
@@ -233,20 +288,20 @@ class RenderStore:
         named = {"latents": result.latents} | ({"window": result.window} if result.window is not None else {})
         tensors = {key: value.detach().cpu().float().contiguous() for key, value in named.items()}
         meta = {"task": task_id, "hash": task_hash, **{_checksum_key(k): tensor_checksum(t) for k, t in tensors.items()}}
-        write_atomic(self._task_file(task_id, ".safetensors"), safetensors_bytes(tensors, metadata=meta))
+        write_atomic(self._confined(self._task_file(task_id, ".safetensors")), safetensors_bytes(tensors, metadata=meta))
         return Latents(tensors["latents"], tensors.get("window"))
 
     @contextmanager
     def video_file(self, path: Path) -> Iterator[Path]:
         """A temporary path to encode the video `path` into; it is moved into place on success."""
-        with atomic_path(path) as tmp:
+        with atomic_path(self._confined(path)) as tmp:
             yield tmp
 
     def save_video(self, task_id: str, task_hash: str, path: Path) -> VideoFile:
         """Record a video task whose file is in place (written through video_file)."""
         record = {"task": task_id, "hash": task_hash, "file": str(path.relative_to(self.root)),
                   "sha256": sha256_file(path)}
-        write_atomic(self._task_file(task_id, ".json"), json.dumps(record, indent=1).encode())
+        write_atomic(self._confined(self._task_file(task_id, ".json")), json.dumps(record, indent=1).encode())
         return VideoFile(path)
 
     # -- events ----------------------------------------------------------------------------
@@ -258,19 +313,21 @@ class RenderStore:
         path = self.meta / "events.jsonl"
         with disk_errors(path):
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a") as fh:
+            with open(self._confined(path, follows_last=True), "a") as fh:
                 fh.write(line)
 
     def events(self) -> list[dict]:
         path = self.meta / "events.jsonl"
-        if not path.exists():
+        if not self._plain_file(path, MAX_EVENTS_BYTES):
             return []
         out = []
-        for line in path.read_text().splitlines():
+        for line in path.read_text(errors="replace").splitlines():
             try:
-                out.append(json.loads(line))
+                event = json.loads(line)
             except ValueError:
                 continue
+            if isinstance(event, dict) and isinstance(event.get("task"), str):
+                out.append(event)
         return out
 
     def computed_counts(self) -> dict[str, int]:
@@ -283,8 +340,15 @@ class RenderStore:
 
     def report(self) -> dict:
         """What `mmpl status` shows: per shot, segment and task, what is done, missing, invalid or
-        stale, how often each task was computed, and the command that resumes."""
-        manifest = self.read_manifest()
+        stale, how often each task was computed, and the command that resumes. A manifest of the
+        wrong shape (the folder is untrusted) is exit 2 naming the file."""
+        try:
+            return self._report(self.read_manifest())
+        except (KeyError, TypeError, AttributeError, IndexError, ValueError) as exc:
+            raise InputError(Problem(str(self.manifest_path), None, "",
+                                     f"not the manifest mmpl writes ({type(exc).__name__}: {exc})")) from None
+
+    def _report(self, manifest: dict) -> dict:
         counts = self.computed_counts()
         shots, tasks = [], []
         for shot in manifest["shots"]:

@@ -1,0 +1,131 @@
+"""A render folder's contents are untrusted data: records that point outside it, at devices, FIFOs
+or symlinks; records, claims, decisions and manifests of the wrong type; claims from the future;
+symlinks that would lead writes outside. None hangs (each render runs under a timeout), none
+certifies a foreign file, each recomputes or refuses with exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli, videos
+
+TIMEOUT = 180  # seconds: a tampered folder must never make a render wait for longer
+
+
+def _copy(reference_dir: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    shutil.copytree(reference_dir, out, symlinks=True)
+    return out
+
+
+def _render(shots_file, tiny_model_dir, out):
+    return run_cli("render", str(shots_file), "--out", str(out), "--model-path", str(tiny_model_dir), timeout=TIMEOUT)
+
+
+def _outside_untouched(tmp_path: Path, before: dict) -> None:
+    after = {str(p): p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.name != "out"}
+    assert after == before  # nothing written beside the render folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["absolute", "dotdot", "symlink", "device", "fifo"])
+def test_a_record_naming_something_outside_or_odd_is_not_certified(where, shots_file, tiny_model_dir, reference_dir,
+                                                                   tmp_path):
+    out = _copy(reference_dir, tmp_path)
+    foreign = tmp_path / "foreign.mp4"
+    foreign.write_bytes(b"not the segment this folder made")
+    record_path = out / ".mmpl/tasks/k/s000-decode.json"
+    record = json.loads(record_path.read_text())
+    segment = out / record["file"]
+    named = {"absolute": str(foreign), "dotdot": "../foreign.mp4", "symlink": record["file"],
+             "device": "/dev/zero", "fifo": record["file"]}[where]
+    if where == "symlink":
+        segment.unlink()
+        segment.symlink_to(foreign)
+    if where == "fifo":
+        segment.unlink()
+        os.mkfifo(segment)
+    sha = __import__("hashlib").sha256(foreign.read_bytes()).hexdigest()
+    record_path.write_text(json.dumps({**record, "file": named, "sha256": sha}))
+    before = {str(p): p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.name != "out"}
+    started = time.monotonic()
+    proc = _render(shots_file, tiny_model_dir, out)
+    assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - started < TIMEOUT
+    assert "Traceback" not in proc.stderr
+    assert "k/s000/decode:" in proc.stdout and "computing it again" in proc.stdout
+    assert videos(out) == videos(reference_dir)  # the folder's own segment, made again
+    fixed = json.loads(record_path.read_text())
+    assert fixed["file"] == record["file"] and not (out / fixed["file"]).is_symlink()
+    assert foreign.read_bytes() == b"not the segment this folder made"
+    _outside_untouched(tmp_path, before)
+
+
+@pytest.mark.slow
+def test_records_claims_and_decisions_of_the_wrong_type_are_recomputed_or_refused(shots_file, tiny_model_dir,
+                                                                                  reference_dir, tmp_path):
+    out = _copy(reference_dir, tmp_path)
+    tasks = out / ".mmpl/tasks/k"
+    for name, text in (("s000-decode.json", "[]"), ("s001-decode.json", '{"file": 1, "hash": [], "sha256": null}'),
+                       ("stitch.json", '"a string"')):
+        (tasks / name).write_text(text)
+    (tasks / "s001-plan.safetensors").write_bytes(b"\x00" * 64)  # not a safetensors file
+    claims = out / ".mmpl/claims/k"
+    claims.mkdir(parents=True, exist_ok=True)
+    for name, text in (("s000-plan.claim.0", "[1, 2]"), ("s001-plan.claim.0", '{"pid": "x", "host": 3}'),
+                       ("s000-initial.claim.0", "\x00\xff garbage")):
+        (claims / name).write_text(text, errors="surrogateescape")
+        os.utime(claims / name, (time.time() - 1000, time.time() - 1000))
+    (out / ".mmpl/events.jsonl").write_text('[1]\n{"event": "finished"}\n"x"\n{"task": 5}\n')
+    proc = _render(shots_file, tiny_model_dir, out)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert videos(out) == videos(reference_dir)
+    # a decision of the wrong type is refused with exit 2, naming the file
+    (out / ".mmpl/numerics.json").write_text("[]")
+    proc = _render(shots_file, tiny_model_dir, out)
+    assert proc.returncode == 2 and "numerics.json" in proc.stderr and "Traceback" not in proc.stderr
+    # a manifest of the wrong shape: status says so, exit 2
+    for text in ("[]", '{"shots": 3, "profile": {}}', '{"shots": [{"tasks": [1]}]}'):
+        (out / ".mmpl/manifest.json").write_text(text)
+        proc = run_cli("status", str(out))
+        assert proc.returncode == 2 and "manifest.json" in proc.stderr and "Traceback" not in proc.stderr, text
+
+
+@pytest.mark.slow
+def test_a_claim_from_the_future_is_taken_over(shots_file, tiny_model_dir, reference_dir, tmp_path):
+    out = _copy(reference_dir, tmp_path)
+    (out / ".mmpl/tasks/k/s001-populate_stage_two.safetensors").unlink()  # to be computed again, if it can be claimed
+    claim = out / ".mmpl/claims/k/s001-populate_stage_two.claim.0"
+    claim.parent.mkdir(parents=True, exist_ok=True)
+    claim.write_text(json.dumps({"worker": "far", "pid": 1, "host": "elsewhere", "time": 0}))
+    os.utime(claim, (time.time() + 10**7, time.time() + 10**7))  # months ahead
+    started = time.monotonic()
+    proc = _render(shots_file, tiny_model_dir, out)
+    assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - started < 60  # not the 120 s claim timeout, let alone forever
+    assert "heartbeat lies in the future" in proc.stdout
+    assert "k/s001/populate_stage_two done" in proc.stdout
+    assert videos(out) == videos(reference_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("planted", ["segments", ".mmpl/tasks"])
+def test_a_symlink_planted_in_the_folder_does_not_lead_writes_outside(planted, shots_file, tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (out / planted).parent.mkdir(parents=True, exist_ok=True)
+    (out / ".mmpl").mkdir(exist_ok=True)
+    (out / ".mmpl/manifest.json").write_text('{"store_version": 1}')  # an mmpl folder, so --out is accepted
+    (out / planted).symlink_to(elsewhere, target_is_directory=True)
+    proc = _render(shots_file, tiny_model_dir, out)
+    assert proc.returncode == 2, proc.stderr
+    assert "leads outside the render folder" in proc.stderr and "Traceback" not in proc.stderr
+    assert list(elsewhere.iterdir()) == []
