@@ -16,8 +16,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from mmpl_cli import __version__
-from mmpl_cli.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, MMPLError
+from mmpl_cli import __version__, launch
+from mmpl_cli.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, MMPLError, printable
 from mmpl_cli.terms import SEEDINGS, STRATEGIES
 
 app = typer.Typer(
@@ -47,22 +47,26 @@ def main_callback(
 
 
 def _say(text: str) -> None:
-    typer.echo(f"mmpl: {text}", err=True)
+    typer.echo(f"mmpl: {printable(text)}", err=True)
 
 
 @contextmanager
-def errors(resume: str | None = None) -> Iterator[None]:
+def errors(resume: str | None = None, cooperative: bool = False) -> Iterator[None]:
     """The error boundary of every command: one message and an exit code. With `resume`, a failure
-    that is not bad input also says that finished tasks are kept and how to go on."""
+    that is not bad input also says that finished tasks are kept and how to go on. A signal stops
+    the work inside at once, or (`cooperative`) when the work next checks launch.STOP."""
     try:
-        yield
+        with launch.interruptible(not cooperative):
+            yield
     except typer.Exit:
         raise
     except KeyboardInterrupt:
         _say("interrupted")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except MMPLError as exc:
-        if resume is not None and exc.exit_code != EXIT_BAD_INPUT:
+        if exc.exit_code == EXIT_INTERRUPTED and resume is None:
+            _say(str(exc))
+        elif resume is not None and exc.exit_code != EXIT_BAD_INPUT:
             _say(f"{exc}\nfinished tasks are kept; resume with: {resume}")
         else:
             _say(f"error: {exc}")
@@ -121,8 +125,6 @@ def render(
     processes (--workers, torchrun, accelerate launch, SLURM array tasks) on one folder share the
     work. SIGINT, SIGTERM and SIGUSR1 stop cleanly (exit code 3).
     """
-    from mmpl_cli import launch
-    from mmpl_cli.control import StopFlag
     from mmpl_cli.numerics import requested_threads
     from mmpl_cli.request import RenderRequest, check
 
@@ -137,15 +139,12 @@ def render(
             from mmpl_cli.weights import verify_checkpoint
 
             verify_checkpoint(checked.model_root, checked.profile.resolve_checkpoint(), ckpt.key, ckpt.naming)
-    children: list = []
-    stop = StopFlag()
-    launch.forward_signals(stop, children, _say)
-    with errors(resume=None if as_worker else request.resume_command()):
+    with errors(resume=None if as_worker else request.resume_command(), cooperative=True):
         me = launch.role(device, workers, as_worker, threads, warn=lambda warning: _say(f"warning: {warning}"))
-        paths = launch.run(checked, me, restart, claim_timeout, threads, stop, children)
+        paths = launch.run(checked, me, restart, claim_timeout, threads, launch.STOP, launch.CHILDREN)
     if as_worker is None:
         for path in paths:
-            typer.echo(f"wrote {path}")
+            typer.echo(printable(f"wrote {path}"))
 
 
 @app.command(short_help="Show what is done in a render folder and what remains.")
@@ -160,7 +159,7 @@ def status(
 
     with errors():
         report = RenderStore(folder).report()
-    typer.echo(json.dumps(report, indent=2) if as_json else "\n".join(status_lines(report)))
+    typer.echo(json.dumps(report, indent=2) if as_json else "\n".join(map(printable, status_lines(report))))
 
 
 @app.command(short_help="Show segments and tasks; simulate the schedule and memory on N GPUs.")
@@ -197,7 +196,7 @@ def plan(
         peak = {**(memory["peak_gb"] if memory else {}), **prof.memory_gb}.get(plans[0].seeding)  # as profile_peaks
     schedule = simulate(plans, gpus, peak_memory_gb=peak)
     typer.echo(json.dumps(plan_summary(shots, prof, plans, why, schedule, memory), indent=2) if as_json
-               else "\n".join(plan_lines(shots, prof, plans, why, schedule, gpus)))
+               else "\n".join(map(printable, plan_lines(shots, prof, plans, why, schedule, gpus))))
     if gantt is not None:
         draw_gantt(schedule, gantt)
         typer.echo(f"wrote {gantt}", err=as_json)
@@ -316,4 +315,8 @@ def main() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    app()
+    launch.install_signal_handlers()  # again, for callers of cli.main (already done by __main__)
+    try:
+        app()
+    finally:  # exiting: Python drops its handlers while it shuts down, so a late signal is ignored instead
+        launch.ignore_signals()

@@ -20,7 +20,8 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from mmpl_cli.control import Interrupted, StopFlag
@@ -110,21 +111,56 @@ def check_restart(role: Role, restart: bool) -> None:
                                  "run `mmpl render --restart` once on its own, or delete the folder"))
 
 
-def forward_signals(stop: StopFlag, children: list[subprocess.Popen], say: Callable[[str], None]) -> None:
-    """SIGINT, SIGTERM and SIGUSR1 set the stop flag (checked between denoising steps) and are passed
-    on to the workers this process started; a second signal stops at once (writes are atomic)."""
+# -- signals ------------------------------------------------------------------------------------
+#
+# Installed before anything heavy is imported (mmpl_cli/__main__.py), so a signal at once stops
+# cleanly too. The first signal sets STOP and is passed on to the workers this process started;
+# inside an interruptible section (validation, a command's own work) it also raises Interrupted at
+# once, elsewhere (a render's run, where the runtime checks STOP between denoising steps) it waits for
+# that check. A second signal ends the process at once, quietly: every write is atomic.
 
-    def on_signal(signum, frame):
-        name = signal.Signals(signum).name
-        for child in children:
+STOP = StopFlag()
+CHILDREN: list[subprocess.Popen] = []
+_interruptible = False
+
+
+def _on_signal(signum, frame) -> None:
+    name = signal.Signals(signum).name
+    for child in CHILDREN:
+        try:
             child.send_signal(signum)
-        if stop.reason is not None:
-            raise Interrupted(f"stopped by {name}")
-        stop.request(name)
-        say(f"{name} received, stopping after the current step")
+        except OSError:
+            pass
+    if STOP.reason is not None:
+        os.write(2, f"mmpl: {name} again: stopping at once; finished tasks are kept\n".encode())
+        os._exit(EXIT_INTERRUPTED)
+    STOP.request(name)
+    if _interruptible:
+        raise Interrupted(f"stopped by {name}")
+    os.write(2, f"mmpl: {name} received, stopping after the current step\n".encode())
 
+
+def install_signal_handlers() -> None:
     for sig in SIGNALS:
-        signal.signal(sig, on_signal)
+        signal.signal(sig, _on_signal)
+
+
+def ignore_signals() -> None:
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+@contextmanager
+def interruptible(yes: bool = True) -> Iterator[None]:
+    """Within: a first signal raises Interrupted at once (yes), or only sets STOP (no). A signal
+    that came before stops here."""
+    global _interruptible
+    before, _interruptible = _interruptible, yes
+    try:
+        STOP.check()
+        yield
+    finally:
+        _interruptible = before
 
 
 def run_workers(request, role: Role, claim_timeout: float, children: list[subprocess.Popen], threads: int) -> None:
