@@ -348,6 +348,8 @@ def parse_profile(data, file: str, problems: list[Problem]) -> Profile | None:
 
 
 SAMPLER_KEYS = {"scheduler", "steps", "shift", "guidance", "search", "search_steps"}
+MAX_GUIDANCE = 100.0  # Wan uses 5-6, distilled checkpoints 1; far beyond, latents overflow (1e38 gave NaN)
+MAX_SHIFT = 100.0  # Wan uses 3-8
 HANDOVERS = ("reencode", "direct")
 
 
@@ -356,8 +358,8 @@ def sampler_overrides(f: Fields, m: Located, prefix: str) -> dict:
     out = {
         "scheduler": f.get(m, "scheduler", prefix, "str", choices=SCHEDULERS),
         "steps": f.get(m, "steps", prefix, "int", minimum=1, maximum=1000),
-        "shift": f.get(m, "shift", prefix, "float", exclusive_minimum=0.0),
-        "guidance": f.get(m, "guidance", prefix, "float", minimum=0.0),
+        "shift": f.get(m, "shift", prefix, "float", exclusive_minimum=0.0, maximum=MAX_SHIFT),
+        "guidance": f.get(m, "guidance", prefix, "float", minimum=0.0, maximum=MAX_GUIDANCE),
         "search": f.get(m, "search", prefix, "int", minimum=1, maximum=64),
         "search_steps": f.get(m, "search_steps", prefix, "int", minimum=1, maximum=1000),
     }

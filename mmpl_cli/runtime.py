@@ -225,6 +225,7 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
                     started = time.perf_counter()
                     with _heartbeat(claims, claim, max(0.5, worker.claim_timeout / 4)), _peak_memory(device) as peak:
                         result = runner.run(task, results)
+                    _check_finite(task, result, plan)
                     if not claims.holds(claim, task_id):
                         progress.message(f"{worker.name}: {task_id} was taken over by another worker; dropping ours")
                         continue
@@ -250,6 +251,15 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
                     runner = runners.setdefault(plan.shot.id, ShotRunner(backend, plan, store, progress, stop))
                     write_when_planned(runner, results, store, done, progress)
     return [store.shot_video(plan.shot.id) for plan in plans]
+
+
+def _check_finite(task: Task, made: Made, plan) -> None:
+    """A result with NaN or inf is never saved: it would be reused as finished work forever after."""
+    if isinstance(made, Latents) and not all(bool(torch.isfinite(t).all()) for t in (made.latents, made.window)
+                                             if t is not None):
+        raise MMPLError(f"{task.id}: the model's output is not finite (NaN or inf), so nothing was saved; "
+                        f"lower guidance ({plan.sampler.guidance:g}) or shift ({plan.sampler.shift:g}), or check "
+                        "the model's weights and dtype")
 
 
 def _save(store: RenderStore, task: Task, task_hash: str, made: Made, fps: int) -> Result:

@@ -127,7 +127,7 @@ def _parse_shot(f: Fields, m: Located, prefix: str, path: Path, default_seed: in
     before = len(f.problems)
     f.unknown_keys(m, SHOT_KEYS, prefix)
     shot_id = f.get(m, "id", prefix, "str", required=True)
-    if shot_id is not None and not SHOT_ID.match(shot_id):
+    if shot_id is not None and not SHOT_ID.fullmatch(shot_id):
         f.add(f.line_of(m, "id"), f"{prefix}.id",
               f"expected letters, digits, '-' and '_' (at most 100, not starting with '-'), found '{shot_id}'",
               "the id names the output file, so it may not contain '/', '.', spaces or other characters")

@@ -67,6 +67,7 @@ _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _co
 
 
 SCIENTIFIC = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
+MAX_INT = 10**15  # larger whole numbers are refused: no field needs them, and a float cannot hold them all
 
 
 def load_yaml(path: Path, what: str) -> Any:
@@ -161,6 +162,9 @@ class Fields:
             if not ok:
                 expected = "a whole number" if kind == "int" else "a number"
                 self.add(line, field, f"expected {expected}, found {describe(value)}")
+                return default
+            if isinstance(value, int) and abs(value) > MAX_INT:  # also what a float cannot hold
+                self.add(line, field, f"expected a number of at most {len(str(MAX_INT)) - 1} digits, found a larger one")
                 return default
             if isinstance(value, float) and not math.isfinite(value):
                 self.add(line, field, f"expected a finite number, found {value}")
