@@ -5,12 +5,23 @@ Exit codes: 0 done, 1 any other failure, 2 bad input, 3 interrupted and resumabl
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 3
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str, newlines: bool = True) -> str:
+    """User text made safe to print: control characters (escape sequences, NUL, carriage returns; also
+    newlines unless `newlines`) shown as escapes, so a shot list cannot talk to the terminal."""
+    out = _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(text))
+    return out if newlines else out.replace("\n", "\\n")
 
 
 @dataclass(frozen=True)
@@ -27,7 +38,7 @@ class Problem:
         where = self.file if self.line is None else f"{self.file}:{self.line}"
         field = f" {self.field}:" if self.field else ""
         hint = f" ({self.hint})" if self.hint else ""
-        return f"{where}:{field} {self.message}{hint}"
+        return printable(f"{where}:{field} {self.message}{hint}", newlines=False)
 
 
 class MMPLError(Exception):

@@ -9,6 +9,8 @@ import sys
 import time
 from datetime import datetime
 
+from mmpl_cli.errors import printable
+
 
 def on_terminal() -> bool:
     """The one TTY rule: a bar when standard output is a terminal."""
@@ -16,8 +18,8 @@ def on_terminal() -> bool:
 
 
 def log_line(text: str) -> None:
-    """A plain log line: local time, then the text."""
-    print(f"{datetime.now():%Y-%m-%d %H:%M:%S} {text}", flush=True)
+    """A plain log line: local time, then the text (control characters escaped: one line, inert)."""
+    print(f"{datetime.now():%Y-%m-%d %H:%M:%S} {printable(text, newlines=False)}", flush=True)
 
 
 class Progress:
@@ -80,7 +82,9 @@ class RichProgress(Progress):
 
     def task_started(self, task, index, total):
         self.bar.update(self.tasks, total=total, completed=index, description="tasks")
-        self.bar.update(self.steps, completed=0, total=None, description=f"  {task.id}")
+        from rich.markup import escape  # task ids come from the shot list: never markup
+
+        self.bar.update(self.steps, completed=0, total=None, description=escape(f"  {printable(task.id)}"))
 
     def task_reused(self, task, index, total):
         self.bar.update(self.tasks, total=total, completed=index + 1, description="tasks")
@@ -92,7 +96,7 @@ class RichProgress(Progress):
         self.bar.advance(self.tasks)
 
     def message(self, text):
-        self.bar.console.print(text)
+        self.bar.console.print(printable(text, newlines=False), markup=False, highlight=False)  # user text: no markup
 
     def close(self):
         self.bar.stop()
@@ -113,7 +117,10 @@ class TrainProgress:
             self.bar.start()
 
     def message(self, text: str) -> None:
-        self.bar.console.print(text) if self.bar is not None else log_line(text)
+        if self.bar is not None:
+            self.bar.console.print(printable(text, newlines=False), markup=False, highlight=False)
+        else:
+            log_line(text)
 
     def report(self, stage: str, step: int, steps: int, loss: float, speed: float) -> None:
         if self.bar is None:
