@@ -60,10 +60,7 @@ def errors(resume: str | None = None, cooperative: bool = False) -> Iterator[Non
             yield
     except typer.Exit:
         raise
-    except KeyboardInterrupt:
-        _say("interrupted")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    except MMPLError as exc:
+    except MMPLError as exc:  # a signal raises Interrupted (launch.py's handlers: no KeyboardInterrupt)
         if exc.exit_code == EXIT_INTERRUPTED and resume is None:
             _say(str(exc))
         elif resume is not None and exc.exit_code != EXIT_BAD_INPUT:
@@ -315,7 +312,6 @@ def main() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    launch.install_signal_handlers()  # again, for callers of cli.main (already done by __main__)
     try:
         app()
     finally:  # exiting: Python drops its handlers while it shuts down, so a late signal is ignored instead

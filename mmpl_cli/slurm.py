@@ -119,7 +119,7 @@ def sbatch_script(request: RenderRequest, folder: Path, res: Resources, python: 
         "trap 'reason=cancel; kill -TERM $child 2>/dev/null' TERM INT",
         "wait $child; code=$?",
         "while [ $code -gt 128 ] && kill -0 $child 2>/dev/null; do wait $child; code=$?; done",
-        'if [ $code -eq 3 ] && [ "$reason" = pre-emption ]; then',
+        'if [ "$reason" = pre-emption ] && [ $code -ne 0 ]; then  # 3, or killed before its handlers were in place',
         f'    echo "mmpl: stopped for pre-emption or the time limit ({PREEMPT_SIGNAL}); requeueing {task}"',
         f"    scontrol requeue {task} || echo \"mmpl: the requeue failed; submit the script again to resume\"",
         'elif [ $code -eq 3 ]; then',
