@@ -5,6 +5,7 @@ certifies a foreign file, each recomputes or refuses with exit 2."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -34,35 +35,41 @@ def _outside_untouched(tmp_path: Path, before: dict) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("where", ["absolute", "dotdot", "symlink", "device", "fifo"])
-def test_a_record_naming_something_outside_or_odd_is_not_certified(where, shots_file, tiny_model_dir, reference_dir,
-                                                                   tmp_path):
+@pytest.mark.parametrize("tampering", [("absolute", "symlink", "device"), ("dotdot", "fifo", "absolute")])
+def test_a_record_naming_something_outside_or_odd_is_not_certified(tampering, shots_file, tiny_model_dir,
+                                                                   reference_dir, tmp_path):
+    """Each case tampers with three records at once (both segments' and the stitch's): a record naming
+    an absolute path or ../ outside the folder, a symlink to a foreign file, /dev/zero, a FIFO."""
     out = _copy(reference_dir, tmp_path)
     foreign = tmp_path / "foreign.mp4"
     foreign.write_bytes(b"not the segment this folder made")
-    record_path = out / ".mmpl/tasks/k/s000-decode.json"
-    record = json.loads(record_path.read_text())
-    segment = out / record["file"]
-    named = {"absolute": str(foreign), "dotdot": "../foreign.mp4", "symlink": record["file"],
-             "device": "/dev/zero", "fifo": record["file"]}[where]
-    if where == "symlink":
-        segment.unlink()
-        segment.symlink_to(foreign)
-    if where == "fifo":
-        segment.unlink()
-        os.mkfifo(segment)
-    sha = __import__("hashlib").sha256(foreign.read_bytes()).hexdigest()
-    record_path.write_text(json.dumps({**record, "file": named, "sha256": sha}))
+    sha = hashlib.sha256(foreign.read_bytes()).hexdigest()
+    originals = {}
+    for task, where in zip(("s000-decode", "s001-decode", "stitch"), tampering):
+        record_path = out / ".mmpl/tasks/k" / f"{task}.json"
+        record = json.loads(record_path.read_text())
+        originals[record_path] = record["file"]
+        target = out / record["file"]
+        if where == "symlink":
+            target.unlink()
+            target.symlink_to(foreign)
+        if where == "fifo":
+            target.unlink()
+            os.mkfifo(target)
+        named = {"absolute": str(foreign), "dotdot": "../foreign.mp4", "device": "/dev/zero"}.get(where, record["file"])
+        record_path.write_text(json.dumps({**record, "file": named, "sha256": sha}))
     before = {str(p): p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.name != "out"}
     started = time.monotonic()
     proc = _render(shots_file, tiny_model_dir, out)
     assert proc.returncode == 0, proc.stderr
     assert time.monotonic() - started < TIMEOUT
     assert "Traceback" not in proc.stderr
-    assert "k/s000/decode:" in proc.stdout and "computing it again" in proc.stdout
-    assert videos(out) == videos(reference_dir)  # the folder's own segment, made again
-    fixed = json.loads(record_path.read_text())
-    assert fixed["file"] == record["file"] and not (out / fixed["file"]).is_symlink()
+    for task in ("k/s000/decode", "k/s001/decode", "k/stitch"):
+        assert f"{task}: task record names" in proc.stdout or f"{task}: task file" in proc.stdout, proc.stdout
+    assert videos(out) == videos(reference_dir)  # the folder's own videos, made again
+    for record_path, file in originals.items():
+        fixed = json.loads(record_path.read_text())
+        assert fixed["file"] == file and not (out / file).is_symlink()
     assert foreign.read_bytes() == b"not the segment this folder made"
     _outside_untouched(tmp_path, before)
 
