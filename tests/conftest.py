@@ -11,6 +11,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (pyproject's addopts): a render runs its tasks on one thread (numerics.py), so one
+    process leaves the second of CI's two cores idle. The whole suite takes three processes: the
+    SLURM tests wait about two minutes for SLURM's requeue delay, which the third fills (887-898 s
+    against about 950 s with two). A selection (-m, -k) takes two: their start-up (each builds the
+    tiny model) costs more than a third process gains (`-m "not slow"`: 39 s with two, 53 s with three)."""
+    return 2 if config.getoption("markexpr") or config.getoption("keyword") else 3
 os.environ.pop("MMPL_CPU_THREADS", None)  # the tests assume a new render folder's default thread count
 
 
