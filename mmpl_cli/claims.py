@@ -68,7 +68,7 @@ class Claims:
             dead_here = (holder.get("host") == os.uname().nodename and isinstance(pid, int) and 0 < pid < 2**22
                          and not alive(pid))
             future = age < -FUTURE_SLACK  # a heartbeat from the future is no heartbeat: a wrong clock or tampering
-            if 0 <= age + FUTURE_SLACK and age < timeout and not dead_here:
+            if not future and age < timeout and not dead_here:
                 return None
             why = ("its process is gone" if dead_here else "its heartbeat lies in the future" if future
                    else f"no heartbeat for {age:.0f} s")

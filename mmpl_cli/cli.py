@@ -138,7 +138,7 @@ def render(
             verify_checkpoint(checked.model_root, checked.profile.resolve_checkpoint(), ckpt.key, ckpt.naming)
     with errors(resume=None if as_worker else request.resume_command(), cooperative=True):
         me = launch.role(device, workers, as_worker, threads, warn=lambda warning: _say(f"warning: {warning}"))
-        paths = launch.run(checked, me, restart, claim_timeout, threads, launch.STOP, launch.CHILDREN)
+        paths = launch.run(checked, me, restart, claim_timeout, threads)
     if as_worker is None:
         for path in paths:
             typer.echo(printable(f"wrote {path}"))

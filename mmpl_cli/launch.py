@@ -163,7 +163,7 @@ def interruptible(yes: bool = True) -> Iterator[None]:
         _interruptible = before
 
 
-def run_workers(request, role: Role, claim_timeout: float, children: list[subprocess.Popen], threads: int) -> None:
+def run_workers(request, role: Role, claim_timeout: float, threads: int) -> None:
     """Start the role's workers as child processes of this render and wait for all of them. Each
     worker runs its tasks with the folder's thread count (numerics.py); OMP_NUM_THREADS only sizes
     its pool until then. A signal reaches them through forward_signals."""
@@ -171,16 +171,15 @@ def run_workers(request, role: Role, claim_timeout: float, children: list[subpro
     for i in range(role.workers):
         env = {**os.environ, "MMPL_WORKER_INDEX": str(i), "MMPL_WORKERS": str(role.team),
                "OMP_NUM_THREADS": str(threads)}
-        children.append(subprocess.Popen(base + ["--as-worker", f"{role.name}/w{i}"], env=env))
-    codes = [child.wait() for child in children]
+        CHILDREN.append(subprocess.Popen(base + ["--as-worker", f"{role.name}/w{i}"], env=env))
+    codes = [child.wait() for child in CHILDREN]
     if EXIT_INTERRUPTED in codes:
         raise Interrupted("stopped")
     if any(codes):
         raise MMPLError(f"{sum(1 for c in codes if c)} of {len(codes)} workers failed (their messages are above)")
 
 
-def run(checked, role: Role, restart: bool, claim_timeout: float, threads: int, stop: StopFlag,
-        children: list[subprocess.Popen]) -> list:
+def run(checked, role: Role, restart: bool, claim_timeout: float, threads: int) -> list:
     """Render as this role: as the one worker, or by starting the role's workers and waiting for
     them. Returns the shots' videos."""
     check_restart(role, restart)
@@ -189,9 +188,8 @@ def run(checked, role: Role, restart: bool, claim_timeout: float, threads: int, 
             from mmpl_cli.store import RenderStore
 
             RenderStore(checked.out).restart([p.shot.id for p in checked.plans])
-        run_workers(dataclasses.replace(checked.request, out=checked.out), role, claim_timeout, children, threads)
-        if stop.reason is not None:
-            raise Interrupted(f"stopped by {stop.reason}")
+        run_workers(dataclasses.replace(checked.request, out=checked.out), role, claim_timeout, threads)
+        STOP.check()
         return [checked.out / f"{p.shot.id}.mp4" for p in checked.plans]
     from mmpl_cli.control import Worker
     from mmpl_cli.progress import render_progress
@@ -201,6 +199,6 @@ def run(checked, role: Role, restart: bool, claim_timeout: float, threads: int, 
         checked = dataclasses.replace(checked, request=dataclasses.replace(checked.request, device=role.device))
     progress = render_progress(role.log_prefix)
     try:
-        return render(checked, progress, stop, Worker(name=role.name, claim_timeout=claim_timeout, team=role.team))
+        return render(checked, progress, STOP, Worker(name=role.name, claim_timeout=claim_timeout, team=role.team))
     finally:
         progress.close()

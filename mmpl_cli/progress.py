@@ -17,6 +17,11 @@ def on_terminal() -> bool:
     return sys.stdout.isatty()
 
 
+def console_line(console, text: str) -> None:
+    """A line on a Rich console: user text, so no markup and control characters escaped."""
+    console.print(printable(text, newlines=False), markup=False, highlight=False)
+
+
 def log_line(text: str) -> None:
     """A plain log line: local time, then the text (control characters escaped: one line, inert)."""
     print(f"{datetime.now():%Y-%m-%d %H:%M:%S} {printable(text, newlines=False)}", flush=True)
@@ -61,7 +66,7 @@ class PlainProgress(Progress):
         log_line(f"{self.prefix}[{elapsed:7.1f}s] {self.index + 1}/{self.total} {task.id} done in {seconds:.1f}s")
 
     def message(self, text):
-        log_line(text if self.prefix and text.startswith(self.prefix.rstrip() + ":") else f"{self.prefix}{text}")
+        log_line(f"{self.prefix}{text}")
 
     def close(self):
         self.flush_reused()
@@ -96,7 +101,7 @@ class RichProgress(Progress):
         self.bar.advance(self.tasks)
 
     def message(self, text):
-        self.bar.console.print(printable(text, newlines=False), markup=False, highlight=False)  # user text: no markup
+        console_line(self.bar.console, text)
 
     def close(self):
         self.bar.stop()
@@ -117,10 +122,7 @@ class TrainProgress:
             self.bar.start()
 
     def message(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.console.print(printable(text, newlines=False), markup=False, highlight=False)
-        else:
-            log_line(text)
+        console_line(self.bar.console, text) if self.bar is not None else log_line(text)
 
     def report(self, stage: str, step: int, steps: int, loss: float, speed: float) -> None:
         if self.bar is None:

@@ -165,14 +165,13 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
         store.restart([p.shot.id for p in plans])
     if proposed is not None:  # the first worker's choice holds for the whole folder
         seeding = seeding_decision(store.decision("seeding"), proposed)
-        progress.message(f"{worker.name}: {why}" if seeding == proposed else
-                         f"{worker.name}: {seeding} seeding, as recorded in the render folder")
+        progress.message(why if seeding == proposed else f"{seeding} seeding, as recorded in the render folder")
         if seeding != plans[0].seeding:
             plans = plan_shot_list(shot_list, profile, seeding)
     here = numerics.environment(device)
     numeric = numerics_decision(store.decision("numerics"), here)
     for difference in numerics.differences(numeric, here):
-        progress.message(f"{worker.name}: warning: {difference}; tasks computed here may differ from "
+        progress.message(f"warning: {difference}; tasks computed here may differ from "
                          "the folder's others in their last bits")
     hashes = {}
     for plan in plans:
@@ -215,9 +214,9 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
                         done.add(task_id)
                         continue
                     if backend is None:
-                        progress.message(f"{worker.name}: loading {profile.name} from {root} on {device}")
+                        progress.message(f"loading {profile.name} from {root} on {device}")
                         backend = load_backend(profile, root, device, plans[0].seeding)
-                        progress.message(f"{worker.name}: loaded " + "; ".join(backend.loaded))
+                        progress.message("loaded " + "; ".join(backend.loaded))
                     plan = plan_of[task_id]
                     runner = runners.setdefault(plan.shot.id, ShotRunner(backend, plan, store, progress, stop))
                     progress.task_started(task, len(done), len(order))
@@ -227,7 +226,7 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
                         result = runner.run(task, results)
                     _check_finite(task, result, plan)
                     if not claims.holds(claim, task_id):
-                        progress.message(f"{worker.name}: {task_id} was taken over by another worker; dropping ours")
+                        progress.message(f"{task_id} was taken over by another worker; dropping ours")
                         continue
                     results[task_id] = _save(store, task, hashes[task_id], result, plan.fps)
                     store.log("finished", task_id, hashes[task_id], worker=worker.name,

@@ -13,7 +13,8 @@ from PIL import Image
 from mmpl_cli.profiles import Sampler
 from standin import OnDevice, StandInDevice
 
-# Every strategy, noise search, image-to-video, hand-overs (2 segments each) and the storyboard.
+# Every strategy, noise search, image-to-video and the storyboard; hand-overs in m, w and p (2 segments
+# each; i and f are one segment, so image-to-video is not followed by a hand-over here).
 SHOTS = """version: 1
 defaults: {steps: 2, seed: 5}
 shots:
