@@ -227,20 +227,20 @@ def task_peaks(arch: Architecture, profile, seeding: str, offload: bool) -> dict
         return Peak(with_vae, 0, int(VAE_DECODE_BYTES * arch.vae_base_dim * pixels) + 3 * frames * pixels * 4)
 
     layout = profile.layout
-    stages = layout.groups()
+    groups = layout.groups()
     peaks = {Kind.INITIAL: denoise(layout.initial, (), [])}
     for i, kind in enumerate(GROUPS[1:], 1):  # each group with the groups made before it as context
         context = list(GROUPS[:i])
         if kind == Kind.POPULATE_TWO and seeding != Seeding.TERMINAL:
             continue
-        peaks[kind] = denoise(stages[kind].targets, stages[kind].sees, context)
+        peaks[kind] = denoise(groups[kind].targets, groups[kind].sees, context)
     # the text encoder's visit: offloaded, it comes to the device beside the transformer to encode a prompt
     peaks["encode_text"] = Peak(transformer + encoder + (0 if offload else vae), 0, 0, text)
     peaks["handover"] = Peak(with_vae, 0, max(int(VAE_DECODE_BYTES * arch.vae_base_dim * pixels),
                                                int(VAE_ENCODE_BYTES * arch.vae_base_dim * pixels)))
     peaks[Kind.DECODE] = decode(layout.last_latent(seeding) + 1)
     n = layout.latents
-    peaks["full"] = Peak(resident, 0, forward_bytes(arch, n * per_latent, 0, profile.max_sequence_length, profile.dtype), text)
+    peaks[Kind.FULL] = Peak(resident, 0, forward_bytes(arch, n * per_latent, 0, profile.max_sequence_length, profile.dtype), text)
     return peaks
 
 
@@ -249,7 +249,7 @@ def seeding_peaks(arch: Architecture, profile, offload: bool) -> dict[str, dict]
     out = {}
     for seeding in SEEDINGS:
         peaks = task_peaks(arch, profile, seeding, offload)
-        mmpl_kinds = {k: v for k, v in peaks.items() if k != "full"}
+        mmpl_kinds = {k: v for k, v in peaks.items() if k != Kind.FULL}
         worst = max(mmpl_kinds, key=lambda k: mmpl_kinds[k].total)
         out[seeding] = {"peak_gb": round(mmpl_kinds[worst].total / GB, 2), "largest_task": worst,
                         "tasks": {k: v.summary() for k, v in peaks.items()}}

@@ -194,7 +194,7 @@ def tuned_priorities(plans: list[ShotPlan], devices: int, budget: int = 300_000)
 
 COLOURS = {Kind.INITIAL: (90, 90, 90), Kind.PLAN: (214, 39, 40), Kind.POPULATE_ONE: (31, 119, 180),
            Kind.POPULATE_TWO: (44, 160, 44), Kind.DECODE: (148, 103, 189), Kind.STITCH: (140, 86, 75),
-           "full": (255, 127, 14), "window": (255, 127, 14), "progressive": (255, 127, 14)}
+           **dict.fromkeys(WINDOW_KIND.values(), (255, 127, 14))}
 
 
 def draw_gantt(schedule: Schedule, path: Path, width: int = 1400) -> Path:
