@@ -20,7 +20,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from mmpl_cli.files import alive, disk_errors, fsync_dir, temporary_name
+from mmpl_cli.files import (MAX_RECORD_BYTES, alive, disk_errors, fsync_dir, load_json, parse_json, sha256_file,
+                            temporary_name)
 from mmpl_cli.numerics import check_record
 from mmpl_cli.terms import SEEDINGS
 
@@ -58,7 +59,7 @@ class Claims:
                 holder = {}
                 if stat.S_ISREG(info.st_mode):  # never open a planted FIFO or device: it could block
                     with open(current, "rb") as fh:
-                        holder = json.loads(fh.read(4096) or b"{}")
+                        holder = parse_json(fh.read(4096) or b"{}")
             except FileNotFoundError:
                 return None  # being released right now; look again later
             except (OSError, ValueError):
@@ -126,15 +127,57 @@ def first_decision(path: Path, proposed: dict) -> dict:
             try:
                 os.link(tmp, path)
             except FileExistsError:
-                try:
-                    record = json.loads(path.read_text())
-                except ValueError:
-                    return {}  # not JSON: the caller's check says what that means
-                return record if isinstance(record, dict) else {}
+                return read_decision(path) or {}
             fsync_dir(path.parent)
         finally:
             tmp.unlink(missing_ok=True)
     return proposed
+
+
+def read_decision(path: Path) -> dict | None:
+    """The record at `path`: None if there is none, {} if it is not a JSON object (damaged or
+    planted: the caller's check says what that means)."""
+    try:  # never open a planted FIFO or device: it could block
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return {}
+        record = load_json(path, MAX_RECORD_BYTES)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def shot_list_identity(path: Path) -> dict:
+    """What binds a render folder to its shot list: the file's resolved path and its content."""
+    path = Path(path).resolve()
+    try:
+        digest = sha256_file(path) if path.is_file() else None
+    except OSError:
+        digest = None
+    return {"shot_list": str(path), "sha256": digest}
+
+
+def owner_decision(path: Path, identity: dict, folder: Path, record: bool = True) -> None:
+    """A render folder belongs to the first shot list that rendered into it: its manifest, its
+    videos (<shot id>.mp4) and its tasks are that list's. Another shot list (another path, and
+    other content) is refused, so two lists that both have a shot `intro` never make one video for
+    two requests. The same file edited, or its unchanged copy elsewhere, is the same owner.
+    With record=False only checks (request.check: nothing written)."""
+    held = first_decision(path, identity) if record else read_decision(path)
+    if held is None or held == identity:
+        return
+    if held.get("shot_list") == identity["shot_list"] or (identity["sha256"] and held.get("sha256") == identity["sha256"]):
+        return
+    from mmpl_cli.errors import InputError, Problem
+
+    owner = held.get("shot_list") if isinstance(held.get("shot_list"), str) else None
+    why = (f"this render folder belongs to the shot list {owner}" if owner
+           else f"this render folder's owner record ({path.name}) is damaged")
+    raise InputError(Problem(str(folder), None, "--out",
+                             f"{why}; {identity['shot_list']} cannot render into it "
+                             "(the same shot id in both would make one video for two requests)",
+                             "use another --out, or --restart to give the folder to this shot list"))
 
 
 def seeding_decision(path: Path, proposed: str) -> str:

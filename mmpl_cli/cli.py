@@ -18,6 +18,7 @@ import typer
 
 from mmpl_cli import __version__, launch
 from mmpl_cli.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, MMPLError, printable
+from mmpl_cli.files import check_output
 from mmpl_cli.terms import SEEDINGS, STRATEGIES
 
 app = typer.Typer(
@@ -181,6 +182,7 @@ def plan(
     from mmpl_cli.schedule import choose_seeding, draw_gantt, simulate
 
     with errors():
+        gantt = gantt and check_output(gantt, "--gantt")
         shot_list, prof, plans = prepare(RenderRequest(shots=shots, profile=profile, seeding=seeding.value,
                                                        strategy=strategy.value if strategy is not None else None))
         if seeding.value == "auto":
@@ -191,12 +193,11 @@ def plan(
             why = f"{seeding.value} seeding, as asked"
         memory = estimate(prof, model_folder(prof), gpu_memory)
         peak = {**(memory["peak_gb"] if memory else {}), **prof.memory_gb}.get(plans[0].seeding)  # as profile_peaks
-    schedule = simulate(plans, gpus, peak_memory_gb=peak)
-    typer.echo(json.dumps(plan_summary(shots, prof, plans, why, schedule, memory), indent=2) if as_json
-               else "\n".join(map(printable, plan_lines(shots, prof, plans, why, schedule, gpus))))
-    if gantt is not None:
-        draw_gantt(schedule, gantt)
-        typer.echo(f"wrote {gantt}", err=as_json)
+        schedule = simulate(plans, gpus, peak_memory_gb=peak)
+        typer.echo(json.dumps(plan_summary(shots, prof, plans, why, schedule, memory), indent=2) if as_json
+                   else "\n".join(map(printable, plan_lines(shots, prof, plans, why, schedule, gpus))))
+        if gantt is not None:
+            typer.echo(printable(f"wrote {draw_gantt(schedule, gantt)}"), err=as_json)
 
 
 @app.command(short_help="Write an sbatch script: a SLURM array that renders one folder together.")
@@ -231,8 +232,7 @@ def slurm(
     request = RenderRequest(shots=shots, out=out, profile=profile, seeding=seeding.value, model_path=model_path)
     res = Resources(array, gpus_per_task, cpus_per_task, mem, time_limit, partition, account, qos, tuple(sbatch_args or ()))
     with errors():
-        shot_list, _, _ = prepare(request)
-        folder = request.out_dir(shot_list.name)
+        folder = request.out_dir(prepare(request)[0].name)
         script = write_script(request, folder, res, script)
     typer.echo(f"wrote {script}\nsubmit it with:  sbatch {shlex.quote(str(script))}\n"
                f"watch it with:   mmpl status {shlex.quote(str(folder))}")
@@ -272,11 +272,12 @@ def eval_videos(
     and 14, with --segments-from), frame-to-frame flicker, and the drift at every second."""
     from mmpl_cli.evaluate import evaluate_video, format_table, plot_drift, to_json
 
-    with errors():
+    with errors():  # an unwritable --plot is refused before any video is read
+        plot = plot and check_output(plot, "--plot")
         results = [evaluate_video(v, segments_from) for v in videos]
-    typer.echo(to_json(results) if as_json else format_table(results))
-    if plot is not None:
-        typer.echo(f"wrote {plot_drift(results, plot)}", err=as_json)
+        typer.echo(to_json(results) if as_json else format_table(results))
+        if plot is not None:
+            typer.echo(printable(f"wrote {plot_drift(results, plot)}"), err=as_json)
 
 
 @app.command(short_help="Fine-tune a Wan-architecture model with the MMPL recipe (resumable).")

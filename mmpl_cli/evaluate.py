@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from mmpl_cli.errors import InputError, Problem
+from mmpl_cli.errors import InputError, MMPLError, Problem
+from mmpl_cli.files import atomic_path
 
 BINS = 36
 
@@ -38,11 +40,7 @@ def hue_histogram(frame: np.ndarray) -> np.ndarray:
 
 def compare(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     """(H-L1, H-corr) of two frames."""
-    ha, hb = hue_histogram(a), hue_histogram(b)
-    l1 = float(np.abs(ha - hb).sum())
-    da, db = ha - ha.mean(), hb - hb.mean()
-    norm = math.sqrt(float((da * da).sum() * (db * db).sum()))
-    return l1, float((da * db).sum() / norm) if norm > 0 else 1.0
+    return _histogram_compare(hue_histogram(a), hue_histogram(b))
 
 
 @dataclass
@@ -58,18 +56,23 @@ def boundaries_from_render(render_dir: Path, video: Path) -> Boundaries:
     from mmpl_cli.store import RenderStore
 
     manifest = RenderStore(Path(render_dir)).read_manifest()
-    shot = next((s for s in manifest.get("shots", []) if s["id"] == Path(video).stem), None)
-    if shot is None:
-        ids = ", ".join(s["id"] for s in manifest.get("shots", []))
-        raise InputError(Problem(str(video), None, "--segments-from",
-                                 f"no shot '{Path(video).stem}' in the render folder {render_dir} (shots: {ids})"))
-    segments = shot["segment_plan"]
-    return Boundaries(joins=[s["video_frames"][0] for s in segments[1:]],
-                      plan_content=[f for s in segments for f in s.get("plan_content_boundaries", [])])
+    try:  # a render folder's manifest is untrusted data: anything not of mmpl's shape is refused
+        shots = {s["id"]: s for s in manifest.get("shots", [])}
+        shot = shots.get(Path(video).stem)
+        if shot is None:
+            raise InputError(Problem(str(video), None, "--segments-from",
+                                     f"no shot '{Path(video).stem}' in the render folder {render_dir} "
+                                     f"(shots: {', '.join(map(str, shots))})"))
+        segments = shot["segment_plan"]
+        boundaries = Boundaries(joins=[int(s["video_frames"][0]) for s in segments[1:]],
+                                plan_content=[int(f) for s in segments for f in s.get("plan_content_boundaries", [])])
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError) as exc:
+        raise InputError(Problem(str(RenderStore(Path(render_dir)).manifest_path), None, "--segments-from",
+                                 f"not the manifest mmpl writes ({type(exc).__name__}: {exc})")) from None
+    return boundaries
 
 
-def _at(frames: np.ndarray, starts: list[int]) -> dict:
-    pairs = [compare(frames[f - 1], frames[f]) for f in starts if 0 < f < len(frames)]
+def _summary(pairs: list[tuple[float, float]]) -> dict:
     if not pairs:
         return {"count": 0}
     l1s, corrs = zip(*pairs)
@@ -77,35 +80,62 @@ def _at(frames: np.ndarray, starts: list[int]) -> dict:
             "h_corr_mean": float(np.mean(corrs)), "h_corr_min": float(np.min(corrs))}
 
 
-def evaluate_frames(frames: np.ndarray, fps: float, boundaries: Boundaries | None = None) -> dict:
-    """Every metric of one video given as uint8 frames [F, H, W, 3]."""
-    l1, corr = compare(frames[0], frames[-1])
-    changes = np.abs(np.diff(frames.astype(np.int16), axis=0)).mean(axis=(1, 2, 3)) / 255 if len(frames) > 1 else np.zeros(1)
-    seconds = range(0, int((len(frames) - 1) / fps) + 1)
-    drift = [compare(frames[0], frames[min(len(frames) - 1, round(s * fps))])[0] for s in seconds]
-    result = {"frames": len(frames), "fps": fps, "first_last": {"h_l1": l1, "h_corr": corr},
-              "flicker": {"mean": float(changes.mean()), "max": float(changes.max())}, "drift_h_l1": drift}
+def _histogram_compare(ha: np.ndarray, hb: np.ndarray) -> tuple[float, float]:
+    l1 = float(np.abs(ha - hb).sum())
+    da, db = ha - ha.mean(), hb - hb.mean()
+    norm = math.sqrt(float((da * da).sum() * (db * db).sum()))
+    return l1, float((da * db).sum() / norm) if norm > 0 else 1.0
+
+
+def evaluate_frames(frames: Iterable[np.ndarray], fps: float, boundaries: Boundaries | None = None) -> dict:
+    """Every metric of one video, given as uint8 frames [H, W, 3] one after another (an array
+    [F, H, W, 3] or a stream): only the first and the previous frame are kept, so memory does not
+    grow with the video's length. Drift is measured at frame round(s * fps) of every whole second s."""
+    joins = set(boundaries.joins) if boundaries else set()
+    edges = set(boundaries.plan_content) if boundaries else set()
+    first = previous = previous_hist = None
+    changes, drift, at_joins, at_edges = [], [], [], []
+    count = 0
+    for i, frame in enumerate(frames):
+        hist = hue_histogram(frame)
+        if i == 0:
+            first = hist
+        else:
+            changes.append(float(np.abs(frame.astype(np.int16) - previous.astype(np.int16)).mean()) / 255)
+            if i in joins or i in edges:
+                pair = _histogram_compare(previous_hist, hist)
+                (at_joins if i in joins else at_edges).append(pair)
+        if i == round(len(drift) * fps):
+            drift.append((len(drift) * fps, _histogram_compare(first, hist)[0]))
+        previous, previous_hist, count = frame, hist, i + 1
+    if count == 0:
+        raise ValueError("the video has no frames")
+    l1, corr = _histogram_compare(first, previous_hist)
+    changes = changes or [0.0]
+    result = {"frames": count, "fps": fps, "first_last": {"h_l1": l1, "h_corr": corr},
+              "flicker": {"mean": float(np.mean(changes)), "max": float(np.max(changes))},
+              "drift_h_l1": [value for at, value in drift if at <= count - 1]}
     if boundaries is not None:
-        result["joins"] = _at(frames, boundaries.joins)
-        result["plan_content"] = _at(frames, boundaries.plan_content)
+        result["joins"] = _summary(at_joins)
+        result["plan_content"] = _summary(at_edges)
     return result
 
 
 def evaluate_video(path: Path, segments_from: Path | None = None) -> dict:
-    from mmpl_cli.video import count_frames, read_frames
+    """evaluate_frames on a video file, decoded as a stream."""
+    from mmpl_cli.video import stream_frames
 
     path = Path(path)
     if not path.is_file():
         raise InputError(Problem(str(path), None, "VIDEO", "no such file"))
     boundaries = boundaries_from_render(segments_from, path) if segments_from is not None else None
     try:
-        _, fps = count_frames(path)
-        frames = read_frames(path)
+        fps, _, frames = stream_frames(path)
+        return {"video": str(path), **evaluate_frames(frames, fps, boundaries)}
+    except MMPLError:
+        raise
     except Exception as exc:  # noqa: BLE001 - ffmpeg could not read it: bad input, not a crash
         raise InputError(Problem(str(path), None, "VIDEO", f"expected a video ffmpeg can read ({exc})")) from None
-    if len(frames) == 0:
-        raise InputError(Problem(str(path), None, "VIDEO", "the video has no frames"))
-    return {"video": str(path), **evaluate_frames(frames, fps, boundaries)}
 
 
 def format_table(results: list[dict]) -> str:
@@ -158,10 +188,9 @@ def plot_drift(results: list[dict], path: Path, width: int = 900, height: int = 
         else:
             draw.ellipse([points[0][0] - 2, points[0][1] - 2, points[0][0] + 2, points[0][1] + 2], fill=colour)
         draw.text((left + 10, top + 8 + 14 * i), Path(r["video"]).name, fill=colour)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+    return Path(path)
 
 
 def to_json(results: list[dict]) -> str:

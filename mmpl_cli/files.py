@@ -1,5 +1,7 @@
 """Writing files so that a crash never leaves half of one: the one helper every writer uses (the
-render folder's store, its claims and decisions, training's checkpoints and model folder).
+render folder's store, its claims and decisions, training's checkpoints and model folder); and the
+one bounded reader every JSON input goes through (`read_bounded`, `parse_json`, `load_json`) and
+the one way an init image is opened (`open_image`, its size checked before decoding).
 
 A file is written to a temporary name in its own folder that says which host and process writes it,
 flushed and fsynced, renamed into place, and the folder fsynced: readers see the old file or the
@@ -10,14 +12,18 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
+import stat
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from mmpl_cli.errors import MMPLError
+from mmpl_cli.errors import InputError, MMPLError, Problem
 
 TMP_MARK = ".tmp-"
 HOST = hashlib.sha1(os.uname().nodename.encode()).hexdigest()[:8]
@@ -36,6 +42,107 @@ def alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+MAX_RECORD_BYTES = 1 << 16  # a record mmpl writes (task record, decision, training progress) is a few hundred bytes
+
+
+class TooLarge(ValueError):
+    """A file or stream longer than its reader's limit."""
+
+
+def read_bounded(path: Path, limit: int) -> bytes:
+    """At most `limit` bytes of `path` (a file, a pipe, a device such as /dev/zero): TooLarge past
+    that, so an endless stream costs `limit` bytes of memory, never more."""
+    with open(path, "rb") as fh:
+        raw = fh.read(limit + 1)
+    if len(raw) > limit:
+        raise TooLarge(f"larger than {_size(limit)}")
+    return raw
+
+
+def parse_json(raw: bytes | str) -> Any:
+    """JSON -> Python values; anything malformed (nesting too deep to parse, NUL in a text, a
+    number with thousands of digits) is a ValueError, never another exception."""
+    try:
+        value = json.loads(raw)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
+    if _has_nul(value):
+        raise ValueError("a text contains a NUL character")
+    return value
+
+
+def load_json(path: Path, limit: int) -> Any:
+    """read_bounded + parse_json: OSError when unreadable, ValueError when malformed or too large."""
+    return parse_json(read_bounded(path, limit))
+
+
+def _has_nul(value: Any) -> bool:
+    stack = [value]  # iterative: parse_json bounded the depth, this must not recurse past it
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if "\x00" in v:
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return False
+
+
+def _size(n: int) -> str:
+    return f"{n >> 20} MB" if n >= 1 << 20 else f"{n >> 10} KB" if n >= 1 << 10 else f"{n} bytes"
+
+
+def check_output(path: Path, option: str, folder: bool = False) -> Path:
+    """Refuse (exit 2, before any work) an output path that cannot be written: a file where a
+    folder must be or the reverse, or a path under a file. Folders on the way may be missing."""
+    path = Path(path)
+    if path.exists():
+        if folder and not path.is_dir():
+            raise InputError(Problem(str(path), None, option, "expected a folder, found a file"))
+        if not folder and path.is_dir():
+            raise InputError(Problem(str(path), None, option, "expected a file name, found a folder"))
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if ancestor.exists() and not ancestor.is_dir():
+        raise InputError(Problem(str(path), None, option, f"{ancestor} is a file, not a folder"))
+    return path
+
+
+MAX_IMAGE_SIDE = 8192  # init images are cropped and resized to the profile's size (at most 8192 too)
+
+
+@contextmanager
+def open_image(path: Path, field: str = "init_image") -> Iterator["PIL.Image.Image"]:  # noqa: F821
+    """An image file, opened with only its header read: a plain file, no side over MAX_IMAGE_SIDE
+    (checked before decoding, so a decompression bomb costs nothing). Anything else is bad input."""
+    from PIL import Image, UnidentifiedImageError
+
+    def refuse(why: str):
+        return InputError(Problem(str(path), None, field, why))
+
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or a device would block or never end
+            raise refuse("expected an image file, found something that is not a plain file")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise refuse(f"expected an image of at most {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} pixels, found a far larger one") from None
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise refuse(f"cannot read the image: {exc}") from None
+    with img:
+        if max(img.size) > MAX_IMAGE_SIDE:
+            raise refuse(f"expected an image of at most {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} pixels, "
+                         f"found {img.width}x{img.height}")
+        yield img
 
 
 def sha256_file(path: Path) -> str:

@@ -25,11 +25,15 @@ imports no torch. A profile's `memory_gb` overrides it.
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmpl_cli.files import load_json
+
 from mmpl_cli.terms import GROUPS, SEEDINGS, Kind, Seeding
+
+MAX_CONFIG_BYTES = 1 << 20  # a model's config.json is a few KB
 
 GB = 1e9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -69,7 +73,7 @@ class Architecture:
     def from_folder(cls, root: Path) -> "Architecture":
         """The configs of a Diffusers-format Wan folder; the VAE's size from its weights' header."""
         root = Path(root)
-        read = lambda name: json.loads((root / name / "config.json").read_text())  # noqa: E731
+        read = lambda name: load_json(root / name / "config.json", MAX_CONFIG_BYTES)  # noqa: E731
         vae = read("vae")
         return cls(read("transformer"), read("text_encoder"), vae.get("base_dim", 96), _safetensors_params(root / "vae"))
 
@@ -117,17 +121,15 @@ class Architecture:
 
 def _safetensors_params(folder: Path) -> int:
     """Elements in a folder's safetensors files, from their headers (nothing else is read)."""
+    from safetensors import safe_open
+
     total = 0
     for path in sorted(folder.glob("*.safetensors")):
-        with open(path, "rb") as fh:
-            size = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(size))
-        for name, entry in header.items():
-            if name != "__metadata__":
-                n = 1
-                for s in entry["shape"]:
-                    n *= s
-                total += n
+        try:
+            with safe_open(str(path), framework="numpy") as fh:
+                total += sum(math.prod(fh.get_slice(name).get_shape()) for name in fh.keys())
+        except Exception as exc:  # noqa: BLE001 - safetensors' own error type: a damaged or foreign file
+            raise ValueError(f"{path.name} is not a readable safetensors file ({exc})") from None
     return total
 
 

@@ -296,27 +296,27 @@ def parse_profile(data, file: str, problems: list[Problem]) -> Profile | None:
 
     video = f.get(root, "video", "", "mapping", required=True) or Located()
     f.unknown_keys(video, {"width", "height", "fps", "vae_temporal", "vae_spatial"}, "video")
-    vae_spatial = f.get(video, "vae_spatial", "video", "int", default=8, minimum=1)
-    width = f.get(video, "width", "video", "int", required=True, default=16, minimum=16)
-    height = f.get(video, "height", "video", "int", required=True, default=16, minimum=16)
+    vae_spatial = f.get(video, "vae_spatial", "video", "int", default=8, minimum=1, maximum=64)
+    width = f.get(video, "width", "video", "int", required=True, default=16, minimum=16, maximum=MAX_SIDE)
+    height = f.get(video, "height", "video", "int", required=True, default=16, minimum=16, maximum=MAX_SIDE)
     for key, value in (("width", width), ("height", height)):
         if value % (2 * vae_spatial):
             f.add(f.line_of(video, key), f"video.{key}",
                   f"expected a multiple of {2 * vae_spatial} (VAE stride x patch size), found {value}")
-    fps = f.get(video, "fps", "video", "int", required=True, default=16, minimum=1)
-    vae_temporal = f.get(video, "vae_temporal", "video", "int", default=4, minimum=1)
+    fps = f.get(video, "fps", "video", "int", required=True, default=16, minimum=1, maximum=MAX_FPS)
+    vae_temporal = f.get(video, "vae_temporal", "video", "int", default=4, minimum=1, maximum=16)
 
     sampler_map = f.get(root, "sampler", "", "mapping", required=True) or Located()
     sampler = parse_sampler(f, sampler_map, "sampler", Sampler())
 
     text = f.get(root, "text", "", "mapping") or Located()
     f.unknown_keys(text, {"max_sequence_length"}, "text")
-    max_seq = f.get(text, "max_sequence_length", "text", "int", default=512, minimum=1)
+    max_seq = f.get(text, "max_sequence_length", "text", "int", default=512, minimum=1, maximum=4096)
 
     lay = f.get(root, "layout", "", "mapping", required=True) or Located()
     f.unknown_keys(lay, {"latents", "initial", "plan", "populate_stage_one", "populate_stage_two",
                          "terminal_anchor", "midpoint_anchor"}, "layout")
-    latents = f.get(lay, "latents", "layout", "int", required=True, default=21, minimum=3)
+    latents = f.get(lay, "latents", "layout", "int", required=True, default=21, minimum=3, maximum=MAX_LATENTS)
     layout = Layout(
         latents=latents,
         initial=_indices(f, lay, "initial", "layout", latents),
@@ -348,6 +348,9 @@ def parse_profile(data, file: str, problems: list[Problem]) -> Profile | None:
 
 
 SAMPLER_KEYS = {"scheduler", "steps", "shift", "guidance", "search", "search_steps"}
+MAX_SIDE = 8192  # pixels; Wan renders 832x480 and 1280x720
+MAX_FPS = 240
+MAX_LATENTS = 256  # per segment; Wan's 81-frame window is 21
 MAX_GUIDANCE = 100.0  # Wan uses 5-6, distilled checkpoints 1; far beyond, latents overflow (1e38 gave NaN)
 MAX_SHIFT = 100.0  # Wan uses 3-8
 HANDOVERS = ("reencode", "direct")
@@ -390,6 +393,12 @@ def _check_layout(f: Fields, lay: Located, layout: Layout) -> None:
     groups = [layout.initial, layout.plan.targets, layout.populate_stage_one.targets,
               layout.populate_stage_two.targets]
     flat = [i for g in groups for i in g]
+    for key, indices in (("initial", layout.initial), ("plan.targets", layout.plan.targets),
+                         ("populate_stage_one.targets", layout.populate_stage_one.targets),
+                         ("populate_stage_two.targets", layout.populate_stage_two.targets),
+                         ("terminal_anchor", layout.terminal_anchor), ("midpoint_anchor", layout.midpoint_anchor)):
+        if not indices:
+            f.add(line, f"layout.{key}", "expected at least one latent index, found none")
     if sorted(flat) != list(range(layout.latents)):
         f.add(line, "layout", f"expected the groups to cover latents 0..{layout.latents - 1} exactly once")
     available = set(layout.initial)

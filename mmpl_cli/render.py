@@ -17,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from mmpl_cli import baselines
 from mmpl_cli.control import StopFlag
 from mmpl_cli.errors import InputError, Problem
+from mmpl_cli.files import open_image
 from mmpl_cli.plan import ShotPlan, Task, derive_seed, segment_task_id
 from mmpl_cli.progress import Progress
 from mmpl_cli.sampling import blend_edge_noise, make_scheduler, search_score, segment_noise
@@ -53,9 +54,9 @@ Made = Latents | Frames | Parts  # what a task returns
 def load_init_image(path: Path, width: int, height: int) -> torch.Tensor:
     """An image as pixels [3, H, W] in [-1, 1], centre-cropped to the profile's aspect and resized."""
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             img = img.convert("RGB")
-    except (OSError, UnidentifiedImageError) as exc:
+    except OSError as exc:
         raise InputError(Problem(str(path), None, "init_image", f"cannot read the image: {exc}")) from None
     scale = max(width / img.width, height / img.height)
     resized = img.resize((max(width, round(img.width * scale)), max(height, round(img.height * scale))),

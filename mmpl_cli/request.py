@@ -9,9 +9,10 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
 
+from mmpl_cli.claims import owner_decision, shot_list_identity
 from mmpl_cli.errors import InputError, Problem
+from mmpl_cli.files import check_output, open_image
 from mmpl_cli.plan import ShotPlan, plan_shot_list
 from mmpl_cli.profiles import GPU_ATTENTION, Profile, load_profile
 from mmpl_cli.shotlist import ShotList, load_shot_list
@@ -128,10 +129,13 @@ def image_digests(shot_list) -> dict[str, str]:
         if shot.init_image is None:
             continue
         try:
-            with Image.open(shot.init_image) as img:
+            with open_image(shot.init_image) as img:
                 img.load()
             out[shot.id] = sha256_file(shot.init_image)
-        except (OSError, UnidentifiedImageError) as exc:
+        except InputError as exc:
+            problems.extend(Problem(str(shot_list.path), shot.line, f"{shot.id}.init_image",
+                                    f"{shot.init_image}: {p.message}") for p in exc.problems)
+        except OSError as exc:  # truncated or corrupt image data, found while decoding
             problems.append(Problem(str(shot_list.path), shot.line, f"{shot.id}.init_image",
                                     f"cannot read the image {shot.init_image}: {exc}"))
     if problems:
@@ -158,6 +162,9 @@ def check(request: RenderRequest) -> Checked:
     model_root = check_weights(profile, request.model_path)
     check_attention(profile, request.device)
     digests = image_digests(shot_list)
-    out = request.out_dir(shot_list.name)
-    RenderStore(out).check_usable()
+    out = check_output(request.out_dir(shot_list.name), "--out", folder=True)
+    store = RenderStore(out)
+    store.check_usable()
+    if not request.restart:
+        owner_decision(store.decision("owner"), shot_list_identity(shot_list.path), out, record=False)
     return Checked(request, shot_list, profile, plans, model_root, digests, out)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from mmpl_cli import numerics, video
-from mmpl_cli.claims import Claims, numerics_decision, seeding_decision
+from mmpl_cli.claims import Claims, numerics_decision, owner_decision, seeding_decision, shot_list_identity
 from mmpl_cli.control import StopFlag, Worker
 from mmpl_cli.errors import InputError, MMPLError, Problem
 from mmpl_cli.plan import Task
@@ -163,6 +163,7 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
     # 2. Open the render folder: an explicit restart forgets everything, otherwise resume
     if request.restart:
         store.restart([p.shot.id for p in plans])
+    owner_decision(store.decision("owner"), shot_list_identity(shot_list.path), store.root)
     if proposed is not None:  # the first worker's choice holds for the whole folder
         seeding = seeding_decision(store.decision("seeding"), proposed)
         progress.message(why if seeding == proposed else f"{seeding} seeding, as recorded in the render folder")

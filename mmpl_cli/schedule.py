@@ -231,9 +231,11 @@ def draw_gantt(schedule: Schedule, path: Path, width: int = 1400) -> Path:
         draw.rectangle([legend_x, height - 18, legend_x + 12, height - 6], fill=colour)
         draw.text((legend_x + 16, height - 19), kind, fill="black")
         legend_x += 30 + 7 * len(kind)
-    path = Path(path)
-    img.save(path)
-    return path
+    from mmpl_cli.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+    return Path(path)
 
 
 def choose_seeding(profile: Profile, free_gb: list[float] | None, root: Path | None = None) -> tuple[str, str]:

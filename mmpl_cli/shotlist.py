@@ -155,8 +155,11 @@ def _parse_shot(f: Fields, m: Located, prefix: str, path: Path, default_seed: in
         init_image = Path(raw_image).expanduser()
         if not init_image.is_absolute():
             init_image = path.parent / init_image
-        if not init_image.is_file():
+        if not init_image.exists():
             f.add(f.line_of(m, "init_image"), f"{prefix}.init_image", f"image not found: {init_image}")
+        elif not init_image.is_file():  # a folder, a FIFO or a device: a reader could block on it
+            f.add(f.line_of(m, "init_image"), f"{prefix}.init_image", f"expected an image file, found something "
+                                                                       f"that is not a plain file: {init_image}")
 
     if len(f.problems) > before or shot_id is None or duration is None or not prompts:
         return None

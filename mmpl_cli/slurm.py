@@ -133,11 +133,14 @@ def sbatch_script(request: RenderRequest, folder: Path, res: Resources, python: 
 
 def write_script(request: RenderRequest, folder: Path, res: Resources, script: Path | None = None) -> Path:
     """Write the script (default <out>.sbatch) and create its log folder; returns the script's path."""
-    from mmpl_cli.files import write_atomic
+    from mmpl_cli.files import check_output, disk_errors, write_atomic
 
     text = sbatch_script(request, folder, res)  # checks every value first: nothing written on bad input
-    script = Path(script) if script is not None else script_path(Path(folder).resolve())
-    log_folder(Path(folder).resolve()).mkdir(parents=True, exist_ok=True)
+    check_output(folder, "--out", folder=True)
+    script = check_output(Path(script) if script is not None else script_path(Path(folder).resolve()), "--script")
+    logs = check_output(log_folder(Path(folder).resolve()), "--out", folder=True)
+    with disk_errors(logs):
+        logs.mkdir(parents=True, exist_ok=True)
     write_atomic(script, text)
     script.chmod(0o755)
     return script

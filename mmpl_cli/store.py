@@ -34,17 +34,16 @@ from pathlib import Path
 from typing import Any
 
 from mmpl_cli.errors import InputError, Problem
-from mmpl_cli.files import (StoreError, atomic_path, clean_temporary_files, disk_errors, sha256_file,  # noqa: F401
-                            write_atomic)
+from mmpl_cli.files import (MAX_RECORD_BYTES, StoreError, atomic_path, clean_temporary_files, disk_errors, load_json,  # noqa: F401
+                            parse_json, sha256_file, write_atomic)
 
 STORE_VERSION = 1
 META = ".mmpl"
 
 DONE, MISSING, INVALID, STALE = "done", "missing", "invalid", "stale"
-MAX_RECORD_BYTES = 1 << 16  # a video task's record is a few hundred bytes
 MAX_MANIFEST_BYTES = 256 << 20
 MAX_EVENTS_BYTES = 1 << 30
-DECISIONS = ("seeding", "numerics")  # .mmpl/<name>.json: what the first worker decided (claims.py)
+DECISIONS = ("owner", "seeding", "numerics")  # .mmpl/<name>.json: what the first worker decided (claims.py)
 
 
 @dataclass(frozen=True)
@@ -111,7 +110,7 @@ class RenderStore:
             raise InputError(Problem(str(self.manifest_path), None, "",
                                      f"not a plain file of at most {MAX_MANIFEST_BYTES >> 20} MB inside the folder"))
         try:
-            manifest = json.loads(self.manifest_path.read_text())
+            manifest = load_json(self.manifest_path, MAX_MANIFEST_BYTES)
             if not isinstance(manifest, dict):
                 raise ValueError(f"expected a JSON object, found {type(manifest).__name__}")
             return manifest
@@ -237,7 +236,7 @@ class RenderStore:
         # a render folder's contents are untrusted: the record must be what save_video writes, and
         # the file it names a regular file inside the folder, reached without a symlink
         try:
-            record = json.loads(path.read_text())
+            record = load_json(path, MAX_RECORD_BYTES)
         except (OSError, ValueError):
             return self._invalid(task_id, "unreadable task record", quiet)
         if not (isinstance(record, dict) and all(isinstance(record.get(k), str) for k in ("file", "hash", "sha256"))):
@@ -323,7 +322,7 @@ class RenderStore:
         out = []
         for line in path.read_text(errors="replace").splitlines():
             try:
-                event = json.loads(line)
+                event = parse_json(line)
             except ValueError:
                 continue
             if isinstance(event, dict) and isinstance(event.get("task"), str):

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from mmpl_cli.errors import InputError, MMPLError, Problem
-from mmpl_cli.files import atomic_path, write_atomic
+from mmpl_cli.files import MAX_RECORD_BYTES, atomic_path, check_output, disk_errors, load_json, write_atomic
+from mmpl_cli.profiles import MAX_LATENTS
 from mmpl_cli.recipe import TRAIN_GROUPS, TRAINABLE, ClipSource, transformer_stage, vae_stage
 from mmpl_cli.yamlio import Fields, Located, load_yaml
 
@@ -89,7 +90,7 @@ def load_train_config(path: Path) -> TrainConfig:
         for g in groups:
             if g not in TRAIN_GROUPS:
                 f.add(f.line_of(m, "groups"), f"{prefix}.groups", f"expected groups from {', '.join(TRAIN_GROUPS)}, found {g!r}")
-        frames = f.get(m, "frames", prefix, "int", default=9, minimum=1)
+        frames = f.get(m, "frames", prefix, "int", default=9, minimum=1, maximum=1 + 4 * MAX_LATENTS)
         if (frames - 1) % 4:
             f.add(f.line_of(m, "frames"), f"{prefix}.frames", f"expected 1 + 4k frames (the VAE's time stride), found {frames}")
         stages.append(StageConfig(
@@ -100,8 +101,8 @@ def load_train_config(path: Path) -> TrainConfig:
             clip_grad=f.get(m, "clip_grad", prefix, "float", default=1.0, exclusive_minimum=0.0),
             trainable=f.get(m, "trainable", prefix, "str", default="all", choices=list(TRAINABLE)),
             groups=tuple(groups), checkpoint_every=f.get(m, "checkpoint_every", prefix, "int", default=50, minimum=1),
-            frames=frames, pool=f.get(m, "pool", prefix, "int", default=64, minimum=1),
-            batch=f.get(m, "batch", prefix, "int", default=1, minimum=1),
+            frames=frames, pool=f.get(m, "pool", prefix, "int", default=64, minimum=1, maximum=1_000_000),
+            batch=f.get(m, "batch", prefix, "int", default=1, minimum=1, maximum=4096),
             anchor=f.get(m, "anchor", prefix, "int", default=0, minimum=0),
             anchor_weight=f.get(m, "anchor_weight", prefix, "float", default=0.0, minimum=0.0),
             lr_decay=f.get(m, "lr_decay", prefix, "str", default="none", choices=list(LR_DECAY)),
@@ -138,7 +139,11 @@ class StageRun:
         self.progress = folder / "progress.json"
 
     def done(self) -> bool:
-        return self.progress.is_file() and json.loads(self.progress.read_text()).get("finished", False)
+        try:
+            progress = load_json(self.progress, MAX_RECORD_BYTES)
+        except (OSError, ValueError):
+            return False  # missing or damaged: the checkpoint says where the stage stands
+        return isinstance(progress, dict) and progress.get("finished") is True
 
     def load(self, params: dict[str, torch.nn.Parameter], optimizer) -> tuple[int, list[float]]:
         if not self.checkpoint.is_file():
@@ -211,11 +216,15 @@ def train(config: TrainConfig, report: Report, message: Callable[[str], None], m
     """Run every stage of the config in order, resuming where a previous run stopped; returns the model folder."""
     from mmpl_cli.profiles import load_profile
 
+    # everything the config names is checked before the first byte is written
     profile = load_profile(config.profile, relative_to=config.path.parent)
-    deadline = time.time() + 60 * max_minutes if max_minutes is not None else None
-    config.out.mkdir(parents=True, exist_ok=True)
-    model_dir = _initial_model(config, profile, message)
     source = ClipSource(config.data_source, profile.width, profile.height, config.seed, config.path.parent)
+    check_output(config.out, "out", folder=True)
+    start = _model_source(config, profile)
+    deadline = time.time() + 60 * max_minutes if max_minutes is not None else None
+    with disk_errors(config.out):
+        config.out.mkdir(parents=True, exist_ok=True)
+    model_dir = _initial_model(config, start, message)
     for index, cfg in enumerate(config.stages):
         name = f"stage {index + 1}/{len(config.stages)} ({cfg.stage})"
         run = StageRun(config.out / f"stage{index + 1}-{cfg.stage}")
@@ -231,28 +240,35 @@ def train(config: TrainConfig, report: Report, message: Callable[[str], None], m
     return model_dir
 
 
-def _initial_model(config: TrainConfig, profile, message) -> Path:
+def _model_source(config: TrainConfig, profile) -> Path | None:
+    """The Diffusers folder training starts from, checked; None for a new tiny model."""
+    if config.model == "new":
+        return None
+    if config.model == "profile" or config.model.startswith("builtin:"):
+        source = profile.resolve_model_path(None if config.model == "profile" else config.model)
+    else:
+        source = Path(config.model).expanduser()
+        source = source if source.is_absolute() else config.path.parent / source
+    if not (source / "transformer" / "config.json").is_file():
+        raise InputError(Problem(str(config.path), None, "model",
+                                 f"expected a Diffusers-format Wan folder, 'new' or 'profile', found {source}"))
+    return source
+
+
+def _initial_model(config: TrainConfig, source: Path | None, message) -> Path:
     """out/model: a copy of the starting folder (or a new tiny model) that the stages update in place."""
     model_dir = config.out / "model"
     if (model_dir / "transformer" / "config.json").is_file():
         return model_dir
     tmp = config.out / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    if config.model == "new":
+    if source is None:
         from mmpl_cli.procedural import vocabulary
         from mmpl_cli.tiny import build_tiny_model
 
         build_tiny_model(tmp, seed=config.seed, vocabulary=vocabulary())
         message(f"new tiny model (word-level tokenizer, {len(vocabulary())} words) in {model_dir}")
     else:
-        if config.model == "profile" or config.model.startswith("builtin:"):
-            source = profile.resolve_model_path(None if config.model == "profile" else config.model)
-        else:
-            source = Path(config.model).expanduser()
-            source = source if source.is_absolute() else config.path.parent / source
-        if not (source / "transformer" / "config.json").is_file():
-            raise InputError(Problem(str(config.path), None, "model",
-                                     f"expected a Diffusers-format Wan folder, 'new' or 'profile', found {source}"))
         shutil.copytree(source, tmp)
         message(f"starting from {source}")
     os.replace(tmp, model_dir)

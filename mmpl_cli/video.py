@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import ffmpeg
@@ -87,10 +87,17 @@ def count_frames(path: Path) -> tuple[int, float]:
     return frames, float(meta["fps"])
 
 
-def read_frames(path: Path) -> np.ndarray:
-    """Decode a video into uint8 [F, H, W, 3]."""
+def stream_frames(path: Path) -> tuple[float, tuple[int, int], Iterator[np.ndarray]]:
+    """(fps, (width, height), frames): the video decoded one uint8 [H, W, 3] frame at a time, so
+    that memory does not grow with its length."""
     reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
     meta = next(reader)
     width, height = meta["size"]
-    frames = [np.frombuffer(buf, dtype=np.uint8).reshape(height, width, 3) for buf in reader]
+    return float(meta["fps"]), (width, height), (np.frombuffer(buf, np.uint8).reshape(height, width, 3) for buf in reader)
+
+
+def read_frames(path: Path) -> np.ndarray:
+    """Decode a whole video into uint8 [F, H, W, 3]."""
+    _, (width, height), frames = stream_frames(path)
+    frames = list(frames)
     return np.stack(frames) if frames else np.zeros((0, height, width, 3), np.uint8)

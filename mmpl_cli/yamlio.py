@@ -1,13 +1,18 @@
-"""Safe YAML loading that remembers where every value came from, plus field checks.
+"""Safe, bounded YAML loading that remembers where every value came from, plus field checks.
 
 Stops at plain Python values: mappings come back as `Located` dicts that know the line of each
 key, so that the shot-list and profile layers can name file, line and field in every error.
-Only the safe loader is used: no object tags, no arbitrary constructors.
+Only the safe loader is used: no object tags, no arbitrary constructors. Every shot list, profile
+and training config goes through `load_yaml`, which holds the limits the README states: at most
+MAX_INPUT_BYTES read (so /dev/zero or an endless pipe is refused, not read to exhaustion), nesting
+at most MAX_DEPTH deep, no NUL in any text; a whole number too long to convert is kept as `Huge`,
+and Fields.get refuses, by field, whole numbers over MAX_INT and numbers that are not finite.
 """
 
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 import math
 import re
 from pathlib import Path
@@ -16,6 +21,11 @@ from typing import Any
 import yaml
 
 from mmpl_cli.errors import InputError, Problem
+from mmpl_cli.files import TooLarge, read_bounded
+
+MAX_INPUT_BYTES = 8 << 20  # a thousand shots with long prompts is about 1 MB
+MAX_DEPTH = 64  # a shot list nests 4 deep
+MAX_INT = 10**15  # larger whole numbers are refused: no field needs them, and a float cannot hold them all
 
 
 class Located(dict):
@@ -33,7 +43,48 @@ class LocatedList(list):
 
 
 class _LineLoader(yaml.SafeLoader):
-    pass
+    depth = 0
+
+    def compose_node(self, parent, index):
+        # PyYAML composes recursively: thousands of levels would end in RecursionError
+        if self.depth >= MAX_DEPTH:
+            raise _Refused(None, None, f"nested more than {MAX_DEPTH} levels deep",
+                                              self.peek_event().start_mark)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+class _Refused(yaml.constructor.ConstructorError):
+    """Valid YAML with a value outside mmpl's limits (not a syntax error)."""
+
+
+def _refuse(node: yaml.Node, message: str):
+    raise _Refused(None, None, message, node.start_mark)
+
+
+def _construct_str(loader: _LineLoader, node: yaml.ScalarNode) -> str:
+    value = loader.construct_scalar(node)
+    if "\x00" in value:
+        _refuse(node, "a text contains a NUL character")
+    return value
+
+
+@dataclass(frozen=True)
+class Huge:
+    """A whole number too long to convert (Python refuses over 4300 digits with a ValueError of
+    its own): kept as its text, so the field that holds it is refused by name (Fields.get)."""
+
+    text: str
+
+
+def _construct_int(loader: _LineLoader, node: yaml.ScalarNode) -> int | Huge:
+    text = loader.construct_scalar(node)
+    if len(text.replace("_", "").lstrip("+-")) > 24:
+        return Huge(text)
+    return yaml.SafeLoader.construct_yaml_int(loader, node)
 
 
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> Located:
@@ -64,17 +115,21 @@ def _construct_sequence(loader: _LineLoader, node: yaml.SequenceNode) -> Located
 
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
+_LineLoader.add_constructor("tag:yaml.org,2002:str", _construct_str)
+_LineLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 
 SCIENTIFIC = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
-MAX_INT = 10**15  # larger whole numbers are refused: no field needs them, and a float cannot hold them all
 
 
 def load_yaml(path: Path, what: str) -> Any:
     """Read a YAML file safely; every failure is an InputError naming the file and line."""
     name = str(path)
     try:
-        raw = path.read_bytes()
+        raw = read_bounded(path, MAX_INPUT_BYTES)
+    except TooLarge:
+        raise InputError(Problem(name, None, "", f"expected a {what} of at most {MAX_INPUT_BYTES >> 20} MB, "
+                                 "found a larger file (or an endless stream)")) from None
     except FileNotFoundError:
         raise InputError(Problem(name, None, "", f"{what} not found")) from None
     except IsADirectoryError:
@@ -94,7 +149,7 @@ def load_yaml(path: Path, what: str) -> Any:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
         detail = exc.problem or str(exc)
-        raise InputError(Problem(name, line, "", f"invalid YAML: {detail}")) from None
+        raise InputError(Problem(name, line, "", detail if isinstance(exc, _Refused) else f"invalid YAML: {detail}")) from None
     except yaml.YAMLError as exc:
         raise InputError(Problem(name, None, "", f"invalid YAML: {exc}")) from None
 
@@ -156,6 +211,8 @@ class Fields:
         if kind in ("int", "float"):
             if kind == "float" and isinstance(value, str) and SCIENTIFIC.fullmatch(value.strip()):
                 value = float(value)  # YAML 1.1 reads 1e-5 (no dot) as text; everyone means the number
+            if isinstance(value, Huge):
+                value = MAX_INT + 1  # refused below, by name
             ok = isinstance(value, int) and not isinstance(value, bool)
             if kind == "float":
                 ok = ok or isinstance(value, float)
@@ -196,6 +253,8 @@ def join(prefix: str, key: str) -> str:
 def describe(value: Any) -> str:
     if value is None:
         return "nothing"
+    if isinstance(value, Huge):
+        return f"a whole number of {len(value.text)} characters"
     if isinstance(value, bool):
         return f"'{str(value).lower()}' (true/false)"
     if isinstance(value, (int, float)):

@@ -46,6 +46,34 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
                           capture_output=True, text=True, timeout=timeout)
 
 
+_LAUNCHER = """
+import os, resource, subprocess, sys
+cap, report = int(sys.argv[1]), sys.argv[2]
+if cap:
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+child = subprocess.Popen(sys.argv[3:])
+_, status, usage = os.wait4(child.pid, 0)
+open(report, "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def run_measured(*args: str, address_space: int | None = None, timeout: float = 600):
+    """run_cli, also returning the process's peak resident memory in MB, optionally under an
+    address-space cap (RLIMIT_AS) that a larger allocation fails against. A small launcher starts
+    it: a child forked from this process (the tests hold models) would report this process's
+    resident memory as its own peak (Linux keeps the pre-exec high-water mark)."""
+    import tempfile
+
+    env = {k: v for k, v in {**os.environ, "PYTHONUNBUFFERED": "1"}.items() if k != "MMPL_DEBUG"}
+    with tempfile.TemporaryDirectory() as folder:
+        report = Path(folder) / "maxrss"
+        done = subprocess.run([sys.executable, "-c", _LAUNCHER, str(address_space or 0), str(report),
+                               sys.executable, "-m", "mmpl_cli", *args], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=timeout)
+        return done, int(report.read_text()) / 1024
+
+
 # A 2-segment shot that the resume and worker tests render, interrupt and compare.
 SHOTS = """version: 1
 defaults: {steps: 6, seed: 21}

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, run_measured
 from mmpl_cli.evaluate import Boundaries, compare, evaluate_frames
 from mmpl_cli.video import write_mp4
 
@@ -76,3 +77,19 @@ def test_eval_reports_bad_input_with_exit_2(tmp_path):
     proc = run_cli("eval", str(tmp_path / "not-a-video.mp4"))
     assert proc.returncode == 2 and "expected a video ffmpeg can read" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+
+@pytest.mark.slow
+def test_a_minute_of_832x480_is_measured_under_a_1_gb_memory_cap(tmp_path):
+    """eval streams frames: 960 frames of 832x480 (1.1 GB decoded) under a 1 GB address-space cap."""
+    from mmpl_cli.video import ffmpeg_binary
+
+    video = tmp_path / "minute.mp4"
+    subprocess.run([ffmpeg_binary(), "-loglevel", "error", "-f", "lavfi", "-i", "testsrc2=size=832x480:rate=16",
+                    "-t", "60", "-pix_fmt", "yuv420p", "-c:v", "libx264", "-preset", "ultrafast", str(video)], check=True)
+    proc, peak_mb = run_measured("eval", str(video), "--json", address_space=1 << 30)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)["videos"][0]
+    assert result["frames"] == 960 and len(result["drift_h_l1"]) == 60
+    assert peak_mb < 1024

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from conftest import run_measured
 from mmpl_cli.errors import InputError
 from mmpl_cli.plan import derive_seed, frame_accounting, plan_shot, task_hashes
 from mmpl_cli.profiles import load_profile
@@ -135,3 +136,14 @@ def test_strategy_option_overrides_every_shot():
     assert all(t["kind"] in ("window", "decode", "stitch") for s in shots for t in s["tasks"])
     bad = run_cli("plan", "examples/shots.yaml", "--strategy", "sliding")
     assert bad.returncode == 2 and "sliding" in bad.stderr
+
+
+@pytest.mark.slow
+def test_planning_a_day_long_shot_stays_under_500_mb(tmp_path):
+    """18190 segments, 90951 tasks: plan, schedule and JSON report in one process (README's limits)."""
+    shots = tmp_path / "day.yaml"
+    shots.write_text("version: 1\nshots:\n  - {id: day, prompt: a whole day, duration: 86400}\n")
+    proc, peak_mb = run_measured("plan", str(shots), "--json", "--gpus", "4")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["shots"][0]["segments"] == 18190
+    assert peak_mb < 500, peak_mb

@@ -79,17 +79,17 @@ def test_records_claims_and_decisions_of_the_wrong_type_are_recomputed_or_refuse
                                                                                   reference_dir, tmp_path):
     out = _copy(reference_dir, tmp_path)
     tasks = out / ".mmpl/tasks/k"
-    for name, text in (("s000-decode.json", "[]"), ("s001-decode.json", '{"file": 1, "hash": [], "sha256": null}'),
+    for name, text in (("s000-decode.json", "[" * 30000), ("s001-decode.json", '{"file": 1, "hash": [], "sha256": null}'),
                        ("stitch.json", '"a string"')):
         (tasks / name).write_text(text)
     (tasks / "s001-plan.safetensors").write_bytes(b"\x00" * 64)  # not a safetensors file
     claims = out / ".mmpl/claims/k"
     claims.mkdir(parents=True, exist_ok=True)
     for name, text in (("s000-plan.claim.0", "[1, 2]"), ("s001-plan.claim.0", '{"pid": "x", "host": 3}'),
-                       ("s000-initial.claim.0", "\x00\xff garbage")):
+                       ("s000-initial.claim.0", "\x00\xff garbage"), ("s000-decode.claim.0", "[" * 4000)):
         (claims / name).write_text(text, errors="surrogateescape")
         os.utime(claims / name, (time.time() - 1000, time.time() - 1000))
-    (out / ".mmpl/events.jsonl").write_text('[1]\n{"event": "finished"}\n"x"\n{"task": 5}\n')
+    (out / ".mmpl/events.jsonl").write_text('[1]\n{"event": "finished"}\n"x"\n{"task": 5}\n' + "[" * 100000 + "\n")
     proc = _render(shots_file, tiny_model_dir, out)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
@@ -99,7 +99,7 @@ def test_records_claims_and_decisions_of_the_wrong_type_are_recomputed_or_refuse
     proc = _render(shots_file, tiny_model_dir, out)
     assert proc.returncode == 2 and "numerics.json" in proc.stderr and "Traceback" not in proc.stderr
     # a manifest of the wrong shape: status says so, exit 2
-    for text in ("[]", '{"shots": 3, "profile": {}}', '{"shots": [{"tasks": [1]}]}'):
+    for text in ("[]", '{"shots": 3, "profile": {}}', '{"shots": [{"tasks": [1]}]}', "[" * 100000):
         (out / ".mmpl/manifest.json").write_text(text)
         proc = run_cli("status", str(out))
         assert proc.returncode == 2 and "manifest.json" in proc.stderr and "Traceback" not in proc.stderr, text
