@@ -112,10 +112,10 @@ def _measured(root, width: int, height: int) -> tuple[dict[str, int], dict[str, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("size", [(48, 32), (64, 48)])
-@pytest.mark.parametrize("arch", ["1.3b", "14b"])
+@pytest.mark.parametrize("arch, size", [("1.3b", (48, 32)), ("14b", (64, 48))])
 def test_the_model_matches_the_meter_for_every_task_kind(arch, size, wan13, wan14):
-    """Two real-width models (the 1.3B with 2 blocks, the 14B with 1) at two sizes: each task kind's
+    """Two real-width models (the 1.3B with 2 blocks, the 14B with 1), each at its own size (the full
+    cross product measured the same agreement and cost 140 s of suite time more): each task kind's
     peak within 15%, both in all (weights included) and in what comes on top of the weights."""
     measured, found = _measured(wan13 if arch == "1.3b" else wan14, *size)
     model = found["model"]
