@@ -6,15 +6,20 @@ boundary fixes switched off, measured with `mmpl eval` (the MMPL paper, Table 5,
     python benchmarks/drift.py --prompts 2 --duration 20 --variants mmpl sliding-window
 
 Variants:
-  mmpl               the default strategy
+  mmpl               the default strategy, with the shipped profile as it is
+  planning           mmpl, handover: planning (decode every planning latent in order, re-encode the tail)
+  reencode           mmpl, handover: reencode (decode [L0, anchor[0], anchor], re-encode the tail)
+  no-reencode        mmpl, handover: direct (the anchor latents as they are; App. F off)
+  no-noise-init      mmpl, but populating edges start from their own noise (App. G off)
   sliding-window     each window conditioned on the previous window's last 5 latents, as they are
   progressive        PA-VDM: chunks of 2 latents one noise level apart, one clean chunk in front
-  no-reencode        mmpl, but the next segment starts from the anchor latents directly (App. F off)
-  no-noise-init      mmpl, but populating edges start from their own noise (App. G off)
 
-Every figure is a mean over the prompts. "bg last" counts the videos whose last frame still shows the
-prompted background colour (named by nearest hue). Render time is wall-clock seconds for all prompts
-of a variant, one after another, on this machine. `--json FILE` keeps every per-video metric.
+Every figure is a mean over the prompts. "join step" is `mmpl eval`'s join step ratio: how far the
+background hue (degrees) and the hue histogram (H-L1) jump at a segment join, over the median
+jump between consecutive frames inside the segments (1.0: a join is like any other frame). "bg last"
+counts the videos whose last frame still shows the prompted background colour (nearest hue). Render
+time is wall-clock seconds for all prompts of a variant, one after another, on this machine.
+`--json FILE` keeps every per-video metric.
 """
 
 from __future__ import annotations
@@ -37,10 +42,12 @@ from mmpl_cli.video import read_frames
 
 VARIANTS = {  # strategy, changes to the tiny profile
     "mmpl": ("mmpl", {}),
-    "sliding-window": ("sliding-window", {}),
-    "progressive": ("progressive", {}),
+    "planning": ("mmpl", {"handover": "planning"}),
+    "reencode": ("mmpl", {"handover": "reencode"}),
     "no-reencode": ("mmpl", {"handover": "direct"}),
     "no-noise-init": ("mmpl", {"noise_init": {"enabled": False}}),
+    "sliding-window": ("sliding-window", {}),
+    "progressive": ("progressive", {}),
 }
 
 
@@ -81,6 +88,8 @@ def summarize(results: list[dict]) -> dict:
         "first_last_h_corr": mean(lambda r: r["first_last"]["h_corr"]),
         "joins_h_l1": mean(lambda r: r["joins"].get("h_l1_mean")),
         "joins_h_corr": mean(lambda r: r["joins"].get("h_corr_mean")),
+        "join_step_deg": mean(lambda r: r["joins"].get("step_ratio_deg")),
+        "join_step_h_l1": mean(lambda r: r["joins"].get("step_ratio_h_l1")),
         "plan_content_h_l1": mean(lambda r: r["plan_content"].get("h_l1_mean")),
         "plan_content_h_corr": mean(lambda r: r["plan_content"].get("h_corr_mean")),
         "flicker": mean(lambda r: r["flicker"]["mean"]),
@@ -114,12 +123,13 @@ def main() -> int:
         return "-" if v is None else f"{v:.{digits}f}"
 
     print(f"{args.prompts} prompts x {args.duration:g} s, embedded default model unless --model-path\n")
-    print("| variant | first-last H-L1 ↓ | H-corr ↑ | joins H-L1 ↓ | H-corr ↑ | plan/content H-L1 ↓ | H-corr ↑ "
-          "| flicker ↓ | bg last | render s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| variant | first-last H-L1 ↓ | H-corr ↑ | joins H-L1 ↓ | H-corr ↑ | join step, deg ↓ | join step, H-L1 ↓ "
+          "| plan/content H-L1 ↓ | H-corr ↑ | flicker ↓ | bg last | render s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, s in table:
         print(f"| {name} | {f(s['first_last_h_l1'])} | {f(s['first_last_h_corr'])} | {f(s['joins_h_l1'])} | "
-              f"{f(s['joins_h_corr'])} | {f(s['plan_content_h_l1'])} | {f(s['plan_content_h_corr'])} | "
+              f"{f(s['joins_h_corr'])} | {f(s['join_step_deg'], 1)} | {f(s['join_step_h_l1'], 1)} | "
+              f"{f(s['plan_content_h_l1'])} | {f(s['plan_content_h_corr'])} | "
               f"{f(s['flicker'], 4)} | {s['background_last']}/{s['videos']} | {s['render_s']:.0f} |")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

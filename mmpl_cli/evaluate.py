@@ -28,14 +28,36 @@ from mmpl_cli.files import atomic_path
 BINS = 36
 
 
-def hue_histogram(frame: np.ndarray) -> np.ndarray:
-    """Normalised histogram of the hue of an RGB uint8 frame [H, W, 3]."""
+def _hue(frame: np.ndarray) -> np.ndarray:
+    """PIL's hue (0-255 for 0-360 degrees) of every pixel of an RGB uint8 frame [H, W, 3]."""
     from PIL import Image
 
-    hue = np.asarray(Image.fromarray(frame).convert("HSV"))[..., 0]
-    bins = np.rint(hue.ravel().astype(np.float64) * BINS / 256).astype(np.int64) % BINS  # bin 0 centred on red
+    return np.asarray(Image.fromarray(frame).convert("HSV"))[..., 0].ravel()
+
+
+def hue_histogram(frame: np.ndarray, hue: np.ndarray | None = None) -> np.ndarray:
+    """Normalised histogram of the hue of an RGB uint8 frame [H, W, 3]."""
+    hue = _hue(frame) if hue is None else hue
+    bins = np.rint(hue.astype(np.float64) * BINS / 256).astype(np.int64) % BINS  # bin 0 centred on red
     counts = np.bincount(bins, minlength=BINS).astype(np.float64)
     return counts / counts.sum()
+
+
+def background_hue(hue: np.ndarray) -> float:
+    """The hue, in degrees, that most of the frame has: the circular mean of the pixels within 15
+    degrees of the most common hue (the background, where one colour fills most of the picture)."""
+    degrees = hue.astype(np.float64) * (360 / 256)
+    counts = np.bincount(np.rint(degrees).astype(np.int64) % 360, minlength=360).astype(np.float64)
+    smooth = sum(np.roll(counts, k) for k in range(-5, 6))  # a 11-degree window, round the circle
+    mode = float(np.argmax(smooth))
+    near = degrees[np.abs((degrees - mode + 180) % 360 - 180) <= 15]
+    angle = np.deg2rad(near)
+    return float(np.rad2deg(np.arctan2(np.sin(angle).mean(), np.cos(angle).mean())) % 360)
+
+
+def hue_step(a: float, b: float) -> float:
+    """Degrees between two hues, the short way round the circle."""
+    return float(abs((b - a + 180) % 360 - 180))
 
 
 def compare(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -87,27 +109,49 @@ def _histogram_compare(ha: np.ndarray, hb: np.ndarray) -> tuple[float, float]:
     return l1, float((da * db).sum() / norm) if norm > 0 else 1.0
 
 
+STEP_FLOOR = {"deg": 0.1, "h_l1": 0.001}  # a still video's frame-to-frame median is floored here
+
+
+def _steps(at_joins: list[tuple[float, float]], inside: list[tuple[float, float]]) -> dict:
+    """How the picture jumps at the joins against any other pair of consecutive frames: each join's
+    background hue step (degrees) and H-L1, over the median of the same figure inside the segments."""
+    if not at_joins or not inside:
+        return {}
+    out = {}
+    for column, name in ((0, "deg"), (1, "h_l1")):
+        median = max(float(np.median([p[column] for p in inside])), STEP_FLOOR[name])
+        values = [p[column] for p in at_joins]
+        out[f"step_{name}_mean"] = float(np.mean(values))
+        out[f"step_{name}_inside_median"] = median
+        out[f"step_ratio_{name}"] = float(np.mean(values)) / median
+    return out
+
+
 def evaluate_frames(frames: Iterable[np.ndarray], fps: float, boundaries: Boundaries | None = None) -> dict:
     """Every metric of one video, given as uint8 frames [H, W, 3] one after another (an array
     [F, H, W, 3] or a stream): only the first and the previous frame are kept, so memory does not
-    grow with the video's length. Drift is measured at frame round(s * fps) of every whole second s."""
+    grow with the video's length. Drift is measured at frame round(s * fps) of every whole second s.
+    With boundaries, each join is also measured as a step (`_steps`): the join step ratio is 1.0
+    when a join jumps no more than the median pair of consecutive frames inside a segment."""
     joins = set(boundaries.joins) if boundaries else set()
     edges = set(boundaries.plan_content) if boundaries else set()
-    first = previous = previous_hist = None
-    changes, drift, at_joins, at_edges = [], [], [], []
+    first = previous = previous_hist = previous_bg = None
+    changes, drift, at_joins, at_edges, steps_at_joins, steps_inside = [], [], [], [], [], []
     count = 0
     for i, frame in enumerate(frames):
-        hist = hue_histogram(frame)
+        hue = _hue(frame)
+        hist, bg = hue_histogram(frame, hue), background_hue(hue)
         if i == 0:
             first = hist
         else:
             changes.append(float(np.abs(frame.astype(np.int16) - previous.astype(np.int16)).mean()) / 255)
+            pair = _histogram_compare(previous_hist, hist)
             if i in joins or i in edges:
-                pair = _histogram_compare(previous_hist, hist)
                 (at_joins if i in joins else at_edges).append(pair)
+            (steps_at_joins if i in joins else steps_inside).append((hue_step(previous_bg, bg), pair[0]))
         if i == round(len(drift) * fps):
             drift.append((len(drift) * fps, _histogram_compare(first, hist)[0]))
-        previous, previous_hist, count = frame, hist, i + 1
+        previous, previous_hist, previous_bg, count = frame, hist, bg, i + 1
     if count == 0:
         raise ValueError("the video has no frames")
     l1, corr = _histogram_compare(first, previous_hist)
@@ -116,7 +160,7 @@ def evaluate_frames(frames: Iterable[np.ndarray], fps: float, boundaries: Bounda
               "flicker": {"mean": float(np.mean(changes)), "max": float(np.max(changes))},
               "drift_h_l1": [value for at, value in drift if at <= count - 1]}
     if boundaries is not None:
-        result["joins"] = _summary(at_joins)
+        result["joins"] = {**_summary(at_joins), **_steps(steps_at_joins, steps_inside)}
         result["plan_content"] = _summary(at_edges)
     return result
 
@@ -139,14 +183,17 @@ def evaluate_video(path: Path, segments_from: Path | None = None) -> dict:
 
 
 def format_table(results: list[dict]) -> str:
-    def cell(d: dict, key: str) -> str:
-        return "-" if not d or d.get("count") == 0 else f"{d[key]:.3f}"
+    def cell(d: dict, key: str, digits: int = 3) -> str:
+        return "-" if not d or d.get("count") == 0 or key not in d else f"{d[key]:.{digits}f}"
 
-    rows = [("video", "first-last H-L1", "H-corr", "joins H-L1", "H-corr", "plan/content H-L1", "H-corr",
-             "flicker", "drift at end")]
+    rows = [("video", "first-last H-L1", "H-corr", "joins H-L1", "H-corr", "join step ratio (deg, H-L1)",
+             "plan/content H-L1", "H-corr", "flicker", "drift at end")]
     for r in results:
+        joins = r.get("joins")
+        ratio = "-" if cell(joins, "step_ratio_deg") == "-" else \
+            f"{cell(joins, 'step_ratio_deg', 1)}, {cell(joins, 'step_ratio_h_l1', 1)}"
         rows.append((Path(r["video"]).name, f"{r['first_last']['h_l1']:.3f}", f"{r['first_last']['h_corr']:.3f}",
-                     cell(r.get("joins"), "h_l1_mean"), cell(r.get("joins"), "h_corr_mean"),
+                     cell(joins, "h_l1_mean"), cell(joins, "h_corr_mean"), ratio,
                      cell(r.get("plan_content"), "h_l1_mean"), cell(r.get("plan_content"), "h_corr_mean"),
                      f"{r['flicker']['mean']:.4f}", f"{r['drift_h_l1'][-1]:.3f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

@@ -238,8 +238,11 @@ def task_peaks(arch: Architecture, profile, seeding: str, offload: bool) -> dict
         peaks[kind] = denoise(groups[kind].targets, groups[kind].sees, context)
     # the text encoder's visit: offloaded, it comes to the device beside the transformer to encode a prompt
     peaks["encode_text"] = Peak(transformer + encoder + (0 if offload else vae), 0, 0, text)
-    peaks["handover"] = Peak(with_vae, 0, max(int(VAE_DECODE_BYTES * arch.vae_base_dim * pixels),
-                                               int(VAE_ENCODE_BYTES * arch.vae_base_dim * pixels)))
+    # the hand-over decodes a run that ends with the anchor (render._handover), then encodes its tail
+    anchor = layout.anchor(seeding)
+    run = (1 + sum(1 for i in layout.plan.targets if i <= max(anchor)) if profile.handover == "planning"
+           else 2 + len(anchor))
+    peaks["handover"] = Peak(with_vae, 0, max(decode(run).activations, int(VAE_ENCODE_BYTES * arch.vae_base_dim * pixels)))
     peaks[Kind.DECODE] = decode(layout.last_latent(seeding) + 1)
     n = layout.latents
     peaks[Kind.FULL] = Peak(resident, 0, forward_bytes(arch, n * per_latent, 0, profile.max_sequence_length, profile.dtype), text)

@@ -105,6 +105,7 @@ class ShotPlan:
             "width": self.profile.width,
             "height": self.profile.height,
             "seed": self.shot.seed,
+            "negative_prompt": self.shot.negative_prompt,  # the one used: the shot's, else the profile's
             "sampler": dict(self.sampler.__dict__),
             "segment_plan": [
                 {"index": s.index, "prompt": s.prompt, "keep": [s.keep_from, s.keep_to],
@@ -197,6 +198,8 @@ def plan_shot(shot: Shot, profile: Profile, seeding: str, shot_list_path: str = 
     tasks.append(Task(f"{shot.id}/{Kind.STITCH}", shot.id, Kind.STITCH, None, tuple(decodes)))
 
     sampler = profile.sampler.with_overrides(shot.sampler_overrides)
+    if shot.negative_prompt is None:  # neither the shot nor the shot list names one: the profile's
+        shot = dataclasses.replace(shot, negative_prompt=profile.negative_prompt)
     if sampler.search > 1 and shot.strategy in (Strategy.FULL, Strategy.PROGRESSIVE):
         raise InputError(Problem(
             shot_list_path, shot.line, f"{shot.id}.search",
@@ -226,6 +229,9 @@ def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+I2V_LAYOUT = ("image", "after_image")  # hashed by the image-to-video initial task alone: other folders resume
+
+
 def task_hashes(plan: ShotPlan, model_fingerprint: str, init_image_digest: str | None = None) -> dict[str, str]:
     """A content hash per task from everything its output depends on, and its inputs' hashes (Merkle).
 
@@ -239,7 +245,8 @@ def task_hashes(plan: ShotPlan, model_fingerprint: str, init_image_digest: str |
     model = {
         "weights": model_fingerprint, "dtype": profile.dtype, "size": [profile.width, profile.height],
         "vae": [profile.vae_temporal, profile.vae_spatial], "text_tokens": profile.max_sequence_length,
-        "layout": dataclasses.asdict(profile.layout), "noise_blend": profile.noise_blend,
+        "layout": {k: v for k, v in dataclasses.asdict(profile.layout).items() if k not in I2V_LAYOUT},
+        "noise_blend": profile.noise_blend,
     }
     # search settings count only when not the defaults: folders rendered before they existed still resume
     sampler = {k: v for k, v in dataclasses.asdict(plan.sampler).items()
@@ -250,13 +257,18 @@ def task_hashes(plan: ShotPlan, model_fingerprint: str, init_image_digest: str |
         seg = plan.segments[task.segment] if task.segment is not None else None
         if task.kind == Kind.INITIAL and task.segment > 0:
             parts.update(model=model, anchor=list(profile.layout.anchor(plan.seeding)))  # VAE hand-over only
-            if profile.handover != "reencode":  # the ablation (kept out of the default's hash: old folders resume)
+            if profile.handover != "reencode":  # kept out of reencode's hash: folders from before `planning` resume with it
                 parts.update(handover=profile.handover)
-        elif task.kind == Kind.INITIAL and init_image_digest is not None:
-            parts.update(model=model, init_image=init_image_digest)
+        elif task.kind == Kind.INITIAL and init_image_digest is not None:  # the image, then a generated group
+            parts.update(model=model, init_image=init_image_digest,
+                         image_to_video={k: dataclasses.asdict(profile.layout)[k] for k in I2V_LAYOUT},
+                         prompt=seg.prompt, negative_prompt=plan.shot.negative_prompt, sampler=sampler,
+                         noise_seed=seg.noise_seed)
         elif task.kind in LATENT_KINDS:
             parts.update(model=model, prompt=seg.prompt, negative_prompt=plan.shot.negative_prompt,
                          sampler=sampler, noise_seed=seg.noise_seed)
+            if plan.sampler.search > 1 and task.kind in (Kind.POPULATE_ONE, Kind.POPULATE_TWO):
+                parts.update(edge_noise="the plan's candidate")  # since the edge blend follows the plan's choice
             if task.kind == Kind.WINDOW:
                 parts.update(context=SLIDING_CONTEXT)
             if task.kind == Kind.PROGRESSIVE:

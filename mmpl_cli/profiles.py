@@ -13,8 +13,9 @@ from pathlib import Path
 
 from mmpl_cli.errors import InputError, Problem
 from mmpl_cli.memory import WAN_TRANSFORMERS
+from mmpl_cli.layout import Layout, parse_layout
 from mmpl_cli.yamlio import Fields, Located, load_yaml
-from mmpl_cli.terms import DTYPES, GROUPS, SEEDINGS, Kind, Seeding
+from mmpl_cli.terms import DTYPES, GROUPS, SEEDINGS, Kind
 
 BUILTIN_PREFIX = "builtin:"
 # What a Diffusers-format Wan folder must hold for us to load it (diffusers' own layout).
@@ -65,42 +66,6 @@ class Sampler:
 
 
 @dataclass(frozen=True)
-class Group:
-    """One group of a segment: the latents it denoises and the clean latents it may attend to."""
-
-    targets: tuple[int, ...]
-    sees: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Layout:
-    """The index groups of one segment (MMPL paper, App. C.2); latent indices inside a segment."""
-
-    latents: int  # latents per segment (21 for Wan's 81-frame window)
-    initial: tuple[int, ...]  # the initial group, handed over from the previous segment
-    plan: Group  # micro plan: early, midpoint and terminal planning latents, jointly
-    populate_stage_one: Group
-    populate_stage_two: Group
-    terminal_anchor: tuple[int, ...]  # planning latents that seed the next segment (terminal seeding)
-    midpoint_anchor: tuple[int, ...]  # ... (mid-point seeding)
-
-    def groups(self) -> dict[str, Group]:
-        """The groups denoised against context, by kind (the initial group is made from text or handed over)."""
-        return {Kind.PLAN: self.plan, Kind.POPULATE_ONE: self.populate_stage_one, Kind.POPULATE_TWO: self.populate_stage_two}
-
-    def group(self, kind: str) -> Group:
-        """The latents a group makes and those it attends to; the initial group attends to nothing."""
-        return Group(self.initial, ()) if kind == Kind.INITIAL else self.groups()[kind]
-
-    def anchor(self, seeding: str) -> tuple[int, ...]:
-        return self.terminal_anchor if seeding == Seeding.TERMINAL else self.midpoint_anchor
-
-    def last_latent(self, seeding: str) -> int:
-        """The last latent that is populated: mid-point seeding never fills what follows the midpoint."""
-        return self.latents - 1 if seeding == Seeding.TERMINAL else max(self.midpoint_anchor)
-
-
-@dataclass(frozen=True)
 class Profile:
     name: str
     source: str  # the file it was read from
@@ -122,7 +87,8 @@ class Profile:
     checkpoint: Checkpoint | None = None  # replaces the folder's transformer weights
     attention: str = "auto"  # diffusers attention backend (ATTENTION_BACKENDS)
     offload: str = "auto"  # text encoder and VAE on the CPU between uses (OFFLOAD)
-    handover: str = "reencode"  # App. F: the next segment's initial latents through the VAE, or "direct" (ablation)
+    handover: str = "planning"  # App. F: the next segment's initial latents through the VAE (HANDOVERS)
+    negative_prompt: str = ""  # a shot's when it names none (Wan's profiles: Wan's standard one)
     architecture: str | None = None  # a released architecture (memory.WAN_TRANSFORMERS), for the memory model without weights
 
     @property
@@ -237,36 +203,13 @@ def load_profile(name_or_path: str, relative_to: Path | None = None) -> Profile:
     return profile
 
 
-def _indices(f: Fields, mapping: Located, key: str, prefix: str, latents: int) -> tuple[int, ...]:
-    values = f.get(mapping, key, prefix, "list", required=True, default=[])
-    line = f.line_of(mapping, key)
-    out = []
-    for v in values:
-        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < latents:
-            f.add(line, f"{prefix}.{key}", f"expected latent indices 0..{latents - 1}, found {v!r}")
-            return ()
-        out.append(v)
-    if len(set(out)) != len(out):
-        f.add(line, f"{prefix}.{key}", "expected distinct latent indices, found a repeated one")
-    return tuple(sorted(out))
-
-
-def _group(f: Fields, layout: Located, key: str, latents: int) -> Group:
-    m = f.get(layout, key, "layout", "mapping", required=True)
-    if m is None:
-        return Group((), ())
-    prefix = f"layout.{key}"
-    f.unknown_keys(m, {"targets", "sees"}, prefix)
-    return Group(_indices(f, m, "targets", prefix, latents), _indices(f, m, "sees", prefix, latents))
-
-
 def parse_profile(data, file: str, problems: list[Problem]) -> Profile | None:
     f = Fields(file, problems)
     root = f.mapping(data, getattr(data, "line", 1), "")
     if root is None:
         return None
     f.unknown_keys(root, {"name", "description", "model", "video", "sampler", "text", "layout",
-                          "noise_init", "handover", "costs", "memory_gb"}, "")
+                          "noise_init", "handover", "negative_prompt", "costs", "memory_gb"}, "")
     name = f.get(root, "name", "", "str", required=True, default="?")
     description = f.get(root, "description", "", "str", default="")
 
@@ -313,27 +256,14 @@ def parse_profile(data, file: str, problems: list[Problem]) -> Profile | None:
     f.unknown_keys(text, {"max_sequence_length"}, "text")
     max_seq = f.get(text, "max_sequence_length", "text", "int", default=512, minimum=1, maximum=4096)
 
-    lay = f.get(root, "layout", "", "mapping", required=True) or Located()
-    f.unknown_keys(lay, {"latents", "initial", "plan", "populate_stage_one", "populate_stage_two",
-                         "terminal_anchor", "midpoint_anchor"}, "layout")
-    latents = f.get(lay, "latents", "layout", "int", required=True, default=21, minimum=3, maximum=MAX_LATENTS)
-    layout = Layout(
-        latents=latents,
-        initial=_indices(f, lay, "initial", "layout", latents),
-        plan=_group(f, lay, "plan", latents),
-        populate_stage_one=_group(f, lay, "populate_stage_one", latents),
-        populate_stage_two=_group(f, lay, "populate_stage_two", latents),
-        terminal_anchor=_indices(f, lay, "terminal_anchor", "layout", latents),
-        midpoint_anchor=_indices(f, lay, "midpoint_anchor", "layout", latents),
-    )
-    _check_layout(f, lay, layout)
+    layout = parse_layout(f, f.get(root, "layout", "", "mapping", required=True) or Located())
 
     noise = f.get(root, "noise_init", "", "mapping") or Located()
     f.unknown_keys(noise, {"alpha", "enabled"}, "noise_init")
     alpha = f.get(noise, "alpha", "noise_init", "float", default=0.5, minimum=0.0, maximum=1.0)
     if not f.get(noise, "enabled", "noise_init", "bool", default=True):
         alpha = None  # ablation: every populating latent starts from its own noise
-    handover = f.get(root, "handover", "", "str", default="reencode", choices=list(HANDOVERS))
+    handover = f.get(root, "handover", "", "str", default="planning", choices=list(HANDOVERS))
 
     costs = _number_map(f, root, "costs", [*map(str, GROUPS), "handover", str(Kind.DECODE)])
     memory = _number_map(f, root, "memory_gb", list(SEEDINGS))
@@ -344,16 +274,16 @@ def parse_profile(data, file: str, problems: list[Problem]) -> Profile | None:
         max_sequence_length=max_seq, sampler=sampler, layout=layout,
         noise_blend=alpha, costs=costs, memory_gb=memory,
         checkpoint=checkpoint, attention=attention, offload=offload, handover=handover, architecture=architecture,
+        negative_prompt=f.get(root, "negative_prompt", "", "str", default=""),
     )
 
 
 SAMPLER_KEYS = {"scheduler", "steps", "shift", "guidance", "search", "search_steps"}
 MAX_SIDE = 8192  # pixels; Wan renders 832x480 and 1280x720
 MAX_FPS = 240
-MAX_LATENTS = 256  # per segment; Wan's 81-frame window is 21
 MAX_GUIDANCE = 100.0  # Wan uses 5-6, distilled checkpoints 1; far beyond, latents overflow (1e38 gave NaN)
 MAX_SHIFT = 100.0  # Wan uses 3-8
-HANDOVERS = ("reencode", "direct")
+HANDOVERS = ("planning", "reencode", "direct")
 
 
 def sampler_overrides(f: Fields, m: Located, prefix: str) -> dict:
@@ -385,31 +315,3 @@ def _number_map(f: Fields, root: Located, key: str, allowed: list[str]) -> dict[
             if v is not None:
                 out[k] = v
     return out
-
-
-def _check_layout(f: Fields, lay: Located, layout: Layout) -> None:
-    """The groups must tile the segment and only look at latents that exist when they run."""
-    line = lay.line
-    groups = [layout.initial, layout.plan.targets, layout.populate_stage_one.targets,
-              layout.populate_stage_two.targets]
-    flat = [i for g in groups for i in g]
-    for key, indices in (("initial", layout.initial), ("plan.targets", layout.plan.targets),
-                         ("populate_stage_one.targets", layout.populate_stage_one.targets),
-                         ("populate_stage_two.targets", layout.populate_stage_two.targets),
-                         ("terminal_anchor", layout.terminal_anchor), ("midpoint_anchor", layout.midpoint_anchor)):
-        if not indices:
-            f.add(line, f"layout.{key}", "expected at least one latent index, found none")
-    if sorted(flat) != list(range(layout.latents)):
-        f.add(line, "layout", f"expected the groups to cover latents 0..{layout.latents - 1} exactly once")
-    available = set(layout.initial)
-    for key, stage in layout.groups().items():
-        early = set(stage.sees) - available
-        if early:
-            f.add(line, f"layout.{key}.sees", f"latents {sorted(early)} are not generated before this stage")
-        available |= set(stage.targets)
-    if not set(layout.terminal_anchor) <= set(layout.plan.targets):
-        f.add(line, "layout.terminal_anchor", "expected planning latents")
-    if not set(layout.midpoint_anchor) <= set(layout.plan.targets):
-        f.add(line, "layout.midpoint_anchor", "expected planning latents")
-    if layout.terminal_anchor and max(layout.terminal_anchor) != layout.latents - 1:
-        f.add(line, "layout.terminal_anchor", "expected to end at the last latent of the segment")

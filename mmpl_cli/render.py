@@ -119,9 +119,13 @@ class ShotRunner:
         return results[segment_task_id(self.plan.shot.id, segment, kind)].latents
 
     def denoise(self, segment: int, noise: Callable[[int], torch.Tensor], targets, sees, context) -> torch.Tensor:
+        return self.denoise_searching(segment, noise, targets, sees, context).latents
+
+    def denoise_searching(self, segment: int, noise: Callable[[int], torch.Tensor], targets, sees, context) -> Latents:
         """Denoise a group from noise(0), or with k-step noise search (sampler.search > 1; the k-step
         noise search paper) from the best of noise(0) ... noise(k - 1): each runs `search_steps` steps
-        and the one whose colour estimate is nearest its clean context's wins (sampling.search_score)."""
+        and the one whose colour estimate is nearest its clean context's wins (sampling.search_score).
+        The result says which candidate it started from."""
         sampler, text = self.plan.sampler, self.text(segment)
         best = 0
         if sampler.search > 1 and context:
@@ -133,7 +137,8 @@ class ShotRunner:
                                    sigma, clean)
                       for c in range(sampler.search)]
             best = min(range(len(scores)), key=scores.__getitem__)
-        return self.backend.denoise(noise(best), targets, sees, context, text, sampler, callback=self.step)
+        return Latents(self.backend.denoise(noise(best), targets, sees, context, text, sampler, callback=self.step),
+                       candidate=best)
 
     def segment_latents(self, results: Results, segment: int) -> torch.Tensor:
         """All latents of a segment in order, up to the last one populated."""
@@ -158,30 +163,55 @@ class ShotRunner:
         if k > 0:
             return Latents(self._handover(results, k - 1))
         if self.plan.shot.init_image is not None:
-            # Image-to-video (App. K.1): the still image, as a clip as long as the initial group, is encoded.
-            image = load_init_image(self.plan.shot.init_image, self.plan.profile.width, self.plan.profile.height)
-            clip = image[:, None].expand(-1, self.plan.profile.pixel_frames(len(initial)), -1, -1)
-            return Latents(self.backend.encode(clip)[:, : len(initial)])
+            return Latents(self._from_image())
         noise = self.noise(0)[:, list(initial)]
         return Latents(self.backend.denoise(noise, initial, (), [], self.text(0), self.plan.sampler,
                                             callback=self.step))
+
+    def _from_image(self) -> torch.Tensor:
+        """Image-to-video (App. K.1, as MMPL's released I2V code): the still image encoded alone as
+        the first latent (layout.image), then the rest of the initial group generated as a group of
+        its own that sees it (layout.after_image), so the video does not start with a frozen still."""
+        profile, image_at, then = self.plan.profile, self.layout.image, self.layout.after_image
+        image = load_init_image(self.plan.shot.init_image, profile.width, profile.height)
+        clip = image[:, None].expand(-1, profile.pixel_frames(len(image_at)), -1, -1)  # one frame for one latent
+        encoded = self.backend.encode(clip)[:, : len(image_at)]
+        out = torch.zeros(encoded.shape[0], len(self.layout.initial), *encoded.shape[2:])
+        position = {index: pos for pos, index in enumerate(self.layout.initial)}
+        out[:, [position[i] for i in image_at]] = encoded
+        if then.targets:
+            context = [ContextGroup(encoded, image_at, ())]
+            made = self.backend.denoise(self.noise(0)[:, list(then.targets)], then.targets, then.sees, context,
+                                        self.text(0), self.plan.sampler, callback=self.step)
+            out[:, [position[i] for i in then.targets]] = made
+        return out
 
     def _handover(self, results: Results, previous: int) -> torch.Tensor:
         """Drift-resilient re-encode (Sec. 3.1, App. F): the previous segment's anchor, through the VAE.
 
         The causal VAE decoder needs a temporally contiguous run that starts from a first-frame
-        latent: decode [initial[0], anchor[0], anchor...] (the repeated anchor latent warms the
-        decoder's temporal cache up), keep the last pixel frames, as many as the initial group
-        spans, and encode them as the next segment's initial latents.
+        latent, and carries colour in its cache, so what comes before the anchor decides its pixels:
+        `planning` decodes [initial[0], every planning latent up to the anchor's last, in order]
+        (all of them exist once the plan task is done: the chain stays parallel, and the anchor is
+        decoded in nearly the company the viewer's frames are decoded in); `reencode` decodes
+        [initial[0], anchor[0], anchor...] (the repeated anchor latent warms the cache up). Either
+        keeps the last pixel frames, as many as the initial group spans, and encodes them as the
+        next segment's initial latents. `direct` (App. F's ablation) hands the latents on as they are.
         """
         anchor = self.layout.anchor(self.plan.seeding)
         plan_targets = self.layout.plan.targets
         plan_latents = self.latents(results, previous, Kind.PLAN)
         anchor_latents = plan_latents[:, [plan_targets.index(i) for i in anchor]]
-        if self.plan.profile.handover == "direct":  # App. F ablation: the latents as they are
+        handover = self.plan.profile.handover
+        if handover == "direct":  # App. F ablation: the latents as they are
             return anchor_latents[:, -len(self.layout.initial):].clone()
         first = self.latents(results, previous, Kind.INITIAL)[:, :1]
-        pixels = self.backend.decode(torch.cat([first, anchor_latents[:, :1], anchor_latents], dim=1))
+        if handover == "planning":
+            upto = [plan_targets.index(i) for i in sorted(plan_targets) if i <= max(anchor)]
+            run = torch.cat([first, plan_latents[:, upto]], dim=1)
+        else:
+            run = torch.cat([first, anchor_latents[:, :1], anchor_latents], dim=1)
+        pixels = self.backend.decode(run)
         span = self.plan.profile.pixel_frames(len(self.layout.initial))
         return self.backend.encode(pixels[:, -span:])[:, : len(self.layout.initial)]
 
@@ -194,15 +224,23 @@ class ShotRunner:
         context = [ContextGroup(self.latents(results, segment, c), self.layout.group(c).targets,
                                 self.layout.group(c).sees) for c in context_kinds]
         # 2. Noise: the segment's own, with App. G's blend at edges that touch planning latents
-        alpha = self.plan.profile.noise_blend
-
-        def noise(candidate: int) -> torch.Tensor:
-            full = self.noise(segment, candidate)
-            return full[:, list(group.targets)] if alpha is None else \
-                blend_edge_noise(full, group.targets, set(self.layout.plan.targets), alpha)
-
+        planned = None if kind == Kind.PLAN else results[segment_task_id(self.plan.shot.id, segment, Kind.PLAN)].candidate
         # 3. Denoise against the cached clean context
-        return Latents(self.denoise(segment, noise, group.targets, group.sees, context))
+        return self.denoise_searching(segment, partial(self.group_noise, kind, segment, planned=planned),
+                                      group.targets, group.sees, context)
+
+    def group_noise(self, kind: Kind, segment: int, candidate: int, planned: int | None = None) -> torch.Tensor:
+        """A group's starting noise from candidate `candidate` of its segment's noise. At an edge
+        next to planning latents it is App. G's (Eq. 14) blend of the noise those planning latents
+        started from: the plan group's chosen candidate `planned` (the k-step noise search may have
+        picked another one for the plan than for this group)."""
+        targets, alpha = self.layout.group(kind).targets, self.plan.profile.noise_blend
+        full = self.noise(segment, candidate)
+        if alpha is None:
+            return full[:, list(targets)]
+        anchors = set(self.layout.plan.targets)
+        return blend_edge_noise(full, targets, anchors, alpha,
+                                None if planned in (None, candidate) else self.noise(segment, planned))
 
     # -- video -----------------------------------------------------------------------------
 

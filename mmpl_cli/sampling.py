@@ -65,7 +65,8 @@ def sample(model_fn: ModelFn, x: torch.Tensor, scheduler, callback: StepCallback
     return x
 
 
-def blend_edge_noise(noise: torch.Tensor, targets: Sequence[int], anchors: set[int], alpha: float) -> torch.Tensor:
+def blend_edge_noise(noise: torch.Tensor, targets: Sequence[int], anchors: set[int], alpha: float,
+                     anchor_noise: torch.Tensor | None = None) -> torch.Tensor:
     """Noise initialization at planning-to-content boundaries (MMPL paper, App. G, Eq. 14).
 
     `noise` holds one noise latent per latent index of the segment, [C, F, H, W]. For each edge of
@@ -73,8 +74,11 @@ def blend_edge_noise(noise: torch.Tensor, targets: Sequence[int], anchors: set[i
     (`anchors`), the edge latent starts from alpha * eps(adjacent) + (1 - alpha) * eps(next one
     over) instead of fresh noise. The blend is rescaled to unit variance so that the sampler
     still starts from N(0, I); the paper does not say how it handles this, and without it the
-    edge latent would start with too little noise. Returns the target noise, [C, len(targets), H, W].
+    edge latent would start with too little noise. eps(anchor) is read from `anchor_noise` when
+    given (the noise the anchors really started from), else from `noise`. Returns the target
+    noise, [C, len(targets), H, W].
     """
+    source = noise if anchor_noise is None else anchor_noise
     out = noise[:, list(targets)].clone()
     scale = (alpha**2 + (1 - alpha) ** 2) ** 0.5
     order = {index: pos for pos, index in enumerate(targets)}
@@ -84,7 +88,7 @@ def blend_edge_noise(noise: torch.Tensor, targets: Sequence[int], anchors: set[i
                 continue  # not an edge on this side
             near, far = index + step, index + 2 * step
             if near in anchors and far in anchors:
-                out[:, pos] = (alpha * noise[:, near] + (1 - alpha) * noise[:, far]) / scale
+                out[:, pos] = (alpha * source[:, near] + (1 - alpha) * source[:, far]) / scale
                 break
     return out
 

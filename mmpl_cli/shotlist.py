@@ -41,7 +41,7 @@ class Shot:
     prompts: tuple[PromptChange, ...]  # first one at 0 s; in order
     duration: float  # seconds
     seed: int
-    negative_prompt: str
+    negative_prompt: str | None  # None: the profile's (plan_shot resolves it)
     init_image: Path | None
     strategy: str
     sampler_overrides: dict  # steps / guidance / shift / scheduler given for this shot or in defaults
@@ -95,7 +95,7 @@ def parse_shot_list(data, path: Path, problems: list[Problem]) -> ShotList | Non
     f.unknown_keys(defaults, DEFAULT_KEYS, "defaults")
     profile = f.get(defaults, "profile", "defaults", "str", default="tiny")
     default_seed = f.get(defaults, "seed", "defaults", "int", default=0, minimum=0, maximum=MAX_SEED)
-    default_negative = f.get(defaults, "negative_prompt", "defaults", "str", default="")
+    default_negative = f.get(defaults, "negative_prompt", "defaults", "str")  # None: the profile's
     default_strategy = f.get(defaults, "strategy", "defaults", "str", default=Strategy.MMPL.value, choices=list(STRATEGIES))
     default_sampler = sampler_overrides(f, defaults, "defaults")
 

@@ -43,16 +43,19 @@ META = ".mmpl"
 DONE, MISSING, INVALID, STALE = "done", "missing", "invalid", "stale"
 MAX_MANIFEST_BYTES = 256 << 20
 MAX_EVENTS_BYTES = 1 << 30
+MAX_CANDIDATE = 64  # the noise search's most candidates (profiles: search <= 64)
 DECISIONS = ("owner", "seeding", "numerics")  # .mmpl/<name>.json: what the first worker decided (claims.py)
 
 
 @dataclass(frozen=True)
 class Latents:
-    """A denoising task's result: its latents [C, F, H, W], and for a chained task what it hands on
-    (progressive: the noisy window)."""
+    """A denoising task's result: its latents [C, F, H, W], for a chained task what it hands on
+    (progressive: the noisy window), and which noise candidate the k-step noise search chose (0:
+    the segment's own noise), so that later groups blend their edge noise from that one."""
 
     latents: Any  # torch.Tensor; typed loosely so this module does not import torch
     window: Any = None
+    candidate: int = 0
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,17 @@ Result = Latents | VideoFile
 
 def tensor_checksum(tensor) -> str:
     return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def _latents(tensors: dict) -> Latents:
+    """ValueError for a candidate that noise search cannot have chosen (a tampered file)."""
+    candidate = tensors.get("candidate")
+    if candidate is None:
+        return Latents(tensors["latents"], tensors.get("window"))
+    value = float(candidate.flatten()[0]) if candidate.numel() == 1 else -1.0
+    if not (value.is_integer() and 0 < value < MAX_CANDIDATE):
+        raise ValueError("candidate out of range")
+    return Latents(tensors["latents"], tensors.get("window"), int(value))
 
 
 def _checksum_key(tensor_name: str) -> str:
@@ -230,7 +244,10 @@ class RenderStore:
             return self._invalid(task_id, "task file altered (checksum mismatch)", quiet)
         if meta.get("hash") != task_hash:
             return STALE, None
-        return DONE, Latents(tensors["latents"], tensors.get("window"))
+        try:
+            return DONE, _latents(tensors)
+        except ValueError:
+            return self._invalid(task_id, "task file of the wrong shape", quiet)
 
     def _load_record(self, task_id, path, task_hash, quiet):
         # a render folder's contents are untrusted: the record must be what save_video writes, and
@@ -282,13 +299,16 @@ class RenderStore:
 
     def save(self, task_id: str, task_hash: str, result: Latents) -> Latents:
         """Persist a denoising task's latents; returns them as later loads will see them."""
+        import torch
         from safetensors.torch import save as safetensors_bytes  # torch only where latents are written
 
         named = {"latents": result.latents} | ({"window": result.window} if result.window is not None else {})
         tensors = {key: value.detach().cpu().float().contiguous() for key, value in named.items()}
+        if result.candidate:  # a tensor, so the file's checksums cover it
+            tensors["candidate"] = torch.tensor([float(result.candidate)])
         meta = {"task": task_id, "hash": task_hash, **{_checksum_key(k): tensor_checksum(t) for k, t in tensors.items()}}
         write_atomic(self._confined(self._task_file(task_id, ".safetensors")), safetensors_bytes(tensors, metadata=meta))
-        return Latents(tensors["latents"], tensors.get("window"))
+        return _latents(tensors)
 
     @contextmanager
     def video_file(self, path: Path) -> Iterator[Path]:

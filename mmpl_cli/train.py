@@ -23,7 +23,7 @@ import torch
 
 from mmpl_cli.errors import InputError, MMPLError, Problem
 from mmpl_cli.files import MAX_RECORD_BYTES, atomic_path, check_output, disk_errors, load_json, write_atomic
-from mmpl_cli.profiles import MAX_LATENTS
+from mmpl_cli.layout import MAX_LATENTS
 from mmpl_cli.recipe import TRAIN_GROUPS, TRAINABLE, ClipSource, transformer_stage, vae_stage
 from mmpl_cli.yamlio import Fields, Located, load_yaml
 

@@ -16,7 +16,9 @@ import torch
 
 from mmpl_cli.errors import InputError, Problem
 
-ENTRY_KEYS = ("generator_ema", "generator", "state_dict", "model")  # tried in this order by key "auto"
+# tried in this order by key "auto": MMPL's released inference scripts load 'generator' (its EMA
+# only when asked), so a file holding both renders what the published videos were rendered with
+ENTRY_KEYS = ("generator", "generator_ema", "state_dict", "model")
 WRAPPER_NAMES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 SHOWN = 5  # keys listed per kind of mismatch
 
@@ -75,9 +77,12 @@ def _select(path: Path, raw, key: str) -> tuple[dict[str, torch.Tensor], str]:
         raise _problem(path, f"no state dict under '{key}'",
                        f"entries that hold one: {', '.join(entries)}" if entries
                        else "the file is one flat state dict: use key: auto")
+    held = [k for k, v in raw.items() if _is_state_dict(v)]
     for name in ENTRY_KEYS:
         if _is_state_dict(raw.get(name)):
-            return raw[name], f"entry '{name}'"
+            others = [k for k in held if k != name]
+            return raw[name], f"entry '{name}'" + (f" (the file also holds {', '.join(others)}; "
+                                                   "model.transformer.key picks another)" if others else "")
     if _is_state_dict(raw):
         return raw, "the whole file"
     entries = [k for k, v in raw.items() if _is_state_dict(v)]

@@ -93,3 +93,56 @@ def test_a_minute_of_832x480_is_measured_under_a_1_gb_memory_cap(tmp_path):
     result = json.loads(proc.stdout)["videos"][0]
     assert result["frames"] == 960 and len(result["drift_h_l1"]) == 60
     assert peak_mb < 1024
+
+
+def _hue_frames(hues_pil: list[int]) -> np.ndarray:
+    """Frames whose background has these PIL hues (0-255 for 0-360 degrees), a small white square on it."""
+    from PIL import Image
+
+    frames = []
+    for h in hues_pil:
+        hsv = np.zeros((48, 64, 3), np.uint8)
+        hsv[..., 0], hsv[..., 1], hsv[..., 2] = h, 200, 200
+        rgb = np.asarray(Image.fromarray(hsv, "HSV").convert("RGB")).copy()
+        rgb[10:18, 10:18] = 255
+        frames.append(rgb)
+    return np.stack(frames)
+
+
+@pytest.mark.parametrize("jump, expected", [(20, 10.0), (2, 1.0)])
+def test_join_step_ratio_of_a_known_jump(jump, expected, tmp_path):
+    """The background turns 2 PIL hue units (2.8 degrees) a frame; at the joins (frames 20 and 40) by
+    `jump` units: the join step ratio is jump / 2 by hue, in the JSON of `mmpl eval --segments-from`."""
+    hues, h = [], 100
+    for i in range(60):
+        h += (jump if i in (20, 40) else 2) if i else 0
+        hues.append(h % 256)
+    result = evaluate_frames(_hue_frames(hues), 16, Boundaries(joins=[20, 40]))
+    joins = result["joins"]
+    # RGB rounds each frame's hue by up to one PIL unit (1.4 degrees)
+    assert joins["step_deg_mean"] == pytest.approx(jump * 360 / 256, abs=1.5)
+    assert joins["step_deg_inside_median"] == pytest.approx(2 * 360 / 256, abs=1.5)
+    assert joins["step_ratio_deg"] == pytest.approx(expected, rel=0.3)
+
+
+def test_eval_json_carries_join_step_ratios(tmp_path):
+    """The same videos as MP4s with a render folder that says where the joins are, through the CLI."""
+    folder = tmp_path / "render"
+    (folder / ".mmpl").mkdir(parents=True)
+    segments = [{"video_frames": [a, a + 20]} for a in (0, 20, 40)]
+    shots = []
+    for name, jump in (("jumps", 20), ("smooth", 2)):
+        hues, h = [], 100
+        for i in range(60):
+            h += (jump if i in (20, 40) else 2) if i else 0
+            hues.append(h % 256)
+        write_mp4(_hue_frames(hues), folder / f"{name}.mp4", 16)
+        shots.append({"id": name, "segment_plan": segments})
+    (folder / ".mmpl/manifest.json").write_text(json.dumps({"store_version": 1, "shots": shots}))
+    proc = run_cli("eval", str(folder / "jumps.mp4"), str(folder / "smooth.mp4"), "--segments-from", str(folder), "--json")
+    assert proc.returncode == 0, proc.stderr
+    jumps, smooth = (v["joins"] for v in json.loads(proc.stdout)["videos"])
+    assert jumps["step_ratio_deg"] == pytest.approx(10.0, rel=0.3)  # RGB and H.264 move the hues a little
+    assert smooth["step_ratio_deg"] == pytest.approx(1.0, rel=0.3)
+    table = run_cli("eval", str(folder / "jumps.mp4"), "--segments-from", str(folder)).stdout
+    assert "join step ratio" in table.splitlines()[0]

@@ -111,13 +111,13 @@ def test_image_to_video_starts_from_the_image(tmp_path, tiny_model_dir, backend)
     Image.fromarray(255 - gradient).save(tmp_path / "other.png")
     shots = _shots(tmp_path, "  - {id: i2v, prompt: 'a sunset', duration: 2, init_image: start.png}\n"
                              "  - {id: other, prompt: 'a sunset', duration: 2, init_image: other.png}\n")
-    # the initial latents are the VAE encoding of the still image, as a clip as long as the initial group
+    # latent 0 is the VAE encoding of the image alone (latent 1 is generated: test_fidelity.py)
     shot_list = load_shot_list(shots)
     plan = plan_shot(shot_list.shots[0], load_profile("tiny"), "terminal")
     initial = ShotRunner(backend, plan, RenderStore(tmp_path)).run(plan.tasks[0], {}).latents
     image = load_init_image(tmp_path / "start.png", 96, 64)
     assert image.shape == (3, 64, 96)
-    assert torch.equal(initial, backend.encode(image[:, None].expand(-1, 5, -1, -1))[:, :2])
+    assert torch.equal(initial[:, 0], backend.encode(image[:, None])[:, 0])
     # and it reaches the video: a different image gives a different first frame
     out = tmp_path / "out"
     proc = run_cli("render", str(shots), "--out", str(out), "--model-path", str(tiny_model_dir))

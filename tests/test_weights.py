@@ -63,10 +63,12 @@ def other_folder(tiny_model_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def original_pt(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny transformer as an MMPL / Self-Forcing checkpoint: {"generator": {"model.<original key>": t}}."""
+    """The tiny transformer as an MMPL / Self-Forcing checkpoint: {"generator": {"model.<original key>": t}},
+    beside an EMA entry of other weights (as training saves both)."""
     state = transformer_state(tiny_model_dir)
     path = tmp_path_factory.mktemp("ckpt") / "mmpl.pt"
-    torch.save({"generator": {f"model.{original_name(k)}": v for k, v in state.items()}, "step": 1200}, path)
+    torch.save({"generator": {f"model.{original_name(k)}": v for k, v in state.items()},
+                "generator_ema": {f"model.{original_name(k)}": v * 0.5 for k, v in state.items()}, "step": 1200}, path)
     return path
 
 
@@ -96,12 +98,13 @@ def test_original_layout_pt_renders_the_same_frames_as_the_diffusers_folder(
                            transformer_state(tiny_model_dir)["proj_out.weight"])
 
     folder_profile = profile_with(tmp_path / "p1", tiny_model_dir)
-    ckpt_profile = profile_with(tmp_path / "p2", other_folder, f"  transformer: {{path: {original_pt}, key: generator}}\n")
+    ckpt_profile = profile_with(tmp_path / "p2", other_folder, f"  transformer: {{path: {original_pt}}}\n")  # key: auto
     a = run_cli("render", str(shots), "--profile", str(folder_profile), "--out", str(tmp_path / "a"))
     b = run_cli("render", str(shots), "--profile", str(ckpt_profile), "--out", str(tmp_path / "b"))
     assert a.returncode == 0, a.stderr
     assert b.returncode == 0, b.stderr
-    assert "transformer from mmpl.pt: entry 'generator', original naming" in b.stdout
+    assert ("transformer from mmpl.pt: entry 'generator' (the file also holds generator_ema; "
+            "model.transformer.key picks another), original naming") in b.stdout
     frames_a, frames_b = read_frames(tmp_path / "a" / "a.mp4"), read_frames(tmp_path / "b" / "a.mp4")
     assert frames_a.shape == frames_b.shape and frames_a.shape[0] == 16
     assert (frames_a == frames_b).all()
@@ -132,14 +135,14 @@ def test_entry_selection_naming_and_wrappers(tiny_model_dir, tmp_path):
     # FSDP-wrapped names in the EMA entry, as Self-Forcing's training saves them
     torch.save({"generator": {f"model.{original_name(k)}": v for k, v in state.items()},
                 "generator_ema": {f"model._fsdp_wrapped_module.{original_name(k)}": v for k, v in ema.items()}}, path)
-    auto, what = read_transformer_checkpoint(path)
-    assert "generator_ema" in what and set(auto) == set(state)
-    assert all(torch.equal(auto[k], ema[k]) for k in state)
+    auto, what = read_transformer_checkpoint(path)  # as MMPL's inference scripts: 'generator', not its EMA
+    assert "entry 'generator' (the file also holds generator_ema; model.transformer.key picks another)" in what
+    assert set(auto) == set(state) and all(torch.equal(auto[k], state[k]) for k in state)
+    ema_only, what = read_transformer_checkpoint(path, key="generator_ema")
+    assert all(torch.equal(ema_only[k], ema[k]) for k in state) and "also holds" not in what
     ddp = tmp_path / "ddp.pt"
     torch.save({"generator": {f"module.model.{original_name(k)}": v for k, v in state.items()}}, ddp)
     assert set(read_transformer_checkpoint(ddp)[0]) == set(state)
-    plain, _ = read_transformer_checkpoint(path, key="generator")
-    assert all(torch.equal(plain[k], state[k]) for k in state)
     with pytest.raises(InputError, match="no state dict under 'generator_emma'.*generator, generator_ema"):
         read_transformer_checkpoint(path, key="generator_emma")
 
