@@ -88,7 +88,7 @@ def boundaries_from_render(render_dir: Path, video: Path) -> Boundaries:
         segments = shot["segment_plan"]
         boundaries = Boundaries(joins=[int(s["video_frames"][0]) for s in segments[1:]],
                                 plan_content=[int(f) for s in segments for f in s.get("plan_content_boundaries", [])])
-    except (KeyError, TypeError, IndexError, AttributeError, ValueError) as exc:
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError, OverflowError) as exc:
         raise InputError(Problem(str(RenderStore(Path(render_dir)).manifest_path), None, "--segments-from",
                                  f"not the manifest mmpl writes ({type(exc).__name__}: {exc})")) from None
     return boundaries
@@ -149,7 +149,7 @@ def evaluate_frames(frames: Iterable[np.ndarray], fps: float, boundaries: Bounda
             if i in joins or i in edges:
                 (at_joins if i in joins else at_edges).append(pair)
             (steps_at_joins if i in joins else steps_inside).append((hue_step(previous_bg, bg), pair[0]))
-        if i == round(len(drift) * fps):
+        while round(len(drift) * fps) <= i:  # every whole second whose frame is this one (fps < 1: several)
             drift.append((len(drift) * fps, _histogram_compare(first, hist)[0]))
         previous, previous_hist, previous_bg, count = frame, hist, bg, i + 1
     if count == 0:

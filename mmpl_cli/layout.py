@@ -68,6 +68,8 @@ def parse_layout(f: Fields, lay: Located) -> Layout:
         f.unknown_keys(then, {"targets", "sees"}, "layout.image_to_video.then")
         after_image = Group(_indices(f, then, "targets", "layout.image_to_video.then", latents),
                             _indices(f, then, "sees", "layout.image_to_video.then", latents))
+        if not image:
+            f.add(f.line_of(i2v, "image"), "layout.image_to_video.image", "expected at least one latent index, found none")
         if sorted(image + after_image.targets) != list(initial) or not set(after_image.sees) <= set(image):
             f.add(f.line_of(lay, "image_to_video"), "layout.image_to_video",
                   "expected `image` and `then.targets` to split the initial group, and `then` to see only `image`")

@@ -267,6 +267,8 @@ def task_hashes(plan: ShotPlan, model_fingerprint: str, init_image_digest: str |
         elif task.kind in LATENT_KINDS:
             parts.update(model=model, prompt=seg.prompt, negative_prompt=plan.shot.negative_prompt,
                          sampler=sampler, noise_seed=seg.noise_seed)
+            if plan.sampler.search > 1 and task.kind == Kind.PLAN:
+                parts.update(keeps="its candidate")  # plan files from before did not: computed again
             if plan.sampler.search > 1 and task.kind in (Kind.POPULATE_ONE, Kind.POPULATE_TWO):
                 parts.update(edge_noise="the plan's candidate")  # since the edge blend follows the plan's choice
             if task.kind == Kind.WINDOW:

@@ -47,7 +47,7 @@ class Checkpoint:
 
     path: str  # as written, relative to the profile file
     path_env: str | None  # environment variable that overrides it
-    key: str  # entry inside the file: "auto" takes generator_ema, generator, state_dict or model
+    key: str  # entry inside the file: "auto" takes generator, generator_ema, state_dict or model (weights.ENTRY_KEYS)
     naming: str  # auto | original | diffusers
     line: int | None  # where it is in the profile, for messages
 

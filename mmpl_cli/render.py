@@ -206,13 +206,13 @@ class ShotRunner:
         if handover == "direct":  # App. F ablation: the latents as they are
             return anchor_latents[:, -len(self.layout.initial):].clone()
         first = self.latents(results, previous, Kind.INITIAL)[:, :1]
-        if handover == "planning":
-            upto = [plan_targets.index(i) for i in sorted(plan_targets) if i <= max(anchor)]
+        span = self.plan.profile.pixel_frames(len(self.layout.initial))
+        upto = [plan_targets.index(i) for i in sorted(plan_targets) if i <= max(anchor)]
+        if handover == "planning" and self.plan.profile.pixel_frames(1 + len(upto)) >= span:
             run = torch.cat([first, plan_latents[:, upto]], dim=1)
-        else:
+        else:  # reencode, or a layout whose planning run is shorter than the initial group
             run = torch.cat([first, anchor_latents[:, :1], anchor_latents], dim=1)
         pixels = self.backend.decode(run)
-        span = self.plan.profile.pixel_frames(len(self.layout.initial))
         return self.backend.encode(pixels[:, -span:])[:, : len(self.layout.initial)]
 
     def _group(self, kind: Kind, context_kinds: list[Kind], task: Task, results: Results) -> Latents:

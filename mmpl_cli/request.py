@@ -5,6 +5,7 @@ before any file is written and before torch is imported (so bad input fails fast
 from __future__ import annotations
 
 import dataclasses
+import json
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,8 +164,34 @@ def check(request: RenderRequest) -> Checked:
     check_attention(profile, request.device)
     digests = image_digests(shot_list)
     out = check_output(request.out_dir(shot_list.name), "--out", folder=True)
-    store = RenderStore(out)
-    store.check_usable()
     if not request.restart:
-        owner_decision(store.decision("owner"), shot_list_identity(shot_list.path), out, record=False)
+        check_owner(RenderStore(out), shot_list)
     return Checked(request, shot_list, profile, plans, model_root, digests, out)
+
+
+def shot_record(shot) -> dict:
+    """A shot as the manifest keeps it (JSON values)."""
+    return {**{k: v for k, v in shot.__dict__.items() if k not in ("prompts", "init_image")},
+            "prompts": [[c.at, c.prompt] for c in shot.prompts],
+            "init_image": str(shot.init_image) if shot.init_image else None}
+
+
+def check_owner(store: RenderStore, shot_list: ShotList) -> None:
+    """The folder is usable and belongs to this shot list (claims.owner_decision), read only. A
+    folder rendered before folders recorded their owner belongs to the list its manifest names:
+    the same file, or the same shots (the same list, named from another directory)."""
+    store.check_usable()
+    identity = shot_list_identity(shot_list.path)
+    if not store.decision("owner").exists() and store.manifest_path.exists():
+        recorded = store.read_manifest().get("shot_list")
+        recorded = recorded if isinstance(recorded, dict) else {}
+        path = recorded.get("path")
+        same_file = isinstance(path, str) and "\x00" not in path and str(Path(path).resolve()) == identity["shot_list"]
+        same_shots = recorded.get("shots") == json.loads(json.dumps([shot_record(s) for s in shot_list.shots]))
+        if isinstance(path, str) and not (same_file or same_shots):  # a manifest that names no list binds nothing
+            raise InputError(Problem(str(store.root), None, "--out",
+                                     f"this render folder was rendered from the shot list {path}; "
+                                     f"{identity['shot_list']} cannot render into it (the same shot id in both "
+                                     "would make one video for two requests)",
+                                     "use another --out, or --restart to give the folder to this shot list"))
+    owner_decision(store.decision("owner"), identity, store.root, record=False)

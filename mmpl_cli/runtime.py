@@ -23,11 +23,12 @@ from mmpl_cli.errors import InputError, MMPLError, Problem
 from mmpl_cli.plan import Task
 from mmpl_cli.progress import Progress
 from mmpl_cli.render import Frames, Made, ShotRunner
-from mmpl_cli.request import Checked
+from mmpl_cli.request import Checked, shot_record
 from mmpl_cli.store import Latents, RenderStore, Result
 from mmpl_cli.storyboard import write_when_planned
 from mmpl_cli.terms import Kind
 from mmpl_cli.wan import WanBackend, unknown_prompt_words
+from mmpl_cli.weights import entry_identity
 
 
 def pick_device(device: str) -> str:
@@ -63,11 +64,7 @@ def _manifest(request, shot_list, profile, root, fingerprint, plans, hashes) -> 
         "versions": _versions(),
         "profile": {"name": profile.name, "source": profile.source, "model_path": str(root),
                     "model_fingerprint": fingerprint},
-        "shot_list": {"path": str(shot_list.path), "shots": [
-            {**{k: v for k, v in shot.__dict__.items() if k not in ("prompts", "init_image")},
-             "prompts": [[c.at, c.prompt] for c in shot.prompts],
-             "init_image": str(shot.init_image) if shot.init_image else None}
-            for shot in shot_list.shots]},
+        "shot_list": {"path": str(shot_list.path), "shots": [shot_record(shot) for shot in shot_list.shots]},
         "shots": [{**{k: v for k, v in p.summary().items() if k != "tasks"},
                    "tasks": [{"id": t.id, "kind": t.kind, "segment": t.segment, "deps": list(t.deps),
                               "hash": hashes[t.id]} for t in p.tasks]}
@@ -157,7 +154,7 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
     claims = Claims(store.claims_folder, warn=progress.message)
     device = pick_device(request.device)
     checkpoint = profile.resolve_checkpoint()
-    fingerprint = model_fingerprint(root, checkpoint, profile.checkpoint.key if profile.checkpoint else "")
+    fingerprint = model_fingerprint(root, checkpoint, entry_identity(profile.checkpoint.key) if profile.checkpoint else "")
     proposed, why = choose_seeding(profile, free_gpu_memory_gb(), root) if request.seeding == "auto" else (None, "")
 
     # 2. Open the render folder: an explicit restart forgets everything, otherwise resume

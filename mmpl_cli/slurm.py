@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmpl_cli.errors import InputError, Problem
-from mmpl_cli.request import RenderRequest
+from mmpl_cli.request import RenderRequest, check_owner
+from mmpl_cli.shotlist import load_shot_list
+from mmpl_cli.store import RenderStore
 
 PREEMPT_SIGNAL = "USR1"
 WARNING_SECONDS = 120  # how long before its time limit a task is told to stop
@@ -137,6 +139,8 @@ def write_script(request: RenderRequest, folder: Path, res: Resources, script: P
 
     text = sbatch_script(request, folder, res)  # checks every value first: nothing written on bad input
     check_output(folder, "--out", folder=True)
+    if Path(folder).exists():  # a folder another shot list owns: every array task would be refused in the queue
+        check_owner(RenderStore(Path(folder)), load_shot_list(request.shots))
     script = check_output(Path(script) if script is not None else script_path(Path(folder).resolve()), "--script")
     logs = check_output(log_folder(Path(folder).resolve()), "--out", folder=True)
     with disk_errors(logs):

@@ -232,6 +232,7 @@ class RenderStore:
         return INVALID, None
 
     def _load_latents(self, task_id, path, task_hash, quiet):
+        import torch
         from safetensors import safe_open  # torch only where latents are read or written
 
         try:
@@ -240,7 +241,12 @@ class RenderStore:
                 tensors = {key: fh.get_tensor(key) for key in fh.keys()}
         except Exception as exc:  # noqa: BLE001 - any unreadable file is simply not a result
             return self._invalid(task_id, f"unreadable task file ({type(exc).__name__})", quiet)
-        if "latents" not in tensors or any(meta.get(_checksum_key(key)) != tensor_checksum(t) for key, t in tensors.items()):
+        try:  # what mmpl writes is float32; anything else (bf16 has no numpy form, say) is not its file
+            altered = "latents" not in tensors or any(
+                t.dtype != torch.float32 or meta.get(_checksum_key(key)) != tensor_checksum(t) for key, t in tensors.items())
+        except Exception:  # noqa: BLE001 - a tensor that cannot be checksummed is not a result
+            altered = True
+        if altered:
             return self._invalid(task_id, "task file altered (checksum mismatch)", quiet)
         if meta.get("hash") != task_hash:
             return STALE, None

@@ -93,6 +93,12 @@ def _select(path: Path, raw, key: str) -> tuple[dict[str, torch.Tensor], str]:
                    "set model.transformer.key in the profile")
 
 
+def entry_identity(key: str) -> str:
+    """What a checkpoint's key contributes to the model fingerprint: "auto" with the order it tries,
+    so that a file holding several entries, rendered when auto preferred another, is computed again."""
+    return key if key != "auto" else "auto:" + ",".join(ENTRY_KEYS)
+
+
 def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop wrapper names (FSDP, activation checkpointing, torch.compile, DDP) and the training wrapper's `model.`."""
     out = {}

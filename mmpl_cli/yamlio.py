@@ -84,7 +84,18 @@ def _construct_int(loader: _LineLoader, node: yaml.ScalarNode) -> int | Huge:
     text = loader.construct_scalar(node)
     if len(text.replace("_", "").lstrip("+-")) > 24:
         return Huge(text)
-    return yaml.SafeLoader.construct_yaml_int(loader, node)
+    try:
+        return yaml.SafeLoader.construct_yaml_int(loader, node)
+    except (ValueError, OverflowError):  # `!!int abc`
+        _refuse(node, f"expected a whole number, found '{text[:40]}'")
+
+
+def _construct_float(loader: _LineLoader, node: yaml.ScalarNode) -> float:
+    text = loader.construct_scalar(node)
+    try:
+        return yaml.SafeLoader.construct_yaml_float(loader, node)
+    except (ValueError, OverflowError):  # `!!float abc`, a sexagesimal float too long for a float
+        _refuse(node, f"expected a number, found '{text[:40]}'")
 
 
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> Located:
@@ -117,6 +128,9 @@ _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _con
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
 _LineLoader.add_constructor("tag:yaml.org,2002:str", _construct_str)
 _LineLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+_LineLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+# no field is a date: `id: 2024-02-30` (not a date at all) or `2024-02-03` stays the text it is
+_LineLoader.add_constructor("tag:yaml.org,2002:timestamp", _construct_str)
 
 
 SCIENTIFIC = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")

@@ -70,6 +70,13 @@ def test_boundary_metrics_look_only_at_the_given_frames():
     assert result["plan_content"]["count"] == 2 and result["plan_content"]["h_l1_max"] == pytest.approx(0.0)
 
 
+def test_drift_below_one_frame_a_second():
+    """At 0.5 fps two whole seconds share a frame: every second still gets its drift figure."""
+    result = evaluate_frames(half_shift(10, at=5), 0.5)
+    assert len(result["drift_h_l1"]) == 19  # seconds 0 .. 18 of 10 frames at 0.5 fps
+    assert result["drift_h_l1"][0] == 0.0 and result["drift_h_l1"][-1] == pytest.approx(1.0)
+
+
 def test_eval_reports_bad_input_with_exit_2(tmp_path):
     (tmp_path / "not-a-video.mp4").write_text("hello")
     proc = run_cli("eval", str(tmp_path / "missing.mp4"))

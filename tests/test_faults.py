@@ -40,6 +40,12 @@ def test_a_second_shot_list_is_refused_and_the_first_keeps_its_folder(tmp_path):
     proc = run_cli("render", str(b), "--out", str(out), "--restart")  # handed over explicitly
     assert proc.returncode == 0, proc.stderr
     assert run_cli("render", str(a), "--out", str(out)).returncode == 2
+    proc = run_cli("slurm", str(a), "--array", "2", "--out", str(out))  # refused before it queues anything
+    assert proc.returncode == 2 and f"belongs to the shot list {b}" in proc.stderr
+    assert not (tmp_path / "out.sbatch").exists()
+    (out / ".mmpl/owner.json").unlink()  # a folder from before owners were recorded: its manifest names it
+    proc = run_cli("render", str(a), "--out", str(out))
+    assert proc.returncode == 2 and f"was rendered from the shot list {b}" in proc.stderr
 
 
 @pytest.mark.slow

@@ -98,6 +98,9 @@ def test_noise_search_blends_edge_noise_from_the_plans_chosen_candidate(backend,
         save_file(tensors, path, metadata={"task": "k/s000/odd", "hash": "h", "checksum": tensor_checksum(tensors["latents"]),
                                            "checksum.candidate": tensor_checksum(tensors["candidate"])})
         assert store.load("k/s000/odd", "h") is None  # invalid: computed again, never used
+    bf16 = {"latents": results["k/s000/plan"].latents.bfloat16()}  # not what mmpl writes (and no numpy form)
+    save_file(bf16, path, metadata={"task": "k/s000/odd", "hash": "h", "checksum": "x"})
+    assert store.load("k/s000/odd", "h") is None
     alpha, anchors = plan.profile.noise_blend, set(plan.profile.layout.plan.targets)
     targets = plan.profile.layout.populate_stage_one.targets  # 4-9: edges at 4 (next to 3, 2) and 9 (next to 10, 11)
     for candidate in range(3):

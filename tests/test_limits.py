@@ -64,6 +64,9 @@ SHOT_LISTS = {
                          ["s.yaml:7: shots[0].prompts[1].at: expected a number of at most 15 digits"]),
     "float_overflow": (SHOT % ", guidance: 1.0e999", ["s.yaml:3: shots[0].guidance: expected a finite number, found inf"]),
     "recursive_alias": ("version: 1\nshots: &s [*s]\n", ["s.yaml:2:", "recursive"]),
+    "tagged_float": (SHOT % ", guidance: !!float abc", ["s.yaml:3: expected a number, found 'abc'"]),
+    "tagged_int": (SHOT % ", seed: !!int abc", ["s.yaml:3: expected a whole number, found 'abc'"]),
+    "sexagesimal_overflow": (SHOT % (", guidance: " + ":".join(["1"] * 200) + ".5"), ["s.yaml:3: expected a number"]),
     "over_8_mb": ("# " + "x" * (8 << 20) + "\n" + SHOT % "", ["s.yaml: expected a shot list of at most 8 MB"]),
 }
 
@@ -92,6 +95,8 @@ PROFILES = {
     "absurd_latents": (("latents: 21", "latents: 1000000000000"), ["p.yaml:", "layout.latents: expected a number <= 256"]),
     "absurd_fps": (("fps: 16", "fps: 1000000000"), ["video.fps: expected a number <= 240"]),
     "absurd_width": (("width: 96", "width: 9600000"), ["video.width: expected a number <= 8192"]),
+    "empty_image_latents": (("    image: [0]\n", "    image: []\n"),
+                            ["layout.image_to_video.image: expected at least one latent index"]),
     "absurd_text_length": (("max_sequence_length: 64", "max_sequence_length: 100000000"),
                            ["text.max_sequence_length: expected a number <= 4096"]),
 }
@@ -106,6 +111,14 @@ def test_hostile_profiles(case, tmp_path):
     refused(tmp_path, "plan", str(tmp_path / "s.yaml"), "--profile", str(tmp_path / "p.yaml"), expect=expect)
     refused(tmp_path, "render", str(tmp_path / "s.yaml"), "--profile", str(tmp_path / "p.yaml"),
             "--out", str(tmp_path / "out"), expect=expect)
+
+
+def test_a_date_like_id_is_text(tmp_path):
+    (tmp_path / "s.yaml").write_text("version: 1\nshots:\n  - {id: 2024-02-30, prompt: x, duration: 2}\n"
+                                     "  - {id: 2024-02-03, prompt: x, duration: 2}\n")
+    proc = run_cli("plan", str(tmp_path / "s.yaml"))
+    assert proc.returncode == 0, proc.stderr
+    assert "2024-02-30:" in proc.stdout and "2024-02-03:" in proc.stdout
 
 
 def test_images_are_measured_before_they_are_decoded(tmp_path):
