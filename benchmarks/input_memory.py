@@ -22,10 +22,12 @@ from pathlib import Path
 def measured(*args: str) -> tuple[float, float]:
     """(peak resident MB, seconds) of `python -m mmpl_cli ARGS`."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "mmpl_cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"mmpl {' '.join(args)} failed: {proc.stderr.read().decode()}")
+    with tempfile.TemporaryFile() as err:  # a file, not a pipe: a child that writes a lot cannot block on it
+        proc = subprocess.Popen([sys.executable, "-m", "mmpl_cli", *args], stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            err.seek(0)
+            raise SystemExit(f"mmpl {' '.join(args)} failed: {err.read().decode()}")
     return usage.ru_maxrss / 1024, time.perf_counter() - start
 
 
