@@ -71,7 +71,9 @@ def render(shots: Path, profile: Path, out: Path, seeding: str, device: str) -> 
     if proc.returncode != 0:
         print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
         raise SystemExit(f"render with {profile.name}, {seeding} seeding failed (exit {proc.returncode})")
-    events = [json.loads(line) for line in (out / ".mmpl" / "events.jsonl").read_text().splitlines()]
+    from mmpl_cli.store import RenderStore
+
+    events = RenderStore(out).events()  # every worker's event file, merged
     kinds: dict[str, dict[str, list[float]]] = {}
     for e in events:
         if e["event"] == "finished":

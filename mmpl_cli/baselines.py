@@ -12,7 +12,7 @@ import torch
 
 from mmpl_cli.plan import PROGRESSIVE_CHUNK, SLIDING_CONTEXT, Task, derive_seed, progressive_levels, segment_task_id
 from mmpl_cli.sampling import euler_levels, flow_sigma, segment_noise
-from mmpl_cli.store import Latents
+from mmpl_cli.results import Latents
 from mmpl_cli.terms import Kind
 from mmpl_cli.wan import ContextGroup
 

@@ -157,7 +157,8 @@ def status(
 
     with errors():
         report = RenderStore(folder).report()
-    typer.echo(json.dumps(report, indent=2) if as_json else "\n".join(map(printable, status_lines(report))))
+    pretty = {"indent": 2} if os.isatty(1) else {}  # piped: one line, json's C encoder (10x quicker on big folders)
+    typer.echo(json.dumps(report, **pretty) if as_json else "\n".join(map(printable, status_lines(report))))
 
 
 @app.command(short_help="Show segments and tasks; simulate the schedule and memory on N GPUs.")
@@ -294,12 +295,10 @@ def train(
     resumes from the last checkpoint. The trained model is the Diffusers folder <out>/model.
     """
     from mmpl_cli.progress import TrainProgress
-    from mmpl_cli.train import load_train_config
+    from mmpl_cli.train import load_train_config, train as run_train
 
     with errors():
         cfg = load_train_config(config)
-        from mmpl_cli.train import train as run_train
-
         progress = TrainProgress()
         try:
             model = run_train(cfg, progress.report, progress.message, max_minutes)

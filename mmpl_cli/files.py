@@ -18,7 +18,7 @@ import stat
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -70,7 +70,11 @@ def parse_json(raw: bytes | str) -> Any:
         raise ValueError("nested too deeply") from None
     except UnicodeDecodeError:
         raise ValueError("not UTF-8 text") from None
-    if _has_nul(value):
+    # JSON can spell NUL only as the escape \u0000 (a raw one is not JSON): without that text, no
+    # value holds one, and the walk over every value is skipped (bytes with any NUL byte may be
+    # UTF-16 or UTF-32, which json.loads reads too: those are walked)
+    binary = isinstance(raw, (bytes, bytearray))
+    if ((b"\\u0000" in raw or b"\x00" in raw) if binary else "\\u0000" in raw) and _has_nul(value):
         raise ValueError("a text contains a NUL character")
     return value
 
@@ -151,6 +155,74 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+MAX_DIGEST_CACHE_BYTES = 16 << 20
+MAX_DIGEST_CACHE_ENTRIES = 20_000
+
+
+def cache_dir() -> Path:
+    """Where mmpl keeps what it can recompute: $MMPL_CACHE_DIR, else $XDG_CACHE_HOME/mmpl, else ~/.cache/mmpl."""
+    if os.environ.get("MMPL_CACHE_DIR"):
+        return Path(os.environ["MMPL_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mmpl"
+
+
+class DigestCache:
+    """SHA-256 of files, each read once per version: a digest is reused while the file's size,
+    mtime, ctime, inode and device are what they were when it was read (writing a file, even with
+    its mtime set back, moves its ctime), so an unchanged weight file costs one stat. Kept per host
+    (nodes sharing a home see other inodes), and only for files not written in the last 2 seconds. Kept in
+    cache_dir()/digests.json; a cache that cannot be read or written is simply not used (it holds
+    nothing that cannot be recomputed, and is never trusted further than its stamps)."""
+
+    def __init__(self, path: Path | None = None):
+        self.entries: dict[str, list] = {}
+        self.changed = False
+        try:
+            self.path: Path | None = path or cache_dir() / "digests.json"
+        except RuntimeError:  # no home folder to be found: no cache
+            self.path = None
+            return
+        try:
+            found = load_json(self.path, MAX_DIGEST_CACHE_BYTES)
+        except (OSError, ValueError):  # none yet, or unreadable: start afresh
+            return
+        if isinstance(found, dict):
+            self.entries = {k: v for k, v in found.items() if isinstance(v, list) and len(v) == 2
+                            and isinstance(v[1], str) and len(v[1]) == 64}
+
+    def digest(self, path: Path, read: Callable[[int], None] | None = None) -> str:
+        """The file's SHA-256; `read(size)` is called before a file is read in full."""
+        def stamp_of(info: os.stat_result) -> list[int]:
+            return [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino, info.st_dev]
+
+        # per host: a shared home's cache is read by nodes that see other inodes and devices
+        key, before = f"{HOST}:{Path(path).resolve()}", os.stat(path)
+        known = self.entries.get(key)
+        if known is not None and known[0] == stamp_of(before):
+            return known[1]
+        if read is not None:
+            read(before.st_size)
+        digest = sha256_file(path)
+        after = os.stat(path)
+        self.entries.pop(key, None)
+        # remembered only if the file did not change while it was read, nor just before (a same-size
+        # rewrite within the file system's timestamp tick would keep the stamps)
+        if stamp_of(after) == stamp_of(before) and time.time() - after.st_mtime > 2.0:
+            self.entries[key] = [stamp_of(after), digest]
+            self.changed = True
+        return digest
+
+    def save(self) -> None:
+        if not self.changed or self.path is None:
+            return
+        entries = dict(list(self.entries.items())[-MAX_DIGEST_CACHE_ENTRIES:])
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.path, json.dumps(entries))
+        except (OSError, MMPLError):
+            pass  # a read-only home, say: the next run reads the files again
 
 
 def fsync_dir(folder: Path) -> None:

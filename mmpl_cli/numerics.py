@@ -70,11 +70,11 @@ def environment(device) -> dict:
     """What this worker would record: the thread count to use, and what it cannot control."""
     import torch
 
-    device = torch.device(device)
-    import diffusers
+    from importlib.metadata import version  # not `import diffusers`: seconds of imports for a string
 
+    device = torch.device(device)
     here = {"cpu_threads": requested_threads(), "device_type": device.type, "cpu": _cpu_model(),
-            "torch": torch.__version__, "diffusers": diffusers.__version__}
+            "torch": torch.__version__, "diffusers": version("diffusers")}
     if device.type == "cuda":
         here["gpu"] = torch.cuda.get_device_name(device)
     return here

@@ -7,6 +7,7 @@ nothing of torch: it only says where weights should be and whether the files are
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -148,20 +149,30 @@ class Profile:
         return missing
 
 
-def model_fingerprint(root: Path, checkpoint: Path | None = None, entry: str = "") -> str:
-    """Identifies a weights folder without reading the weights: every file's path and size, plus the
-    text of its small JSON files (configs), and the transformer checkpoint's name, size and entry.
-    Changing or replacing weights changes it."""
+def model_fingerprint(root: Path, checkpoint: Path | None = None, entry: str = "",
+                      say: Callable[[str], None] | None = None) -> str:
+    """Identifies the weights by their contents: every file's path and SHA-256 under the model
+    folder, and the transformer checkpoint's name, SHA-256 and entry. Retraining a file in place
+    changes it, as any other change does. Each digest is computed once per version of its file
+    (files.DigestCache: an unchanged file costs a stat); `say` hears when weights are read to hash."""
     import hashlib
+
+    from mmpl_cli.files import DigestCache
+
+    cache = DigestCache()
+    told = []
+
+    def reading(size: int) -> None:
+        if say is not None and size > 256 << 20 and not told:
+            told.append(True)
+            say(f"hashing the model's weights under {root} (once per version of each file)")
 
     digest = hashlib.sha256()
     if checkpoint is not None:
-        digest.update(f"checkpoint:{checkpoint.name}:{checkpoint.stat().st_size}:{entry}\n".encode())
+        digest.update(f"checkpoint:{checkpoint.name}:{cache.digest(checkpoint, reading)}:{entry}\n".encode())
     for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
-        rel = path.relative_to(root).as_posix()
-        digest.update(f"{rel}:{path.stat().st_size}\n".encode())
-        if path.suffix == ".json" and path.stat().st_size < 1_000_000:
-            digest.update(path.read_bytes())
+        digest.update(f"{path.relative_to(root).as_posix()}:{cache.digest(path, reading)}\n".encode())
+    cache.save()
     return digest.hexdigest()
 
 

@@ -11,7 +11,6 @@ kind of task through one table.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -26,29 +25,13 @@ from mmpl_cli.files import open_image
 from mmpl_cli.plan import ShotPlan, Task, derive_seed, segment_task_id
 from mmpl_cli.progress import Progress
 from mmpl_cli.sampling import blend_edge_noise, make_scheduler, search_score, segment_noise
-from mmpl_cli.store import Latents, RenderStore, Result
+from mmpl_cli.results import Frames, Latents, Made, Parts, Result
+from mmpl_cli.store import RenderStore
 from mmpl_cli.terms import GROUPS, WINDOW_KIND, Kind, Seeding
 from mmpl_cli.wan import ContextGroup, WanBackend
 
 
-@dataclass(frozen=True)
-class Frames:
-    """A decode task's result before it is a file: the segment's frames, for the runtime to encode."""
-
-    frames: np.ndarray  # uint8 [F, H, W, 3]
-    target: Path
-
-
-@dataclass(frozen=True)
-class Parts:
-    """A stitch task's result before it is a file: the segments' videos, for the runtime to join."""
-
-    parts: list[Path]
-    target: Path
-
-
 Results = Mapping[str, Result]  # task id -> what it made (a store's Latents or VideoFile)
-Made = Latents | Frames | Parts  # what a task returns
 
 
 def load_init_image(path: Path, width: int, height: int) -> torch.Tensor:

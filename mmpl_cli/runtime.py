@@ -10,9 +10,13 @@ processes it starts is launch.py's business.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import threading
 import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,15 +24,18 @@ from mmpl_cli import numerics, video
 from mmpl_cli.claims import Claims, numerics_decision, owner_decision, seeding_decision, shot_list_identity
 from mmpl_cli.control import StopFlag, Worker
 from mmpl_cli.errors import InputError, MMPLError, Problem
-from mmpl_cli.plan import Task
+from mmpl_cli.plan import ShotPlan, Task
 from mmpl_cli.progress import Progress
-from mmpl_cli.render import Frames, Made, ShotRunner
 from mmpl_cli.request import Checked, shot_record
-from mmpl_cli.store import Latents, RenderStore, Result
+from mmpl_cli.results import Frames, Latents, Made, Result
+from mmpl_cli.store import RenderStore
 from mmpl_cli.storyboard import write_when_planned
 from mmpl_cli.terms import Kind
-from mmpl_cli.wan import WanBackend, unknown_prompt_words
 from mmpl_cli.weights import entry_identity
+
+if TYPE_CHECKING:
+    from mmpl_cli.render import ShotRunner
+    from mmpl_cli.wan import WanBackend
 
 
 def pick_device(device: str) -> str:
@@ -47,13 +54,12 @@ def free_gpu_memory_gb() -> list[float] | None:
 
 
 def _versions() -> dict[str, str]:
-    import diffusers
-    import transformers
+    from importlib.metadata import version  # not the packages themselves: seconds of imports for strings
 
     from mmpl_cli import __version__
 
-    return {"mmpl": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__}
+    return {"mmpl": __version__, "torch": torch.__version__, "diffusers": version("diffusers"),
+            "transformers": version("transformers")}
 
 
 def _manifest(request, shot_list, profile, root, fingerprint, plans, hashes) -> dict:
@@ -72,19 +78,56 @@ def _manifest(request, shot_list, profile, root, fingerprint, plans, hashes) -> 
     }
 
 
-class _LazyResults(dict):
-    """Results by task id: what this run computed, or else what the store holds for the task's hash."""
+HELD_RESULTS = 16  # results a worker keeps in memory at most: enough for the tasks it runs next
 
-    def __init__(self, store: RenderStore, hashes: dict[str, str]):
-        super().__init__()
-        self.store, self.hashes = store, hashes
 
-    def __missing__(self, task_id: str) -> Result:
+class _Results(Mapping):
+    """Results by task id, for the tasks a worker runs: what it computed, or else what the store
+    holds for the task's hash (read, and verified, when first needed). It keeps in memory only
+    results that a task not yet done reads, and of those the HELD_RESULTS used last: a batch of a
+    thousand shots whose planning chains all run first does not pile their latents up in every
+    worker (a dropped result that is needed again is read again from the folder, the same bits)."""
+
+    def __init__(self, store: RenderStore, hashes: dict[str, str], tasks: dict[str, Task], limit: int = HELD_RESULTS):
+        self.store, self.hashes, self.limit = store, hashes, limit
+        self.held: OrderedDict[str, Result] = OrderedDict()
+        self.readers = dict.fromkeys(tasks, 0)  # task id -> how many tasks that read it are not done
+        for task in tasks.values():
+            for dep in task.deps:
+                self.readers[dep] += 1
+
+    def __getitem__(self, task_id: str) -> Result:
+        if task_id in self.held:
+            self.held.move_to_end(task_id)
+            return self.held[task_id]
         found = self.store.load(task_id, self.hashes[task_id])
         if found is None:
             raise MMPLError(f"{task_id} is needed but its result is gone from the render folder; run again")
-        self[task_id] = found
+        self.keep(task_id, found)
         return found
+
+    def __iter__(self):
+        return iter(self.held)
+
+    def __len__(self) -> int:
+        return len(self.held)
+
+    def keep(self, task_id: str, result: Result) -> None:
+        if self.readers[task_id] > 0:  # a task that reads it is still to come
+            self.held[task_id] = result
+            self.held.move_to_end(task_id)
+            while len(self.held) > self.limit:
+                self.held.popitem(last=False)
+
+    def finished(self, task: Task) -> None:
+        """`task` is done (here or elsewhere): what it read is one reader lighter, dropped with its last."""
+        for dep in task.deps:
+            self.readers[dep] -= 1
+            if self.readers[dep] <= 0:
+                self.held.pop(dep, None)
+
+    def latents_held(self) -> int:
+        return sum(isinstance(r, Latents) for r in self.held.values())
 
 
 @contextlib.contextmanager
@@ -122,6 +165,7 @@ def load_backend(profile, root: Path, device: str, seeding: str) -> WanBackend:
     """The profile's model on `device`: folder, transformer checkpoint, dtype, attention, offloading
     (`auto`: when the memory model's peak with everything resident exceeds the GPU's free memory)."""
     from mmpl_cli.memory import resident_peak_gb
+    from mmpl_cli.wan import WanBackend
 
     ckpt = profile.checkpoint
     return WanBackend.from_folder(
@@ -133,13 +177,15 @@ def load_backend(profile, root: Path, device: str, seeding: str) -> WanBackend:
 
 
 def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | None = None,
-           worker: Worker = Worker()) -> list[Path]:
+           worker: Worker = Worker(), make_runner: Callable[[ShotPlan], ShotRunner] | None = None) -> list[Path]:
     """Render every shot of a checked request as one worker; returns the videos.
 
     Takes ready tasks in priority order (planning chain first), claims each one in the render
     folder, runs it and saves the result there. Every valid finished task is reused, whoever
     made it, so resuming and cooperating with other workers are the same thing. Tasks run with
     the folder's CPU thread count (numerics.py), so their bits do not depend on the launcher.
+    `make_runner(plan)` gives what runs a shot's tasks (default: a ShotRunner on the profile's model,
+    loaded when the first task needs it; benchmarks/scale.py passes one that computes nothing).
     """
     from mmpl_cli.plan import plan_shot_list, task_hashes
     from mmpl_cli.profiles import model_fingerprint
@@ -150,11 +196,12 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
     # 1. Check inputs: the request was validated (request.check) before anything is written
     request, shot_list, profile, plans = checked.request, checked.shot_list, checked.profile, checked.plans
     root, digests = checked.model_root, checked.image_digests
-    store = RenderStore(checked.out, warn=progress.message)
+    store = RenderStore(checked.out, warn=progress.message, worker=worker.name)
     claims = Claims(store.claims_folder, warn=progress.message)
     device = pick_device(request.device)
     checkpoint = profile.resolve_checkpoint()
-    fingerprint = model_fingerprint(root, checkpoint, entry_identity(profile.checkpoint.key) if profile.checkpoint else "")
+    fingerprint = model_fingerprint(root, checkpoint, entry_identity(profile.checkpoint.key) if profile.checkpoint else "",
+                                    say=progress.message)
     proposed, why = choose_seeding(profile, free_gpu_memory_gb(), root) if request.seeding == "auto" else (None, "")
 
     # 2. Open the render folder: an explicit restart forgets everything, otherwise resume
@@ -177,6 +224,8 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
     store.clean_temporary_files(older_than=worker.claim_timeout)
     store.write_manifest(_manifest(request, shot_list, profile, root, fingerprint, plans, hashes))
     prompts = {p.shot.id: [s.prompt for s in p.segments] + [p.shot.negative_prompt] for p in plans}
+    from mmpl_cli.vocabulary import unknown_prompt_words  # tokenizers only: no diffusers, no transformers
+
     for shot_id, words in unknown_prompt_words(root, prompts).items():
         progress.message(f"{shot_id}: the model's tokenizer does not know {', '.join(map(repr, words))}; "
                          "it reads them as <unk>")
@@ -184,40 +233,56 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
     with numerics.applied(numeric["cpu_threads"]):  # every task of the folder with one thread count
         # 3. Take ready tasks in priority order until every task is done, by us or by another worker
         plan_of = {t.id: plan for plan in plans for t in plan.tasks}
-        keys = tuned_priorities(plans, worker.team)
-        order = sorted(plan_of, key=keys.__getitem__)
         task_of = {t.id: t for plan in plans for t in plan.tasks}
-        results = _LazyResults(store, hashes)
+        ready = _ReadyTasks(task_of, tuned_priorities(plans, worker.team))
+        results = _Results(store, hashes, task_of)
         runners: dict[str, ShotRunner] = {}
         backend = None
-        done: set[str] = set()
-        while len(done) < len(order):
+        total = len(task_of)
+
+        def model_runner(plan: ShotPlan) -> ShotRunner:
+            from mmpl_cli.render import ShotRunner  # the model's code: imported when a task needs it
+
+            nonlocal backend
+            if backend is None:
+                progress.message(f"loading {profile.name} from {root} on {device}")
+                backend = load_backend(profile, root, device, plans[0].seeding)
+                progress.message("loaded " + "; ".join(backend.loaded))
+            return ShotRunner(backend, plan, store, progress, stop)
+
+        def runner_of(plan: ShotPlan) -> ShotRunner:
+            if plan.shot.id not in runners:
+                runners[plan.shot.id] = (make_runner or model_runner)(plan)
+            return runners[plan.shot.id]
+
+        def finished(task_id: str) -> None:
+            if task_id in ready.done:
+                return
+            ready.finished(task_id)
+            results.finished(task_of[task_id])
+            if task_of[task_id].kind == Kind.STITCH:  # the shot is complete: its runner is not needed
+                runners.pop(task_of[task_id].shot, None)
+
+        while len(ready.done) < total:
             stop.check()
             ran = False
-            for task_id in order:
-                if task_id in done:
-                    continue
+            looking = ready.in_order()  # only tasks whose inputs are done, best first
+            for task_id in looking:
                 task = task_of[task_id]
-                if store.is_done(task_id, hashes[task_id]):
-                    done.add(task_id)
-                    progress.task_reused(task, len(done) - 1, len(order))
-                    continue
-                if not all(d in done for d in task.deps):
+                if store.is_done(task_id, hashes[task_id]):  # finished earlier, or by another worker
+                    finished(task_id)
+                    progress.task_reused(task, len(ready.done) - 1, total)
                     continue
                 claim = claims.try_claim(task_id, worker.name, worker.claim_timeout)
                 if claim is None:
                     continue  # another worker is on it
                 try:
                     if store.is_done(task_id, hashes[task_id]):  # finished while we were looking
-                        done.add(task_id)
+                        finished(task_id)
                         continue
-                    if backend is None:
-                        progress.message(f"loading {profile.name} from {root} on {device}")
-                        backend = load_backend(profile, root, device, plans[0].seeding)
-                        progress.message("loaded " + "; ".join(backend.loaded))
                     plan = plan_of[task_id]
-                    runner = runners.setdefault(plan.shot.id, ShotRunner(backend, plan, store, progress, stop))
-                    progress.task_started(task, len(done), len(order))
+                    runner = runner_of(plan)
+                    progress.task_started(task, len(ready.done), total)
                     store.log("started", task_id, hashes[task_id], worker=worker.name)
                     started = time.perf_counter()
                     with _heartbeat(claims, claim, max(0.5, worker.claim_timeout / 4)), _peak_memory(device) as peak:
@@ -226,28 +291,70 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
                     if not claims.holds(claim, task_id):
                         progress.message(f"{task_id} was taken over by another worker; dropping ours")
                         continue
-                    results[task_id] = _save(store, task, hashes[task_id], result, plan.fps)
+                    results.keep(task_id, _save(store, task, hashes[task_id], result, plan.fps))
+                    del result
+                    finished(task_id)
                     store.log("finished", task_id, hashes[task_id], worker=worker.name,
-                              seconds=round(time.perf_counter() - started, 3), threads=torch.get_num_threads(), **peak)
-                    done.add(task_id)
+                              seconds=round(time.perf_counter() - started, 3),
+                              threads=torch.get_num_threads(), held=results.latents_held(), **peak)
                     progress.task_finished(task, time.perf_counter() - started)
                     if request.storyboard and task.kind == Kind.PLAN:
-                        write_when_planned(runner, results, store, done, progress)
+                        write_when_planned(runner, results, store, ready.done, progress)
                 finally:
                     claims.release(task_id)
                 ran = True
                 break  # priorities may have changed: look again from the top
-            if not ran and len(done) < len(order):
+            looking.close()  # what was skipped goes back among the ready tasks
+            if not ran and len(ready.done) < total:
                 time.sleep(worker.poll)
         if request.storyboard:  # planning finished in an earlier run or by another worker
             for plan in plans:
                 has_plan = any(t.kind == Kind.PLAN for t in plan.tasks)  # mmpl shots; other strategies have no macro plan
                 if has_plan and not store.storyboard(plan.shot.id).exists():
-                    if backend is None:
-                        backend = load_backend(profile, root, device, plans[0].seeding)
-                    runner = runners.setdefault(plan.shot.id, ShotRunner(backend, plan, store, progress, stop))
-                    write_when_planned(runner, results, store, done, progress)
+                    write_when_planned(runner_of(plan), results, store, ready.done, progress)
     return [store.shot_video(plan.shot.id) for plan in plans]
+
+
+class _ReadyTasks:
+    """The task graph as one worker sees it: which tasks are done and which are ready (every input
+    done, not done themselves), in priority order. Picking a task looks at ready tasks only, so its
+    cost does not grow with the batch; a task another worker finishes is learnt when it is looked at."""
+
+    def __init__(self, tasks: dict[str, Task], keys: dict[str, tuple]):
+        self.keys = keys
+        self.done: set[str] = set()
+        self.waiting = {tid: len(t.deps) for tid, t in tasks.items()}  # inputs not done yet
+        self.readers: dict[str, list[str]] = {tid: [] for tid in tasks}
+        for tid, task in tasks.items():
+            for dep in task.deps:
+                self.readers[dep].append(tid)
+        self.heap = [(keys[tid], tid) for tid, n in self.waiting.items() if n == 0]
+        heapq.heapify(self.heap)
+
+    def in_order(self):
+        """Ready tasks, best first, including any that become ready while the caller looks; each is
+        offered once per call (a skipped one goes back)."""
+        skipped = []
+        try:
+            while self.heap:
+                item = heapq.heappop(self.heap)
+                if item[1] in self.done:
+                    continue
+                skipped.append(item)
+                yield item[1]
+        finally:
+            for item in skipped:
+                if item[1] not in self.done:
+                    heapq.heappush(self.heap, item)
+
+    def finished(self, task_id: str) -> None:
+        if task_id in self.done:
+            return
+        self.done.add(task_id)
+        for reader in self.readers[task_id]:
+            self.waiting[reader] -= 1
+            if self.waiting[reader] == 0 and reader not in self.done:
+                heapq.heappush(self.heap, (self.keys[reader], reader))
 
 
 def _check_finite(task: Task, made: Made, plan) -> None:

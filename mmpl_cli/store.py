@@ -1,8 +1,8 @@
 """The render folder's results. This module is the only one that decides where things go in it and
 the only reader of task results. It imports torch only where latents are read or written, so
 validating a request stays quick; the claim protocol and the first worker's decisions live in
-claims.py, the atomic writes in files.py, and the runtime encodes videos into the temporary paths
-this module hands out.
+claims.py, the atomic writes in files.py, what a task file holds in results.py, and the runtime
+encodes videos into the temporary paths this module hands out.
 
     <out>/<shot>.mp4                                  stitched videos
     <out>/segments/<shot>/s000.mp4                    per-segment videos
@@ -10,7 +10,7 @@ this module hands out.
     <out>/.mmpl/manifest.json                         what was asked: resolved shots, profile, hashes, versions
     <out>/.mmpl/tasks/<shot>/s000-plan.safetensors    latents of a finished task (+ metadata)
     <out>/.mmpl/tasks/<shot>/s000-decode.json         record of a finished video task (file + sha256)
-    <out>/.mmpl/events.jsonl                          started / finished events, append-only
+    <out>/.mmpl/events/<host>-<pid>-<worker>.jsonl    started / finished events, one file per process
     <out>/.mmpl/claims/, seeding.json, numerics.json  claims and decisions (claims.py)
 
 Every file is written atomically (files.py): a crash leaves either the old file or the new one,
@@ -24,76 +24,42 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from mmpl_cli.errors import InputError, Problem
-from mmpl_cli.files import (MAX_RECORD_BYTES, StoreError, atomic_path, clean_temporary_files, disk_errors, load_json,  # noqa: F401
-                            parse_json, sha256_file, write_atomic)
+from mmpl_cli.results import (Latents, Result, VideoFile, candidate_of, checksum_key, float32_tensors,
+                              latents_from, tensor_checksum)
+from mmpl_cli.files import (HOST, MAX_RECORD_BYTES, StoreError, atomic_path, clean_temporary_files,  # noqa: F401
+                            disk_errors, load_json, parse_json, read_bounded, sha256_file, write_atomic)
 
 STORE_VERSION = 1
 META = ".mmpl"
 
 DONE, MISSING, INVALID, STALE = "done", "missing", "invalid", "stale"
 MAX_MANIFEST_BYTES = 256 << 20
-MAX_EVENTS_BYTES = 1 << 30
-MAX_CANDIDATE = 64  # the noise search's most candidates (profiles: search <= 64)
+MAX_EVENTS_BYTES = 1 << 30  # all event files together; what lies beyond is not read
+MAX_TASK_FILE_BYTES = 1 << 30  # a task's latents: tens of MB at the largest sizes
 DECISIONS = ("owner", "seeding", "numerics")  # .mmpl/<name>.json: what the first worker decided (claims.py)
 
 
-@dataclass(frozen=True)
-class Latents:
-    """A denoising task's result: its latents [C, F, H, W], for a chained task what it hands on
-    (progressive: the noisy window), and which noise candidate the k-step noise search chose (0:
-    the segment's own noise), so that later groups blend their edge noise from that one."""
-
-    latents: Any  # torch.Tensor; typed loosely so this module does not import torch
-    window: Any = None
-    candidate: int = 0
-
-
-@dataclass(frozen=True)
-class VideoFile:
-    """A video task's result: the MP4 it wrote into the folder."""
-
-    path: Path
-
-
-Result = Latents | VideoFile
-
-
-def tensor_checksum(tensor) -> str:
-    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-
-
-def _latents(tensors: dict) -> Latents:
-    """ValueError for a candidate that noise search cannot have chosen (a tampered file)."""
-    candidate = tensors.get("candidate")
-    if candidate is None:
-        return Latents(tensors["latents"], tensors.get("window"))
-    value = float(candidate.flatten()[0]) if candidate.numel() == 1 else -1.0
-    if not (value.is_integer() and 0 < value < MAX_CANDIDATE):
-        raise ValueError("candidate out of range")
-    return Latents(tensors["latents"], tensors.get("window"), int(value))
-
-
-def _checksum_key(tensor_name: str) -> str:
-    """Metadata key of a task file's tensor checksum ("checksum" for the latents, as files always had)."""
-    return "checksum" if tensor_name == "latents" else f"checksum.{tensor_name}"
-
-
 class RenderStore:
-    def __init__(self, root: Path, warn: Callable[[str], None] | None = None):
+    def __init__(self, root: Path, warn: Callable[[str], None] | None = None, worker: str = "main"):
         self.root = Path(root)
+        self._prefix = os.path.abspath(self.root) + os.sep  # what every path inside it starts with
         self.meta = self.root / META
         self.warn = warn or (lambda text: None)
-        self._verified: dict[str, tuple] = {}  # task id -> (hash, file stamp, result or None)
+        # task id -> (hash, file stamps, state): what a file was found to be, never its tensors, so a
+        # worker's memory does not grow with the folder (a result is read again when it is needed)
+        self._verified: dict[str, tuple] = {}
+        # this process's own event log: one writer per file, since appends are not atomic over NFS
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", worker)[:64]
+        self._events = self.meta / "events" / f"{HOST}-{os.getpid()}-{name}.jsonl"
 
     # -- the folder ------------------------------------------------------------------------
 
@@ -114,6 +80,8 @@ class RenderStore:
                                          f"render folder of another format ({manifest.get('store_version')})",
                                          "use --restart to render it again from scratch"))
             return
+        if [p.name for p in self.root.iterdir()] == [META] and self.inside(META) is not None and self.meta.is_dir():
+            return  # a worker is starting this render at the same time: its manifest is not written yet
         if any(self.root.iterdir()):
             raise InputError(Problem(str(self.root), None, "--out",
                                      "this folder has files but is not an mmpl render folder (no .mmpl/manifest.json)",
@@ -134,8 +102,10 @@ class RenderStore:
             raise InputError(Problem(str(self.manifest_path), None, "", f"unreadable manifest: {exc}")) from None
 
     def write_manifest(self, manifest: dict) -> None:
+        # one line (json's C encoder: a thousand shots' manifest in tens of milliseconds, not a second
+        # per worker with indent); `mmpl status` is how people read it
         write_atomic(self._confined(self.manifest_path), json.dumps({**manifest, "store_version": STORE_VERSION},
-                                                         indent=2, sort_keys=True).encode())
+                                                                    sort_keys=True).encode())
 
     def clean_temporary_files(self, older_than: float = 0.0) -> None:
         """Remove what interrupted writes left in the folder (files.clean_temporary_files)."""
@@ -164,8 +134,12 @@ class RenderStore:
     # -- tasks -----------------------------------------------------------------------------
 
     def _task_file(self, task_id: str, suffix: str) -> Path:
-        shot, *rest = task_id.split("/")
-        return self.meta / "tasks" / shot / ("-".join(rest) + suffix)
+        return Path(self._task_path(task_id, suffix))
+
+    def _task_path(self, task_id: str, suffix: str) -> str:
+        """_task_file as a string: the paths status and polling workers check, thousands at a time."""
+        shot, _, rest = task_id.partition("/")
+        return f"{self.meta}/tasks/{shot}/{rest.replace('/', '-')}{suffix}"
 
     def segment_video(self, shot_id: str, index: int) -> Path:
         return self.root / "segments" / shot_id / f"s{index:03d}.mp4"
@@ -183,47 +157,67 @@ class RenderStore:
 
     def state(self, task_id: str, task_hash: str) -> str:
         """done / missing / invalid (unreadable or altered) / stale (made from other inputs)."""
-        return self._load(task_id, task_hash, quiet=True)[0]
+        return self._load(task_id, task_hash, quiet=True, result=False)[0]
+
+    def _stamp(self, task_id: str) -> tuple | None:
+        """(size, mtime, inode) of a task's files, None where there is none; None if neither is there."""
+        stamp = []
+        for suffix in (".safetensors", ".json"):
+            try:
+                info = os.stat(self._task_path(task_id, suffix))
+                stamp.append((info.st_size, info.st_mtime_ns, info.st_ino))
+            except FileNotFoundError:
+                stamp.append(None)
+            except OSError:
+                return None
+        return None if stamp == [None, None] else tuple(stamp)
 
     def load(self, task_id: str, task_hash: str) -> Result | None:
-        """The finished result of a task with this hash, or None (warning, once per version of the
-        file, if it was unusable). A file is read and verified once per (size, mtime), so workers
-        can poll cheaply and a verified result is not read again when a dependent task needs it."""
-        files = [self._task_file(task_id, ".safetensors"), self._task_file(task_id, ".json")]
-        try:
-            stamp = tuple((f.stat().st_size, f.stat().st_mtime_ns) if f.exists() else None for f in files)
-        except OSError:
-            return None
-        if stamp == (None, None):
+        """The finished result of a task with this hash, read and verified, or None (warning once
+        per version of the file if it was unusable)."""
+        stamp = self._stamp(task_id)
+        if stamp is None:
             return None
         cached = self._verified.get(task_id)
-        if cached is None or cached[:2] != (task_hash, stamp):
-            state, result = self._load(task_id, task_hash, quiet=False)
-            cached = (task_hash, stamp, result if state == DONE else None)
-            self._verified[task_id] = cached
-        return cached[2]
+        if cached is not None and cached[:2] == (task_hash, stamp) and cached[2] != DONE:
+            return None  # said once for this version of the file
+        state, result = self._load(task_id, task_hash, quiet=False)
+        self._verified[task_id] = (task_hash, stamp, state)
+        return result
 
     def is_done(self, task_id: str, task_hash: str) -> bool:
-        return self.load(task_id, task_hash) is not None
+        """Whether the task has a usable result: verified once per version of its files (size,
+        mtime, inode), then answered from two stats, so workers can poll cheaply."""
+        stamp = self._stamp(task_id)
+        if stamp is None:
+            return False
+        cached = self._verified.get(task_id)
+        if cached is None or cached[:2] != (task_hash, stamp):
+            state = self._load(task_id, task_hash, quiet=cached is not None and cached[:2] == (task_hash, stamp),
+                               result=False)[0]
+            cached = self._verified[task_id] = (task_hash, stamp, state)
+        return cached[2] == DONE
 
-    def _load(self, task_id: str, task_hash: str, quiet: bool) -> tuple[str, Result | None]:
-        latents_file = self._task_file(task_id, ".safetensors")
-        record_file = self._task_file(task_id, ".json")
+    def _load(self, task_id: str, task_hash: str, quiet: bool, result: bool = True) -> tuple[str, Result | None]:
+        """The task's state, and (`result`) what it made: without it, a file is only verified, and
+        torch is not needed (`mmpl status`, a worker's look at a task another worker finished)."""
+        latents_file = self._task_path(task_id, ".safetensors")
+        record_file = self._task_path(task_id, ".json")
         for path, load in ((latents_file, self._load_latents), (record_file, self._load_record)):
             if os.path.lexists(path):
-                if not self._plain_file(path, MAX_RECORD_BYTES if path is record_file else None):
+                if not self._plain_file(path, MAX_RECORD_BYTES if path is record_file else MAX_TASK_FILE_BYTES):
                     return self._invalid(task_id, "task file is not a plain file inside the folder", quiet)
-                return load(task_id, path, task_hash, quiet)
+                return load(task_id, path, task_hash, quiet, result)
         return MISSING, None
 
-    def _plain_file(self, path: Path, max_bytes: int | None = None) -> bool:
+    def _plain_file(self, path: Path | str, max_bytes: int | None = None) -> bool:
         """A regular file inside the folder, reached without a symlink (and not over max_bytes)."""
+        text = os.path.abspath(path)
         try:
-            rel = path.relative_to(self.root)
-            info = os.lstat(path)
-        except (ValueError, OSError):
+            info = os.lstat(text)
+        except OSError:
             return False
-        return self.inside(rel) is not None and stat.S_ISREG(info.st_mode) and \
+        return text.startswith(self._prefix) and self._no_link(text[len(self._prefix):]) and stat.S_ISREG(info.st_mode) and \
             (max_bytes is None or info.st_size <= max_bytes)
 
     def _invalid(self, task_id: str, why: str, quiet: bool) -> tuple[str, None]:
@@ -231,31 +225,28 @@ class RenderStore:
             self.warn(f"warning: {task_id}: {why}; computing it again")
         return INVALID, None
 
-    def _load_latents(self, task_id, path, task_hash, quiet):
-        import torch
-        from safetensors import safe_open  # torch only where latents are read or written
-
+    def _load_latents(self, task_id, path, task_hash, quiet, result):
         try:
-            with safe_open(str(path), framework="pt") as fh:
-                meta = fh.metadata() or {}
-                tensors = {key: fh.get_tensor(key) for key in fh.keys()}
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is simply not a result
-            return self._invalid(task_id, f"unreadable task file ({type(exc).__name__})", quiet)
-        try:  # what mmpl writes is float32; anything else (bf16 has no numpy form, say) is not its file
-            altered = "latents" not in tensors or any(
-                t.dtype != torch.float32 or meta.get(_checksum_key(key)) != tensor_checksum(t) for key, t in tensors.items())
-        except Exception:  # noqa: BLE001 - a tensor that cannot be checksummed is not a result
-            altered = True
-        if altered:
+            raw = read_bounded(path, MAX_TASK_FILE_BYTES)
+            meta, parts = float32_tensors(raw)
+        except (OSError, ValueError) as exc:  # any unreadable file is simply not a result
+            return self._invalid(task_id, f"unreadable task file ({exc})", quiet)
+        if "latents" not in parts or any(meta.get(checksum_key(k)) != hashlib.sha256(v).hexdigest()
+                                         for k, (_, v) in parts.items()):
             return self._invalid(task_id, "task file altered (checksum mismatch)", quiet)
         if meta.get("hash") != task_hash:
             return STALE, None
         try:
-            return DONE, _latents(tensors)
-        except ValueError:
+            candidate_of(parts)
+            if not result:
+                return DONE, None
+            from safetensors.torch import load as load_tensors  # torch only where latents are read or written
+
+            return DONE, latents_from(load_tensors(raw))
+        except Exception:  # noqa: BLE001 - what safetensors itself refuses is not a result either
             return self._invalid(task_id, "task file of the wrong shape", quiet)
 
-    def _load_record(self, task_id, path, task_hash, quiet):
+    def _load_record(self, task_id, path, task_hash, quiet, result):
         # a render folder's contents are untrusted: the record must be what save_video writes, and
         # the file it names a regular file inside the folder, reached without a symlink
         try:
@@ -280,14 +271,20 @@ class RenderStore:
     def inside(self, relative: str | Path) -> Path | None:
         """root / relative if that stays inside the folder with no symlink on the way, else None."""
         rel = Path(relative)
-        if rel.is_absolute() or ".." in rel.parts:
-            return None
-        at = self.root
-        for part in rel.parts:
-            at = at / part
-            if at.is_symlink():
-                return None
-        return at
+        return self.root / rel if self._no_link(str(rel)) else None
+
+    def _no_link(self, relative: str) -> bool:
+        """`relative` stays inside the folder, with no symlink on the way (strings, not pathlib:
+        `mmpl status` asks this of every task file)."""
+        parts = [p for p in relative.split(os.sep) if p not in ("", ".")]
+        if relative.startswith(os.sep) or ".." in parts:
+            return False
+        at = str(self.root)
+        for part in parts:
+            at = f"{at}{os.sep}{part}"
+            if os.path.islink(at):
+                return False
+        return True
 
     def _confined(self, path: Path, follows_last: bool = False) -> Path:
         """`path`, unless a symlink planted in the folder would lead the write outside it (exit 2). An
@@ -312,9 +309,9 @@ class RenderStore:
         tensors = {key: value.detach().cpu().float().contiguous() for key, value in named.items()}
         if result.candidate:  # a tensor, so the file's checksums cover it
             tensors["candidate"] = torch.tensor([float(result.candidate)])
-        meta = {"task": task_id, "hash": task_hash, **{_checksum_key(k): tensor_checksum(t) for k, t in tensors.items()}}
+        meta = {"task": task_id, "hash": task_hash, **{checksum_key(k): tensor_checksum(t) for k, t in tensors.items()}}
         write_atomic(self._confined(self._task_file(task_id, ".safetensors")), safetensors_bytes(tensors, metadata=meta))
-        return _latents(tensors)
+        return latents_from(tensors)
 
     @contextmanager
     def video_file(self, path: Path) -> Iterator[Path]:
@@ -332,27 +329,47 @@ class RenderStore:
     # -- events ----------------------------------------------------------------------------
 
     def log(self, event: str, task_id: str, task_hash: str, **extra) -> None:
-        """Append one line; a line cut short by a crash is skipped when read."""
+        """Append one line to this process's event file (only this process writes it, so no line
+        of another worker's can interleave, whatever the file system); a line cut short by a crash
+        is skipped when read."""
         line = json.dumps({"event": event, "task": task_id, "hash": task_hash, "pid": os.getpid(),
                            "time": round(time.time(), 3), **extra}) + "\n"
-        path = self.meta / "events.jsonl"
+        path = self._events
         with disk_errors(path):
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(self._confined(path, follows_last=True), "a") as fh:
                 fh.write(line)
 
+    def event_files(self) -> list[Path]:
+        """Every event file of the folder: one per worker process (and events.jsonl of folders
+        written before that)."""
+        folder = self.meta / "events"
+        found = sorted(folder.glob("*.jsonl")) if self._plain_folder(folder) else []
+        return [self.meta / "events.jsonl", *found]
+
+    def _plain_folder(self, path: Path) -> bool:
+        rel = path.relative_to(self.root)
+        return self.inside(rel) is not None and path.is_dir()
+
     def events(self) -> list[dict]:
-        path = self.meta / "events.jsonl"
-        if not self._plain_file(path, MAX_EVENTS_BYTES):
-            return []
-        out = []
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                event = parse_json(line)
-            except ValueError:
+        """Every worker's events merged in time order; what is not an event is skipped."""
+        out, budget = [], MAX_EVENTS_BYTES
+        for path in self.event_files():
+            if budget <= 0 or not self._plain_file(path, budget):
                 continue
-            if isinstance(event, dict) and isinstance(event.get("task"), str):
-                out.append(event)
+            try:
+                data = read_bounded(path, budget)
+            except (OSError, ValueError):
+                continue
+            budget -= len(data)
+            for line in data.decode(errors="replace").splitlines():
+                try:
+                    event = parse_json(line)
+                except ValueError:
+                    continue
+                if isinstance(event, dict) and isinstance(event.get("task"), str):
+                    out.append(event)
+        out.sort(key=lambda e: e["time"] if isinstance(e.get("time"), (int, float)) else 0.0)
         return out
 
     def computed_counts(self) -> dict[str, int]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ from mmpl_cli.errors import InputError, Problem
 from mmpl_cli.profiles import GPU_ATTENTION, Sampler
 from mmpl_cli.sampling import StepCallback, guided, make_scheduler, sample
 
+TEXT_CACHE = 16  # prompt encodings a backend keeps (the negative prompt, used by every task, stays)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -48,31 +50,6 @@ def text_dtype(dtype: torch.dtype) -> torch.dtype:
     """The text encoder's dtype for a model in `dtype`: never float16, where the T5 family's
     activations overflow (its embeddings are cast to the transformer's dtype afterwards)."""
     return torch.bfloat16 if dtype == torch.float16 else dtype
-
-
-def unknown_words(tokenizer, text: str) -> list[str]:
-    """The words of `text` that `tokenizer` can only read as its unknown token (in order, once each).
-
-    Why: a word-level tokenizer (the trained tiny default's) reads every word outside its vocabulary
-    as <unk>, so a prompt can silently lose the words that matter most to its author."""
-    unk = tokenizer.unk_token_id
-    if unk is None or not text or not getattr(tokenizer, "is_fast", False):
-        return []
-    encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
-    words = [text[a:b] for i, (a, b) in zip(encoded["input_ids"], encoded["offset_mapping"]) if i == unk and b > a]
-    return list(dict.fromkeys(words))
-
-
-def unknown_prompt_words(root: Path, prompts: dict[str, list[str]]) -> dict[str, list[str]]:
-    """{shot id: words its prompts have that the model folder's tokenizer does not know}, for shots
-    that have any; {} when the tokenizer cannot be loaded (loading the model reports that)."""
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(Path(root) / "tokenizer")
-    except (OSError, ValueError):
-        return {}
-    found = {shot: list(dict.fromkeys(w for text in texts for w in unknown_words(tokenizer, text)))
-             for shot, texts in prompts.items()}
-    return {shot: words for shot, words in found.items() if words}
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,7 +298,7 @@ class WanBackend:
         self.loaded: list[str] = []  # what was loaded, for the log
         self.transformer = install_engine_modules(pipe.transformer)
         self.vae = pipe.vae
-        self._text_cache: dict[str, torch.Tensor] = {}
+        self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # the latest TEXT_CACHE prompts
         z = self.vae.config.z_dim
         self._latents_mean = torch.tensor(self.vae.config.latents_mean, dtype=torch.float32).view(z, 1, 1, 1)
         self._latents_std = torch.tensor(self.vae.config.latents_std, dtype=torch.float32).view(z, 1, 1, 1)
@@ -409,10 +386,14 @@ class WanBackend:
         return embeds
 
     def encode_text(self, prompt: str) -> torch.Tensor:
-        """`prompt_embeds` without gradients; each distinct prompt is encoded once."""
+        """`prompt_embeds` without gradients; a prompt is encoded once while it is among the latest
+        TEXT_CACHE used (a batch of a thousand prompts does not keep a thousand encodings)."""
         if prompt not in self._text_cache:
             with torch.no_grad(), self._visiting(self.pipe.text_encoder):
                 self._text_cache[prompt] = self.prompt_embeds(prompt)
+            while len(self._text_cache) > TEXT_CACHE:
+                self._text_cache.popitem(last=False)
+        self._text_cache.move_to_end(prompt)
         return self._text_cache[prompt]
 
     def text(self, prompt: str, negative_prompt: str, guidance: float) -> Text:

@@ -82,6 +82,13 @@ shots:
 """
 
 
+def events(out: Path) -> list[dict]:
+    """Every worker's events of a render folder, merged in time order (one file per process)."""
+    from mmpl_cli.store import RenderStore
+
+    return RenderStore(out).events()
+
+
 def videos(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.mp4"))}
 

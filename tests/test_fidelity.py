@@ -22,7 +22,8 @@ from mmpl_cli.profiles import load_profile
 from mmpl_cli.render import ShotRunner, load_init_image
 from mmpl_cli.sampling import blend_edge_noise
 from mmpl_cli.shotlist import PromptChange, Shot
-from mmpl_cli.store import Latents, RenderStore, tensor_checksum
+from mmpl_cli.results import Latents, tensor_checksum
+from mmpl_cli.store import RenderStore
 from mmpl_cli.terms import Kind
 from test_resume import wait_for_start
 

@@ -57,7 +57,8 @@ def test_each_layer_imports_only_what_it_should():
     assert not store & {"video", "claims", "runtime", "render"}  # the store only stores
     render = _imports(PACKAGE / "render.py")[1]
     assert not render & {"runtime", "launch", "cli", "claims", "video"}  # MMPL's tasks, nothing of the worker loop
-    for pure in ("plan", "shotlist", "profiles", "terms", "schedule", "memory", "files", "claims", "store"):
+    for pure in ("plan", "shotlist", "profiles", "terms", "schedule", "memory", "files", "claims", "store", "results",
+                 "vocabulary"):
         source = (PACKAGE / f"{pure}.py").read_text()
         assert not re.search(r"^(import torch|from torch)", source, re.M), f"{pure} imports torch at module level"
 

@@ -77,10 +77,25 @@ def test_eval_segments_from_a_folder_of_the_wrong_shape(manifest, reference_dir,
 def test_status_reads_events_of_every_shape(reference_dir, tmp_path):
     folder = tmp_path / "render"
     shutil.copytree(reference_dir, folder)
-    events = folder / ".mmpl/events.jsonl"
-    events.write_text(events.read_text() + '[1]\n"x"\n{"task": 5}\n' + "[" * 100000 + "\n" + '{"event": "finished"\n')
+    garbage = '[1]\n"x"\n{"task": 5}\n' + "[" * 100000 + "\n" + '{"event": "finished"\n'
+    for log in (folder / ".mmpl/events").glob("*.jsonl"):
+        log.write_text(log.read_text() + garbage)
+    (folder / ".mmpl/events.jsonl").write_text(garbage)  # the single log of older folders
+    (folder / ".mmpl/events/dir.jsonl").mkdir()  # not a file
+    outside = tmp_path / "outside.jsonl"  # a planted link: its events are not the folder's
+    outside.write_text('{"event": "finished", "task": "k/s000/plan", "time": 1}\n')
+    (folder / ".mmpl/events/link.jsonl").symlink_to(outside)
     proc = run_cli("status", str(folder), "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["remaining"] == 0 and all(shot["complete"] for shot in report["shots"])
     assert {t["computed"] for t in report["tasks"]} == {1}  # the finished events still count, the rest skipped
+
+
+@pytest.mark.slow
+def test_status_of_the_current_folder(reference_dir, tmp_path):
+    folder = tmp_path / "render"
+    shutil.copytree(reference_dir, folder)
+    proc = run_cli("status", ".", "--json", cwd=folder)  # paths under "." are the folder's too
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["remaining"] == 0

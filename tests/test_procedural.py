@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import numpy as np
 
@@ -61,12 +63,24 @@ def test_word_tokenizer_covers_every_caption_word():
 
 def test_unknown_words_are_those_the_tokenizer_reads_as_unk():
     from mmpl_cli.tiny import byte_tokenizer, word_tokenizer
-    from mmpl_cli.wan import unknown_words
+    from mmpl_cli.vocabulary import unknown_words
 
     tok = word_tokenizer(P.vocabulary())
-    assert unknown_words(tok, "A purple circle Spinning right on a purple background") == ["purple", "Spinning"]
-    assert unknown_words(tok, "a small red circle moving right on a blue background") == []
-    assert unknown_words(byte_tokenizer(), "a purple circle spinning \u2713") == []  # bytes: nothing is unknown
+    words = partial(unknown_words, tok.backend_tokenizer, tok.unk_token_id)
+    assert words("A purple circle Spinning right on a purple background") == ["purple", "Spinning"]
+    assert words("a small red circle moving right on a blue background") == []
+    byte = byte_tokenizer()  # bytes: nothing is unknown
+    assert unknown_words(byte.backend_tokenizer, byte.unk_token_id, "a purple circle spinning \u2713") == []
+
+
+def test_unknown_prompt_words_reads_the_model_folders_tokenizer(tiny_model_dir, tmp_path):
+    from mmpl_cli.profiles import load_profile
+    from mmpl_cli.vocabulary import unknown_prompt_words
+
+    prompts = {"a": ["a red circle", "a Zorblax circle"], "b": ["a red circle"]}
+    assert unknown_prompt_words(load_profile("tiny").resolve_model_path(), prompts) == {"a": ["Zorblax"]}  # word-level
+    assert unknown_prompt_words(tiny_model_dir, prompts) == {}  # byte-level: every word reads
+    assert unknown_prompt_words(tmp_path, prompts) == {}  # no tokenizer there: no check
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli, videos
+from conftest import REPO, events, run_cli, videos
 
 def start_render(shots: Path, out: Path, model: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -24,13 +24,12 @@ def start_render(shots: Path, out: Path, model: Path) -> subprocess.Popen:
 
 def wait_for_start(out: Path, task_id: str, proc: subprocess.Popen, timeout: float = 180) -> None:
     """Block until the render logs that it started `task_id` (polling its event log)."""
-    log = out / ".mmpl" / "events.jsonl"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        events = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
-        if any(e["event"] == "started" and e["task"] == task_id for e in events[-3:]):
+        logged = events(out)
+        if any(e["event"] == "started" and e["task"] == task_id for e in logged[-3:]):
             return
-        if any(e["event"] == "finished" and e["task"] == task_id for e in events):
+        if any(e["event"] == "finished" and e["task"] == task_id for e in logged):
             raise AssertionError(f"{task_id} had already finished")
         if proc.poll() is not None:
             raise AssertionError(f"render ended before {task_id} started: {proc.communicate()}")
@@ -74,9 +73,9 @@ def test_signals_stop_cleanly_with_exit_3_and_resume(sig, shots_file, tiny_model
     redo = ("k/s001/populate_stage_two", "k/s001/decode", "k/stitch")
     for name in ("s001-populate_stage_two.safetensors", "s001-decode.json", "stitch.json"):
         (out / ".mmpl/tasks/k" / name).unlink()
-    events = out / ".mmpl/events.jsonl"  # as if they had never run
-    events.write_text("".join(line for line in events.read_text().splitlines(keepends=True)
-                              if json.loads(line)["task"] not in redo))
+    for log in (out / ".mmpl/events").glob("*.jsonl"):  # as if they had never run
+        log.write_text("".join(line for line in log.read_text().splitlines(keepends=True)
+                               if json.loads(line)["task"] not in redo))
     proc = start_render(shots_file, out, tiny_model_dir)
     wait_for_start(out, "k/s001/populate_stage_two", proc)
     proc.send_signal(sig)

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import REPO, run_cli, videos
+from conftest import REPO, events, run_cli, videos
 from mmpl_cli.claims import Claims
 from mmpl_cli.store import RenderStore
 from test_resume import status, wait_for_start
@@ -26,8 +26,7 @@ def computed_once(out: Path) -> None:
 
 
 def workers_of(out: Path) -> set[str]:
-    log = (out / ".mmpl" / "events.jsonl").read_text().splitlines()
-    return {json.loads(line)["worker"] for line in log if '"finished"' in line}
+    return {e["worker"] for e in events(out) if e["event"] == "finished"}
 
 
 def task_checksums(out: Path) -> dict[str, str]:
@@ -43,8 +42,7 @@ def task_checksums(out: Path) -> dict[str, str]:
 
 def threads_used(out: Path) -> set[int]:
     """The intra-op thread counts the folder's tasks were computed with (from its event log)."""
-    events = [json.loads(line) for line in (out / ".mmpl" / "events.jsonl").read_text().splitlines()]
-    return {e["threads"] for e in events if e["event"] == "finished"}
+    return {e["threads"] for e in events(out) if e["event"] == "finished"}
 
 
 def same_bits_as_reference(out: Path, reference_dir: Path) -> None:
