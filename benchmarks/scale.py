@@ -1,0 +1,220 @@
+"""What a worker costs per task when the batch is large: a thousand shots, eight workers, one folder.
+
+Eight worker processes render one shot list into one render folder through mmpl's own runtime
+(claims, ready tasks, the store's atomic writes, per-worker event logs) with a runner that computes
+nothing (`NullRunner`, kept here, not in the package): a denoising task reads its inputs and returns
+zero latents of the tiny profile's shape, a decode task returns black frames that ffmpeg encodes,
+a stitch joins them with ffmpeg. So what is measured is mmpl's overhead, not a model's work:
+
+  overhead per task   a worker's time from the end of one task's `run` to the next one's reading
+                      its inputs (save + log + release of the one, pick + claim + inputs of the
+                      next: an input dropped from memory is read again from the folder), median
+                      and p90 over all workers, in wall-clock seconds and in the worker's own CPU
+                      seconds (eight workers and their ffmpeg children share two cores here, so
+                      the wall-clock figure is mostly waiting for a core)
+  memory              each worker's resident memory after its 500th task and its peak at the end
+  status              `mmpl status --json` on the finished folder, wall seconds
+  start-up            from a worker's launch to its first task (imports, plans, priorities, hashes):
+                      the first and the last of the eight, and one worker started alone
+
+    python benchmarks/scale.py                         # 100 and 1000 shots (1,100 and 11,000 tasks)
+    python benchmarks/scale.py --shots 1000 --workers 8 --json benchmarks/results/scale.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHOT_SECONDS = 9  # two segments at the tiny profile's 16 fps: 11 tasks per shot
+
+
+def _rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class NullRunner:
+    """Runs a shot's tasks without a model: inputs are read (as a real task reads them), outputs are
+    zeros of the right shape, videos are real files made by ffmpeg."""
+
+    def __init__(self, plan, store, stats: dict):
+        self.plan, self.store, self.stats = plan, store, stats
+        profile = plan.profile
+        self.shape = (16, profile.height // profile.vae_spatial, profile.width // profile.vae_spatial)
+
+    def run(self, task, results):
+        import numpy as np
+        import torch
+
+        from mmpl_cli.results import Frames, Latents, Parts
+        from mmpl_cli.terms import Kind
+
+        inputs = [results[dep] for dep in task.deps]  # as a real task reads them: mmpl's cost, counted
+        stats, now, cpu = self.stats, time.perf_counter(), time.process_time()
+        if stats["ran"] == 0:
+            stats["first_task_s"] = time.time() - stats["launched"]
+            stats["first_task_cpu_s"] = cpu
+            if stats["first_only"]:  # start-up alone: that is all we came for
+                Path(stats["path"]).write_text(json.dumps({"first_task_s": stats["first_task_s"], "first_task_cpu_s": cpu}))
+                os._exit(0)
+        else:
+            stats["overhead_s"].append(now - stats["last_end"])
+            stats["overhead_cpu_s"].append(cpu - stats["last_cpu"])
+        if task.kind == Kind.STITCH:
+            made = Parts([r.path for r in inputs], self.store.shot_video(self.plan.shot.id))
+        elif task.kind == Kind.DECODE:
+            seg = self.plan.segments[task.segment]
+            made = Frames(np.zeros((seg.kept, self.plan.profile.height, self.plan.profile.width, 3), np.uint8),
+                          self.store.segment_video(self.plan.shot.id, seg.index))
+        else:
+            group = self.plan.profile.layout.group(task.kind)
+            made = Latents(torch.zeros(self.shape[0], len(group.targets), *self.shape[1:]))
+        stats["ran"] += 1
+        stats["kinds"].append(task.kind)
+        if stats["ran"] == 500:
+            stats["rss_500_mb"] = _rss_mb("VmRSS")
+        stats["last_end"], stats["last_cpu"] = time.perf_counter(), time.process_time()
+        return made
+
+
+def worker(args) -> None:
+    """One worker process: check the request as `mmpl render` does, then run the runtime."""
+    from mmpl_cli.control import StopFlag, Worker
+    from mmpl_cli.progress import Progress
+    from mmpl_cli.request import RenderRequest, check
+    from mmpl_cli.runtime import render
+    from mmpl_cli.store import RenderStore
+
+    stats = {"launched": args.launched, "ran": 0, "overhead_s": [], "overhead_cpu_s": [], "kinds": [], "last_end": 0.0,
+             "first_only": args.first_only, "path": args.stats}
+    checked = check(RenderRequest(shots=Path(args.shots_file), out=Path(args.out), seeding="terminal", device="cpu"))
+    store = RenderStore(checked.out)
+    render(checked, Progress(), StopFlag(), Worker(name=f"w{args.worker}", team=args.team, poll=0.05),
+           make_runner=lambda plan: NullRunner(plan, store, stats))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    # the time between two tasks holds the first one's save, log and release and the second one's
+    # pick and claim: it is counted as the first one's (a video task's save runs ffmpeg)
+    kinds = stats["kinds"][:-1]
+    Path(args.stats).write_text(json.dumps({
+        "tasks": stats["ran"], "first_task_s": stats.get("first_task_s"), "first_task_cpu_s": stats.get("first_task_cpu_s"),
+        "rss_500_mb": stats.get("rss_500_mb"),
+        "peak_rss_mb": _rss_mb("VmHWM"), "cpu_s": usage.ru_utime + usage.ru_stime,
+        "overhead_s": stats["overhead_s"], "overhead_cpu_s": stats["overhead_cpu_s"], "kinds": kinds}))
+
+
+def write_shots(path: Path, shots: int) -> Path:
+    path.write_text("version: 1\ndefaults: {profile: tiny, seed: 7}\nshots:\n" + "".join(
+        f"  - {{id: s{i:04d}, prompt: a small red circle moving left on a blue background, duration: {SHOT_SECONDS}}}\n"
+        for i in range(shots)))
+    return path
+
+
+def start_alone(shots: int, folder: Path) -> dict:
+    """One worker by itself on a new folder, stopped at its first task: seconds and CPU seconds."""
+    shots_file, stats = write_shots(folder / "alone.yaml", shots), folder / "alone.json"
+    launched = time.time()
+    subprocess.run([sys.executable, __file__, "--worker", "0", "--team", "8", "--shots-file", str(shots_file),
+                    "--out", str(folder / "alone"), "--launched", repr(launched), "--stats", str(stats), "--first-only"],
+                   check=True)
+    found = json.loads(stats.read_text())
+    return {"s": round(found["first_task_s"], 2), "cpu_s": round(found["first_task_cpu_s"], 2)}
+
+
+def run_batch(shots: int, workers: int, folder: Path) -> dict:
+    shots_file = write_shots(folder / "shots.yaml", shots)
+    out, stats_dir = folder / "out", folder / "stats"
+    stats_dir.mkdir()
+    launched = time.time()
+    procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(i), "--team", str(workers),
+                               "--shots-file", str(shots_file), "--out", str(out), "--launched", repr(launched),
+                               "--stats", str(stats_dir / f"w{i}.json")]) for i in range(workers)]
+    if any(p.wait() for p in procs):
+        raise SystemExit("a worker failed (its message is above)")
+    wall = time.time() - launched
+    per = [json.loads((stats_dir / f"w{i}.json").read_text()) for i in range(workers)]
+    start = time.perf_counter()
+    status = subprocess.run([sys.executable, "-m", "mmpl_cli", "status", str(out), "--json"], capture_output=True, text=True)
+    status_s = time.perf_counter() - start
+    if status.returncode != 0:
+        raise SystemExit(status.stderr)
+    report = json.loads(status.stdout)
+    tasks = len(report["tasks"])
+    computed = [t["computed"] for t in report["tasks"]]
+    overhead = sorted(o for w in per for o in w["overhead_s"])
+    overhead_cpu = sorted(o for w in per for o in w["overhead_cpu_s"])
+    latent = sorted(o for w in per for o, k in zip(w["overhead_s"], w["kinds"]) if k not in ("decode", "stitch"))
+    video = sorted(o for w in per for o, k in zip(w["overhead_s"], w["kinds"]) if k in ("decode", "stitch"))
+    q = lambda xs, f: round(1000 * xs[min(len(xs) - 1, int(f * len(xs)))], 1) if xs else None  # noqa: E731
+    return {
+        "shots": shots, "workers": workers, "tasks": tasks, "wall_s": round(wall, 1),
+        "remaining": report["remaining"], "computed_once": computed.count(1),
+        "computed_twice_or_more": sum(c > 1 for c in computed),
+        "overhead_ms": {"median": q(overhead, 0.5), "p90": q(overhead, 0.9),
+                        "median_latent_tasks": q(latent, 0.5), "median_video_tasks": q(video, 0.5)},
+        "overhead_cpu_ms": {"median": q(overhead_cpu, 0.5), "p90": q(overhead_cpu, 0.9)},
+        "cpu_ms_per_task": round(1000 * sum(w["cpu_s"] for w in per) / max(1, sum(w["tasks"] for w in per)), 1),
+        "tasks_per_worker": [w["tasks"] for w in per],
+        "start_s": {"first": round(min(w["first_task_s"] for w in per if w["first_task_s"] is not None), 2),
+                    "last": round(max(w["first_task_s"] for w in per if w["first_task_s"] is not None), 2),
+                    "cpu_median": round(statistics.median(w["first_task_cpu_s"] for w in per if w["first_task_cpu_s"]), 2)},
+        "rss_mb": [{"after_500": w["rss_500_mb"] and round(w["rss_500_mb"]), "peak": round(w["peak_rss_mb"])} for w in per],
+        "status_s": round(status_s, 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shots", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--json", default=None, help="write the figures to this file")
+    parser.add_argument("--keep", default=None, help="render into this new folder and keep it (one --shots only)")
+    parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # the rest: one worker process's arguments
+    parser.add_argument("--team", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--shots-file", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--launched", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--stats", help=argparse.SUPPRESS)
+    parser.add_argument("--first-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker is not None:
+        return worker(args)
+    os.environ.setdefault("MMPL_CACHE_DIR", tempfile.mkdtemp(prefix="mmpl-cache-"))
+    rows = []
+    for shots in args.shots:
+        if args.keep:
+            Path(args.keep).mkdir(parents=True)
+            row = run_batch(shots, args.workers, Path(args.keep))
+        else:
+            with tempfile.TemporaryDirectory(prefix="mmpl-scale-") as tmp:
+                row = run_batch(shots, args.workers, Path(tmp))
+                row["start_s"]["alone"] = start_alone(shots, Path(tmp))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print("\n| shots | tasks | workers | overhead median ms (latent / video tasks) | p90 ms | overhead CPU ms median "
+          "| start s: first, last worker; one alone (CPU s) | RSS peak over RSS after 500 tasks | status s | wall s |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        grown = [m["peak"] / m["after_500"] - 1 for m in r["rss_mb"] if m["after_500"]]
+        rss = f"{max(grown):+.1%} most" if grown else "fewer than 500 tasks each"
+        o, s = r["overhead_ms"], r["start_s"]
+        print(f"| {r['shots']} | {r['tasks']} | {r['workers']} | {o['median']} ({o['median_latent_tasks']} / "
+              f"{o['median_video_tasks']}) | {o['p90']} | {r['overhead_cpu_ms']['median']} | "
+              f"{s['first']}, {s['last']}; {s.get('alone', {}).get('s')} ({s.get('alone', {}).get('cpu_s')}) | {rss} | "
+              f"{r['status_s']} | {r['wall_s']} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
