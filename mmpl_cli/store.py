@@ -193,8 +193,7 @@ class RenderStore:
             return False
         cached = self._verified.get(task_id)
         if cached is None or cached[:2] != (task_hash, stamp):
-            state = self._load(task_id, task_hash, quiet=cached is not None and cached[:2] == (task_hash, stamp),
-                               result=False)[0]
+            state = self._load(task_id, task_hash, quiet=False, result=False)[0]  # said once per version
             cached = self._verified[task_id] = (task_hash, stamp, state)
         return cached[2] == DONE
 
