@@ -140,15 +140,16 @@ def evaluate_frames(frames: Iterable[np.ndarray], fps: float, boundaries: Bounda
     count = 0
     for i, frame in enumerate(frames):
         hue = _hue(frame)
-        hist, bg = hue_histogram(frame, hue), background_hue(hue)
+        hist, bg = hue_histogram(frame, hue), background_hue(hue) if boundaries is not None else None
         if i == 0:
             first = hist
         else:
             changes.append(float(np.abs(frame.astype(np.int16) - previous.astype(np.int16)).mean()) / 255)
-            pair = _histogram_compare(previous_hist, hist)
-            if i in joins or i in edges:
-                (at_joins if i in joins else at_edges).append(pair)
-            (steps_at_joins if i in joins else steps_inside).append((hue_step(previous_bg, bg), pair[0]))
+            if boundaries is not None:  # joins and their steps: only where the segments are known
+                pair = _histogram_compare(previous_hist, hist)
+                if i in joins or i in edges:
+                    (at_joins if i in joins else at_edges).append(pair)
+                (steps_at_joins if i in joins else steps_inside).append((hue_step(previous_bg, bg), pair[0]))
         while round(len(drift) * fps) <= i:  # every whole second whose frame is this one (fps < 1: several)
             drift.append((len(drift) * fps, _histogram_compare(first, hist)[0]))
         previous, previous_hist, previous_bg, count = frame, hist, bg, i + 1

@@ -33,8 +33,8 @@ class Layout:
     midpoint_anchor: tuple[int, ...]  # ... (mid-point seeding)
     # image-to-video (App. K.1, as MMPL's released I2V code): the first segment's initial group is the
     # still image encoded alone (`image`), then the rest of the group generated seeing it
-    image: tuple[int, ...] = (0,)
-    after_image: Group = Group((1,), (0,))
+    image: tuple[int, ...]
+    after_image: Group
 
     def groups(self) -> dict[str, Group]:
         """The groups denoised against context, by kind (the initial group is made from text or handed over)."""

@@ -242,10 +242,11 @@ def task_hashes(plan: ShotPlan, model_fingerprint: str, init_image_digest: str |
     (the id only says where a task's file lives).
     """
     profile = plan.profile
+    layout = dataclasses.asdict(profile.layout)
     model = {
         "weights": model_fingerprint, "dtype": profile.dtype, "size": [profile.width, profile.height],
         "vae": [profile.vae_temporal, profile.vae_spatial], "text_tokens": profile.max_sequence_length,
-        "layout": {k: v for k, v in dataclasses.asdict(profile.layout).items() if k not in I2V_LAYOUT},
+        "layout": {k: v for k, v in layout.items() if k not in I2V_LAYOUT},
         "noise_blend": profile.noise_blend,
     }
     # search settings count only when not the defaults: folders rendered before they existed still resume
@@ -261,7 +262,7 @@ def task_hashes(plan: ShotPlan, model_fingerprint: str, init_image_digest: str |
                 parts.update(handover=profile.handover)
         elif task.kind == Kind.INITIAL and init_image_digest is not None:  # the image, then a generated group
             parts.update(model=model, init_image=init_image_digest,
-                         image_to_video={k: dataclasses.asdict(profile.layout)[k] for k in I2V_LAYOUT},
+                         image_to_video={k: layout[k] for k in I2V_LAYOUT},
                          prompt=seg.prompt, negative_prompt=plan.shot.negative_prompt, sampler=sampler,
                          noise_seed=seg.noise_seed)
         elif task.kind in LATENT_KINDS:

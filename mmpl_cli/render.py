@@ -208,22 +208,26 @@ class ShotRunner:
                                 self.layout.group(c).sees) for c in context_kinds]
         # 2. Noise: the segment's own, with App. G's blend at edges that touch planning latents
         planned = None if kind == Kind.PLAN else results[segment_task_id(self.plan.shot.id, segment, Kind.PLAN)].candidate
+        planned_noise = None if planned is None else self.noise(segment, planned)  # made once, not per candidate
         # 3. Denoise against the cached clean context
-        return self.denoise_searching(segment, partial(self.group_noise, kind, segment, planned=planned),
-                                      group.targets, group.sees, context)
+        return self.denoise_searching(segment, partial(self.group_noise, kind, segment, planned=planned,
+                                                       planned_noise=planned_noise), group.targets, group.sees, context)
 
-    def group_noise(self, kind: Kind, segment: int, candidate: int, planned: int | None = None) -> torch.Tensor:
+    def group_noise(self, kind: Kind, segment: int, candidate: int, planned: int | None = None,
+                    planned_noise: torch.Tensor | None = None) -> torch.Tensor:
         """A group's starting noise from candidate `candidate` of its segment's noise. At an edge
         next to planning latents it is App. G's (Eq. 14) blend of the noise those planning latents
         started from: the plan group's chosen candidate `planned` (the k-step noise search may have
-        picked another one for the plan than for this group)."""
+        picked another one for the plan than for this group; `planned_noise`, its noise if at hand)."""
         targets, alpha = self.layout.group(kind).targets, self.plan.profile.noise_blend
         full = self.noise(segment, candidate)
         if alpha is None:
             return full[:, list(targets)]
         anchors = set(self.layout.plan.targets)
+        if planned in (None, candidate):
+            return blend_edge_noise(full, targets, anchors, alpha, None)
         return blend_edge_noise(full, targets, anchors, alpha,
-                                None if planned in (None, candidate) else self.noise(segment, planned))
+                                planned_noise if planned_noise is not None else self.noise(segment, planned))
 
     # -- video -----------------------------------------------------------------------------
 

@@ -62,13 +62,20 @@ def tensor_checksum(tensor) -> str:
     return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
+def tensors_from(parts: dict) -> dict:
+    """float32_tensors' parts as torch tensors (the same bytes: nothing parsed a second time)."""
+    import torch
+
+    return {name: torch.frombuffer(data, dtype=torch.float32).reshape(shape) for name, (shape, data) in parts.items()}
+
+
 def latents_from(tensors: dict) -> Latents:
     """What a task file holds, read back (its candidate checked by candidate_of from the same bytes)."""
     candidate = tensors.get("candidate")
     return Latents(tensors["latents"], tensors.get("window"), 0 if candidate is None else int(candidate.flatten()[0]))
 
 
-def float32_tensors(raw: bytes) -> tuple[dict, dict[str, tuple[list[int], bytes]]]:
+def float32_tensors(raw: bytes) -> tuple[dict, dict[str, tuple[list[int], bytearray]]]:
     """(metadata, {name: (shape, data)}) of a safetensors file whose tensors are all float32 (what
     mmpl writes), read without torch by safetensors' own parser (so a file it accepts here is one
     `safetensors.torch.load` accepts later); ValueError for anything else. The data are the bytes a
@@ -86,7 +93,7 @@ def float32_tensors(raw: bytes) -> tuple[dict, dict[str, tuple[list[int], bytes]
     for name, info in tensors:
         if info["dtype"] != "F32":
             raise ValueError(f"{name} is not float32")
-        parts[name] = (list(info["shape"]), bytes(info["data"]))
+        parts[name] = (list(info["shape"]), info["data"])
     return meta, parts
 
 

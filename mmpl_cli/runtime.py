@@ -88,13 +88,13 @@ class _Results(Mapping):
     thousand shots whose planning chains all run first does not pile their latents up in every
     worker (a dropped result that is needed again is read again from the folder, the same bits)."""
 
-    def __init__(self, store: RenderStore, hashes: dict[str, str], tasks: dict[str, Task], limit: int = HELD_RESULTS):
-        self.store, self.hashes, self.limit = store, hashes, limit
+    def __init__(self, store: RenderStore, hashes: dict[str, str], graph: _ReadyTasks, limit: int = HELD_RESULTS):
+        self.store, self.hashes, self.graph, self.limit = store, hashes, graph, limit
         self.held: OrderedDict[str, Result] = OrderedDict()
-        self.readers = dict.fromkeys(tasks, 0)  # task id -> how many tasks that read it are not done
-        for task in tasks.values():
-            for dep in task.deps:
-                self.readers[dep] += 1
+
+    def _read_later(self, task_id: str) -> bool:
+        """Whether a task not yet done reads it (the graph's done set says which are)."""
+        return any(reader not in self.graph.done for reader in self.graph.readers[task_id])
 
     def __getitem__(self, task_id: str) -> Result:
         if task_id in self.held:
@@ -113,17 +113,17 @@ class _Results(Mapping):
         return len(self.held)
 
     def keep(self, task_id: str, result: Result) -> None:
-        if self.readers[task_id] > 0:  # a task that reads it is still to come
+        if self._read_later(task_id):
             self.held[task_id] = result
             self.held.move_to_end(task_id)
             while len(self.held) > self.limit:
                 self.held.popitem(last=False)
 
     def finished(self, task: Task) -> None:
-        """`task` is done (here or elsewhere): what it read is one reader lighter, dropped with its last."""
+        """`task` is done (here or elsewhere; the graph knows already): what it read is dropped once
+        nothing left to run reads it."""
         for dep in task.deps:
-            self.readers[dep] -= 1
-            if self.readers[dep] <= 0:
+            if not self._read_later(dep):
                 self.held.pop(dep, None)
 
     def latents_held(self) -> int:
@@ -235,7 +235,7 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
         plan_of = {t.id: plan for plan in plans for t in plan.tasks}
         task_of = {t.id: t for plan in plans for t in plan.tasks}
         ready = _ReadyTasks(task_of, tuned_priorities(plans, worker.team))
-        results = _Results(store, hashes, task_of)
+        results = _Results(store, hashes, ready)
         runners: dict[str, ShotRunner] = {}
         backend = None
         total = len(task_of)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from mmpl_cli.errors import InputError, Problem
 from mmpl_cli.results import (Latents, Result, VideoFile, candidate_of, checksum_key, float32_tensors,
-                              latents_from, tensor_checksum)
+                              latents_from, tensor_checksum, tensors_from)
 from mmpl_cli.files import (HOST, MAX_RECORD_BYTES, StoreError, atomic_path, clean_temporary_files,  # noqa: F401
                             disk_errors, load_json, parse_json, read_bounded, sha256_file, write_atomic)
 
@@ -239,9 +239,7 @@ class RenderStore:
             candidate_of(parts)
             if not result:
                 return DONE, None
-            from safetensors.torch import load as load_tensors  # torch only where latents are read or written
-
-            return DONE, latents_from(load_tensors(raw))
+            return DONE, latents_from(tensors_from(parts))  # torch only where latents are read or written
         except Exception:  # noqa: BLE001 - what safetensors itself refuses is not a result either
             return self._invalid(task_id, "task file of the wrong shape", quiet)
 

@@ -67,17 +67,16 @@ def _select(path: Path, raw, key: str) -> tuple[dict[str, torch.Tensor], str]:
     """The state dict inside the file, and a word on which entry it was."""
     if not isinstance(raw, dict):
         raise _problem(path, f"expected a dict of tensors or of state dicts, found {type(raw).__name__}")
+    held = [k for k, v in raw.items() if _is_state_dict(v)]  # the entries that hold a state dict
     if key != "auto":
         if key in raw and _is_state_dict(raw[key]):
             return raw[key], f"entry '{key}'"
         prefixed = {k[len(key) + 1:]: v for k, v in raw.items() if k.startswith(key + ".")}
         if _is_state_dict(raw) and prefixed:  # a flat file with the entry as a key prefix
             return prefixed, f"keys under '{key}.'"
-        entries = [k for k, v in raw.items() if _is_state_dict(v)]
         raise _problem(path, f"no state dict under '{key}'",
-                       f"entries that hold one: {', '.join(entries)}" if entries
+                       f"entries that hold one: {', '.join(held)}" if held
                        else "the file is one flat state dict: use key: auto")
-    held = [k for k, v in raw.items() if _is_state_dict(v)]
     for name in ENTRY_KEYS:
         if _is_state_dict(raw.get(name)):
             others = [k for k in held if k != name]
@@ -85,11 +84,10 @@ def _select(path: Path, raw, key: str) -> tuple[dict[str, torch.Tensor], str]:
                                                    "model.transformer.key picks another)" if others else "")
     if _is_state_dict(raw):
         return raw, "the whole file"
-    entries = [k for k, v in raw.items() if _is_state_dict(v)]
-    if len(entries) == 1:
-        return raw[entries[0]], f"entry '{entries[0]}'"
+    if len(held) == 1:
+        return raw[held[0]], f"entry '{held[0]}'"
     raise _problem(path, "cannot tell which entry holds the transformer"
-                   + (f": it has {', '.join(entries)}" if entries else ": no entry holds tensors only"),
+                   + (f": it has {', '.join(held)}" if held else ": no entry holds tensors only"),
                    "set model.transformer.key in the profile")
 
 

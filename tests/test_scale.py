@@ -169,20 +169,22 @@ def test_results_keep_what_pending_tasks_read_and_only_the_latest(tmp_path):
 
     from mmpl_cli.plan import Task
     from mmpl_cli.results import Latents
-    from mmpl_cli.runtime import _Results
+    from mmpl_cli.runtime import _ReadyTasks, _Results
     from mmpl_cli.store import RenderStore
 
     store = RenderStore(tmp_path)
     made = [f"k/s000/t{i}" for i in range(4)]
     tasks = {tid: Task(tid, "k", "plan", 0, ()) for tid in made}
     tasks["k/s000/decode"] = Task("k/s000/decode", "k", "decode", 0, tuple(made))  # reads all four
-    results = _Results(store, dict.fromkeys(tasks, "h"), tasks, limit=2)
+    graph = _ReadyTasks(tasks, dict.fromkeys(tasks, (0,)))
+    results = _Results(store, dict.fromkeys(tasks, "h"), graph, limit=2)
     for i, tid in enumerate(made):
         results.keep(tid, store.save(tid, "h", Latents(torch.full((1, 1, 1, 1), float(i)))))
     assert list(results) == made[2:]  # the two used last
     assert float(results[made[0]].latents) == 0.0  # dropped, so read again from the folder: the same values
     assert list(results) == [made[3], made[0]]
-    results.finished(tasks["k/s000/decode"])  # the last reader is done: nothing is kept any more
+    graph.finished("k/s000/decode")  # the last reader is done: nothing is kept any more
+    results.finished(tasks["k/s000/decode"])
     assert len(results) == 0 and float(results[made[1]].latents) == 1.0 and len(results) == 0
 
 
