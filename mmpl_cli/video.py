@@ -8,6 +8,7 @@ flags on, so the same frames give the same bytes.
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -96,8 +97,16 @@ def stream_frames(path: Path) -> tuple[float, tuple[int, int], Iterator[np.ndarr
     return float(meta["fps"]), (width, height), (np.frombuffer(buf, np.uint8).reshape(height, width, 3) for buf in reader)
 
 
-def read_frames(path: Path) -> np.ndarray:
-    """Decode a whole video into uint8 [F, H, W, 3]."""
-    _, (width, height), frames = stream_frames(path)
-    frames = list(frames)
+def read_frames(path: Path, fps: float | None = None, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode a whole video into uint8 [F, H, W, 3], resampled by ffmpeg to `fps` and scaled
+    (bicubic) to `size` (width, height) when given."""
+    if fps is None and size is None:
+        _, (width, height), frames = stream_frames(path)
+        frames = list(frames)
+        return np.stack(frames) if frames else np.zeros((0, height, width, 3), np.uint8)
+    filters = ([f"fps={fps}"] if fps else []) + ([f"scale={size[0]}:{size[1]}:flags=bicubic"] if size else [])
+    logging.getLogger("imageio_ffmpeg").setLevel(logging.ERROR)  # "frame size differs from the source": asked for
+    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24", output_params=["-vf", ",".join(filters)])
+    width, height = next(reader)["size"]  # what ffmpeg outputs
+    frames = [np.frombuffer(buf, np.uint8).reshape(height, width, 3) for buf in reader]
     return np.stack(frames) if frames else np.zeros((0, height, width, 3), np.uint8)

@@ -201,6 +201,22 @@ class ContextCacheAttnProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
+def checkpoint_blocks(transformer: WanTransformer3DModel) -> None:
+    """Gradient checkpointing of the Wan blocks (diffusers' own switch), with the engine's session
+    (frame positions, attention mask) active again when a block is recomputed in the backward pass:
+    it is a context variable, which the backward pass would not see."""
+    def checkpointed(block, *args):
+        session = _SESSION.get()
+
+        def run(*inputs):
+            with _active(session):
+                return block(*inputs)
+
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+    transformer.enable_gradient_checkpointing(checkpointed)
+
+
 def install_engine_modules(transformer: WanTransformer3DModel) -> WanTransformer3DModel:
     """Put explicit-frame RoPE and the cache processor into a diffusers Wan transformer (idempotent)."""
     if not isinstance(transformer.rope, ExplicitFrameRope):
@@ -297,8 +313,11 @@ class WanBackend:
         self.attention = attention
         self.loaded: list[str] = []  # what was loaded, for the log
         self.transformer = install_engine_modules(pipe.transformer)
+        self.call = self.transformer  # what forward_at calls: the transformer, or training's data-parallel wrapper of it
         self.vae = pipe.vae
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # the latest TEXT_CACHE prompts
+        if self.vae is None:  # training from prepared latents: no VAE loaded
+            return
         z = self.vae.config.z_dim
         self._latents_mean = torch.tensor(self.vae.config.latents_mean, dtype=torch.float32).view(z, 1, 1, 1)
         self._latents_std = torch.tensor(self.vae.config.latents_std, dtype=torch.float32).view(z, 1, 1, 1)
@@ -308,19 +327,23 @@ class WanBackend:
     @classmethod
     def from_folder(cls, root: Path, device: str = "cpu", dtype: str = "float32", max_sequence_length: int = 512,
                     checkpoint: Path | None = None, checkpoint_key: str = "auto", checkpoint_naming: str = "auto",
-                    attention: str = "auto", offload: str = "never", memory_gb: float | None = None) -> "WanBackend":
+                    attention: str = "auto", offload: str = "never", memory_gb: float | None = None,
+                    transformer_only: bool = False) -> "WanBackend":
         """Load a Diffusers-format folder offline (no hub access, safetensors only, no pickles),
-        optionally with a transformer checkpoint over the folder's transformer weights (weights.py)."""
+        optionally with a transformer checkpoint over the folder's transformer weights (weights.py);
+        `transformer_only` for training on prepared latents and text (no VAE, no text encoder)."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         torch_dtype = DTYPES[dtype]
         root = Path(root)
         try:
             transformer = WanTransformer3DModel.from_pretrained(root / "transformer", torch_dtype=torch_dtype,
                                                                 use_safetensors=True)
-            vae = AutoencoderKLWan.from_pretrained(root / "vae", torch_dtype=torch.float32, use_safetensors=True)
-            text_encoder = UMT5EncoderModel.from_pretrained(root / "text_encoder", torch_dtype=text_dtype(torch_dtype),
-                                                            use_safetensors=True)
-            tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+            vae = text_encoder = tokenizer = None
+            if not transformer_only:
+                vae = AutoencoderKLWan.from_pretrained(root / "vae", torch_dtype=torch.float32, use_safetensors=True)
+                text_encoder = UMT5EncoderModel.from_pretrained(root / "text_encoder", torch_dtype=text_dtype(torch_dtype),
+                                                                use_safetensors=True)
+                tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
         except (OSError, ValueError) as exc:
             raise InputError(Problem(str(root), None, "model.path", f"cannot load the Wan model: {exc}")) from None
         loaded = [f"{root} ({dtype})"]
@@ -337,9 +360,10 @@ class WanBackend:
         device = torch.device(device)
         move_off = decide_offload(offload, device, memory_gb)
         for module in (transformer, vae, text_encoder):
-            module.eval().requires_grad_(False)
+            if module is not None:
+                module.eval().requires_grad_(False)
         transformer.to(device)
-        if not move_off:
+        if not move_off and not transformer_only:
             vae.to(device)
             text_encoder.to(device)
         backend_name = resolve_attention(attention, device, torch_dtype)
@@ -445,7 +469,7 @@ class WanBackend:
         if record_into is not None:
             record_into.begin(frames)
         with _active(session):
-            out = model(hidden_states=batch.to(self.device, self.dtype), timestep=timestep,
+            out = self.call(hidden_states=batch.to(self.device, self.dtype), timestep=timestep,
                         encoder_hidden_states=text, return_dict=False)[0]
         return (out if x.dim() == 5 else out[0]).float()
 
