@@ -20,7 +20,8 @@ from dataclasses import replace
 import torch
 
 from mmpl_cli.procedural import COLOURS, SIZES, Scene, render_scene, scene_from_seed
-from mmpl_cli.recipe import group_for, to_model_pixels
+from mmpl_cli.dataset import to_model_pixels
+from mmpl_cli.recipe import group_for
 from mmpl_cli.wan import ContextGroup
 from tiny_backend import tiny_backend
 

@@ -22,7 +22,7 @@ from dataclasses import replace
 import torch
 
 from mmpl_cli.procedural import judge, prompt_scenes, render_scene
-from mmpl_cli.recipe import to_model_pixels
+from mmpl_cli.dataset import to_model_pixels
 from mmpl_cli.render import to_uint8_frames
 from mmpl_cli.wan import ContextGroup
 from caption_words import OPPOSITE

@@ -16,7 +16,7 @@ import sys
 import torch
 
 from mmpl_cli.procedural import judge, prompt_scenes, render_scene
-from mmpl_cli.recipe import to_model_pixels
+from mmpl_cli.dataset import to_model_pixels
 from mmpl_cli.render import to_uint8_frames
 from tiny_backend import tiny_backend
 

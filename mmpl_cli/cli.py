@@ -288,23 +288,24 @@ def train(
     max_minutes: Annotated[Optional[float], typer.Option(
         "--max-minutes", min=0.0, metavar="MINUTES", show_default="no limit",
         help="Stop (with a checkpoint) after this many minutes; rerun to go on.")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", metavar="DEVICE", help="auto, cpu or cuda.",
+                                                  show_default="the config's")] = None,
+    prepare: Annotated[bool, typer.Option("--prepare", help="Encode the clip pool (latents and caption embeddings) "
+                                                            "into the data cache, resumably, and stop.")] = False,
+    estimate: Annotated[Optional[int], typer.Option("--estimate", min=1, metavar="PROCESSES", show_default="off", help=
+                                                    "Print the memory each of this many processes needs, and stop.")] = None,
+    memory_gb: Annotated[Optional[float], typer.Option("--memory-gb", min=0.1, metavar="GB", show_default="the GPU's",
+                                                       help="Device memory per process that training must fit.")] = None,
 ) -> None:
-    """Train a Wan-architecture model with the MMPL recipe (teacher forcing on the render's groups).
-
-    Stages run in order and checkpoint as they go: after a kill or --max-minutes, the same command
-    resumes from the last checkpoint. The trained model is the Diffusers folder <out>/model.
-    """
+    """Train a Wan-architecture model with the MMPL recipe (teacher forcing on the render's groups), stage
+    by stage; after a kill or --max-minutes the same command resumes. The model is the Diffusers folder
+    <out>/model. `accelerate launch -m mmpl_cli train CONFIG` (or torchrun) trains data-parallel."""
     from mmpl_cli.progress import TrainProgress
-    from mmpl_cli.train import load_train_config, train as run_train
+    from mmpl_cli.train import command
 
     with errors():
-        cfg = load_train_config(config)
-        progress = TrainProgress()
-        try:
-            model = run_train(cfg, progress.report, progress.message, max_minutes)
-        finally:
-            progress.close()
-    typer.echo(f"model folder: {model}")
+        said = command(config, TrainProgress, max_minutes, device, prepare, estimate, memory_gb)
+    typer.echo(said or "", nl=bool(said))
 
 
 def main() -> None:

@@ -110,10 +110,11 @@ class RichProgress(Progress):
 class TrainProgress:
     """Training: a bar with loss and speed per stage on a terminal; a log line every 10 steps."""
 
-    def __init__(self):
+    def __init__(self, quiet: bool = False):
         self.bar = None
         self.task = self.stage = None
-        if on_terminal():
+        self.quiet = quiet  # a launcher's other processes: the main one speaks for them
+        if on_terminal() and not quiet:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -122,9 +123,12 @@ class TrainProgress:
             self.bar.start()
 
     def message(self, text: str) -> None:
-        console_line(self.bar.console, text) if self.bar is not None else log_line(text)
+        if not self.quiet:
+            console_line(self.bar.console, text) if self.bar is not None else log_line(text)
 
     def report(self, stage: str, step: int, steps: int, loss: float, speed: float) -> None:
+        if self.quiet:
+            return
         if self.bar is None:
             if step % 10 == 0 or step == steps:
                 log_line(f"{stage}: step {step}/{steps} loss {loss:.4f} {speed:.2f} step/s")

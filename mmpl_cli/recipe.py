@@ -17,21 +17,19 @@ are train.py's.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-import numpy as np
 import torch
 
+from mmpl_cli.dataset import ClipSource, Pool, encode_pool, to_model_pixels
 from mmpl_cli.errors import InputError, Problem
-from mmpl_cli.files import atomic_path, write_atomic
 from mmpl_cli.terms import GROUPS, Kind
 
 if TYPE_CHECKING:
-    from mmpl_cli.train import StageConfig
+    from mmpl_cli.train_config import StageConfig
 
 TRAINABLE = ("all", "self_attention", "qk")
 # what a training sample teaches: MMPL's groups, a continuation (a window conditioned on the previous
@@ -39,73 +37,40 @@ TRAINABLE = ("all", "self_attention", "qk")
 TRAIN_GROUPS = tuple(str(k) for k in (*GROUPS, "continuation", Kind.FULL, Kind.PROGRESSIVE))
 PROGRESSIVE_START = 1 / 3  # progressive samples that are the start of a shot (no clean chunk yet)
 CFG_DROPOUT = 0.1  # captions replaced by "" this often, so classifier-free guidance has an unconditional model
-POOL_BATCH = 8  # clips the VAE encodes at once for the pool
+
+
+class Setup(NamedTuple):
+    """Where and how a stage runs (train.py's decisions): the device, this process among `processes`,
+    accelerate's `prepare` (the data-parallel wrapper of a module), checkpointed activations, and
+    the pool folder (prepared: it holds caption embeddings too, and no VAE or text encoder is loaded)."""
+    device: str
+    rank: int
+    processes: int
+    prepare: Callable[[torch.nn.Module], torch.nn.Module]
+    wait: Callable[[], None]  # every process meets here
+    checkpointing: bool
+    pool: Path
+    prepared: bool
+    message: Callable[[str], None]
+    name: str
 
 
 class Stage(NamedTuple):
-    """One stage, ready to run: what trains, the loss of step i, and what to save after the last step."""
+    """One stage, ready to run: what trains, the loss of step i over rows `rows` of its global batch
+    (the mean over those rows), and what to save after the last step. `module` is the wrapper whose
+    gradients accelerate synchronises across processes (None: none is); the loop averages the
+    gradients of `replicated` parameters itself."""
     params: dict[str, torch.nn.Parameter]
-    step_loss: Callable[[int], torch.Tensor]
+    step_loss: Callable[[int, slice], torch.Tensor]
     finish: Callable[[], None]
+    module: torch.nn.Module | None = None
+    replicated: tuple[torch.nn.Parameter, ...] = ()
 
 
 def _seeded(seed: int, stage: int, step: int) -> tuple[random.Random, torch.Generator]:
     """A step's random sources, from (seed, stage, step) alone: a resumed run draws what an uninterrupted one would."""
     key = (seed * 1_000_003 + stage) * 1_000_003 + step
     return random.Random(key), torch.Generator().manual_seed(key % (1 << 63))
-
-
-# --------------------------------------------------------------------------------------------
-# Data
-
-
-class Clip(NamedTuple):
-    frames: np.ndarray  # uint8 [F, H, W, 3]
-    caption: str
-    first: int  # its first frame's index in the video; 0: the clip starts the video, as a shot starts
-
-
-class ClipSource:
-    """Clips of `frames` frames at the profile's size with their captions, clip i fixed by (seed, i)."""
-
-    def __init__(self, source: str, width: int, height: int, seed: int, relative_to: Path):
-        self.width, self.height, self.seed = width, height, seed
-        self.folder = None
-        if source != "procedural":
-            folder = Path(source).expanduser()
-            self.folder = folder if folder.is_absolute() else relative_to / folder
-            self.videos = sorted(p for p in self.folder.glob("*.mp4") if p.with_suffix(".txt").is_file())
-            if not self.videos:
-                raise InputError(Problem(str(self.folder), None, "data",
-                                         "expected videos (*.mp4) with captions beside them (*.txt of the same name)"))
-
-    def clip(self, index: int, frames: int) -> Clip:
-        from mmpl_cli import procedural
-
-        rng = random.Random(self.seed * 1_000_003 + index)
-        if self.folder is None:
-            scene = procedural.scene_from_seed(rng.randrange(1 << 30))
-            first = rng.randrange(0, 3) * 76  # later windows too: the shape after a bounce
-            return Clip(procedural.render_scene(scene, frames, self.width, self.height, first), scene.caption(), first)
-        from PIL import Image
-
-        from mmpl_cli.video import read_frames
-
-        video = self.videos[rng.randrange(len(self.videos))]
-        pixels = read_frames(video)
-        first = rng.randrange(0, max(1, len(pixels) - frames + 1))
-        pixels = pixels[first:first + frames]
-        if len(pixels) < frames:  # short videos repeat their last frame
-            pixels = np.concatenate([pixels, np.repeat(pixels[-1:], frames - len(pixels), axis=0)])
-        if pixels.shape[1:3] != (self.height, self.width):
-            pixels = np.stack([np.asarray(Image.fromarray(p).resize((self.width, self.height), Image.Resampling.BICUBIC))
-                               for p in pixels])
-        return Clip(pixels, video.with_suffix(".txt").read_text().strip(), first)
-
-
-def to_model_pixels(frames: np.ndarray) -> torch.Tensor:
-    """uint8 [F, H, W, 3] -> float [3, F, H, W] in [-1, 1]."""
-    return torch.from_numpy(frames).float().div(127.5).sub(1.0).permute(3, 0, 1, 2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,10 +140,10 @@ def anchor_latents(pixels: torch.Tensor, z_dim: int, spatial: int = 8, temporal:
         quarter = quarter - cell.repeat_interleave(2, 3).repeat_interleave(2, 4)
         b, c, k, h, w = cell.shape
         quarter = quarter.view(b, c, k, h, 2, w, 2).permute(0, 1, 4, 6, 2, 3, 5).reshape(b, 4 * c, k, h, w)
-        pad = torch.zeros(b, z_dim - 5 * c, k, h, w, dtype=pixels.dtype)
+        pad = torch.zeros(b, z_dim - 5 * c, k, h, w, dtype=pixels.dtype, device=pixels.device)
         parts.append(torch.cat([1.5 * cell, 3.0 * quarter, pad], 1))
     mix, _ = torch.linalg.qr(torch.randn(z_dim, z_dim, generator=torch.Generator().manual_seed(0)))
-    return torch.einsum("dc,bcthw->bdthw", 2.5 * mix, torch.cat(parts, 2))
+    return torch.einsum("dc,bcthw->bdthw", 2.5 * mix.to(pixels.device), torch.cat(parts, 2))
 
 
 def chunked_reconstruction(vae, pixels: torch.Tensor, start: int, window: int):
@@ -222,13 +187,15 @@ def reconstruction_loss(out: torch.Tensor, pixels: torch.Tensor, detail_weight: 
     return (weight * error).mean() / weight.mean()
 
 
-def vae_stage(model_dir: Path, profile, source: ClipSource, cfg: StageConfig, folder: Path, seed: int, index: int,
-              message: Callable[[str], None], name: str) -> Stage:
-    """The autoencoder learns to reconstruct clips, first (`anchor` steps) its decoder from anchor latents."""
+def vae_stage(model_dir: Path, profile, source: ClipSource, cfg: StageConfig, setup: Setup, seed: int,
+              index: int) -> Stage:
+    """The autoencoder learns to reconstruct clips, first (`anchor` steps) its decoder from anchor
+    latents. Its many entry points (encoder, decoder, causal caches) leave it unwrapped: with
+    several processes the loop averages its gradients (a small model)."""
     from diffusers import AutoencoderKLWan
 
     vae = AutoencoderKLWan.from_pretrained(model_dir / "vae", torch_dtype=torch.float32, use_safetensors=True)
-    vae.train()
+    vae.to(setup.device).train()
     params = dict(vae.named_parameters())
     z_dim = vae.config.z_dim
     anchored_stage = cfg.anchor > 0 or cfg.anchor_weight > 0
@@ -241,9 +208,10 @@ def vae_stage(model_dir: Path, profile, source: ClipSource, cfg: StageConfig, fo
     raw: list[torch.Tensor] = []
     vae.decoder.register_forward_hook(lambda module, args, out: raw.append(out))
 
-    def step_loss(step: int) -> torch.Tensor:
+    def step_loss(step: int, rows: slice) -> torch.Tensor:
         rng, _ = _seeded(seed, index, step)
-        x = torch.stack([to_model_pixels(source.clip(rng.randrange(1 << 30), cfg.frames)[0]) for _ in range(cfg.batch)])
+        clips = [rng.randrange(1 << 30) for _ in range(cfg.batch)][rows]
+        x = torch.stack([to_model_pixels(source.clip(c, cfg.frames)[0]) for c in clips]).to(setup.device)
         if cfg.window:
             start = rng.randrange(1 + (cfg.frames - 1) // 4 - cfg.window + 1)
             z, out, part = chunked_reconstruction(vae, x, start, cfg.window)
@@ -264,11 +232,11 @@ def vae_stage(model_dir: Path, profile, source: ClipSource, cfg: StageConfig, fo
         return loss
 
     def finish() -> None:
-        vae.eval()
-        _set_latent_statistics(vae, source, cfg.frames, message, name)
+        vae.eval().cpu()
+        _set_latent_statistics(vae, source, cfg.frames, setup.message, setup.name)
         vae.save_pretrained(model_dir / "vae", safe_serialization=True)
 
-    return Stage(params, step_loss, finish)
+    return Stage(params, step_loss, finish, replicated=tuple(params.values()))
 
 
 def _set_latent_statistics(vae, source: ClipSource, frames: int, message, name, clips: int = 32) -> None:
@@ -289,36 +257,54 @@ def _set_latent_statistics(vae, source: ClipSource, frames: int, message, name, 
 # The denoiser
 
 
-def transformer_stage(model_dir: Path, profile, source: ClipSource, cfg: StageConfig, folder: Path, seed: int,
-                      index: int, message: Callable[[str], None], name: str) -> Stage:
+def transformer_stage(model_dir: Path, profile, source: ClipSource, cfg: StageConfig, setup: Setup, seed: int,
+                      index: int) -> Stage:
     """The denoiser, teacher-forced on the render's groups over a pool of VAE-encoded clips."""
     from mmpl_cli.plan import PROGRESSIVE_CHUNK, progressive_levels
     from mmpl_cli.sampling import flow_sigma
-    from mmpl_cli.wan import ContextGroup, WanBackend
+    from mmpl_cli.wan import ContextGroup, WanBackend, checkpoint_blocks
 
-    backend = WanBackend.from_folder(model_dir, dtype="float32", max_sequence_length=profile.max_sequence_length)
+    message, name = setup.message, setup.name
+    prepared = setup.prepared and not cfg.text_encoder  # a trained text encoder encodes every caption anew
+    backend = WanBackend.from_folder(model_dir, device=setup.device, dtype="float32", attention="native",
+                                     max_sequence_length=profile.max_sequence_length, transformer_only=prepared)
+    if not setup.prepared:  # the stage's own pool, its shards shared out among the processes
+        identity = {**source.identity(), "frames": profile.segment_frames}
+        encode_pool(setup.pool, identity, cfg.pool, backend, source, profile.segment_frames, texts=False,
+                    rank=setup.rank, processes=setup.processes, message=message, name=name)
+        setup.wait()
+    pool = Pool(setup.pool, cfg.pool)
     layout, shift = profile.layout, profile.sampler.shift
-    latents_pool, captions, firsts = _latent_pool(backend, source, profile, cfg, folder, message, name)
-    everything = list(range(len(captions)))
-    starts = [i for i in everything if firsts[i] == 0] or everything
+    everything = list(range(cfg.pool))
+    starts = [i for i in everything if pool.first(i) == 0] or everything
     model = backend.transformer
     model.train()
+    if setup.checkpointing:
+        checkpoint_blocks(model)
     names = trainable_names([n for n, _ in model.named_parameters()], cfg.trainable)
     params = dict(model.named_parameters())
     params = {n: params[n] for n in names}
     for n, p in model.named_parameters():
         p.requires_grad_(n in params)
+    backend.call = setup.prepare(model)  # accelerate: data parallel across processes, mixed precision
     text_encoder = backend.pipe.text_encoder
-    text_encoder.requires_grad_(cfg.text_encoder)
+    replicated: tuple[torch.nn.Parameter, ...] = ()
     if cfg.text_encoder:
-        text_encoder.train()
+        text_encoder.requires_grad_(True).train()
         params.update({f"text_encoder.{n}": p for n, p in text_encoder.named_parameters()})
+        replicated = tuple(text_encoder.parameters())
+    elif text_encoder is not None:
+        text_encoder.requires_grad_(False)
     message(f"{name}: {sum(p.numel() for p in params.values()):,} trainable parameters ({cfg.trainable}"
-            f"{', and the text encoder' if cfg.text_encoder else ''}), groups {', '.join(cfg.groups)}")
+            f"{', and the text encoder' if cfg.text_encoder else ''}), groups {', '.join(cfg.groups)}"
+            f"{', latents and captions prepared' if prepared else ''}")
 
-    def encode(prompts: list[str]) -> torch.Tensor:
-        """[B, tokens, dim]: a trained text encoder encodes every caption anew, a frozen one each
-        caption once (cached, no gradient)."""
+    def encode(clips: list[int | None]) -> torch.Tensor:
+        """[B, tokens, dim] for pool clips (None: the empty caption): prepared embeddings, or a trained
+        text encoder's anew, or a frozen one's once per caption (cached, no gradient)."""
+        if prepared:
+            return torch.cat([pool.text(i) for i in clips]).to(setup.device)
+        prompts = ["" if i is None else pool.caption(i) for i in clips]
         if cfg.text_encoder:
             return backend.prompt_embeds(prompts)
         return torch.cat([backend.encode_text(p) for p in prompts])
@@ -326,39 +312,42 @@ def transformer_stage(model_dir: Path, profile, source: ClipSource, cfg: StageCo
     levels = progressive_levels(layout.latents, profile.sampler.steps)
 
     def progressive_loss(latents: torch.Tensor, text: torch.Tensor, shot_start: bool, rng: random.Random,
-                         gen: torch.Generator):
+                         gen: torch.Generator, rows: slice):
         start, level = progressive_window(layout.latents, levels, PROGRESSIVE_CHUNK, rng, shot_start)
         sigma = torch.tensor([flow_sigma(v, shift) for v in level])
         clean = latents[:, :, start:start + len(level)]
-        noise = torch.randn(clean.shape, generator=gen)
+        noise = torch.randn((cfg.batch, *clean.shape[1:]), generator=gen)[rows]
         noisy = (1 - sigma)[:, None, None] * clean + sigma[:, None, None] * noise
         prediction = backend.forward_at(noisy, range(len(level)), 0.0, text, frame_timesteps=sigma * 1000.0)
         noisy_frames = sigma > 0  # the clean chunk in front is input only
-        return torch.nn.functional.mse_loss(prediction[:, :, noisy_frames], (noise - clean)[:, :, noisy_frames])
+        target = (noise - clean)[:, :, noisy_frames].to(prediction.device)
+        return torch.nn.functional.mse_loss(prediction[:, :, noisy_frames], target)
 
-    def step_loss(step: int) -> torch.Tensor:
+    def step_loss(step: int, rows: slice) -> torch.Tensor:
         """One group for the whole batch, so the batch runs as one tensor (on a 2-core CPU, about 1.5 times
         the samples per second of one sample at a time). A group that begins a shot (initial, full,
         progressive's start-up windows) learns only from clips that begin their video: the caption's
-        direction is the shape's there, while a later window may show it after a bounce."""
+        direction is the shape's there, while a later window may show it after a bounce. Every draw is
+        made for the whole batch, so rows of it give what the whole batch's rows would."""
         rng, gen = _seeded(seed, index, step)
         kind = cfg.groups[rng.randrange(len(cfg.groups))]
         shot_start = kind in ("initial", "full") or (kind == "progressive" and rng.random() < PROGRESSIVE_START)
         choices = starts if shot_start else everything
         clips = [choices[rng.randrange(len(choices))] for _ in range(cfg.batch)]
-        latents = torch.stack([latents_pool[i] for i in clips])  # [B, C, F, H, W]
-        text = encode(["" if rng.random() < CFG_DROPOUT else captions[i] for i in clips])
+        captions = [None if rng.random() < CFG_DROPOUT else i for i in clips][rows]
+        latents = torch.stack([pool.latents(i) for i in clips[rows]])  # [b, C, F, H, W]: this process's rows
+        text = encode(captions)
         if kind == "progressive":
-            return progressive_loss(latents, text, shot_start, rng, gen)
+            return progressive_loss(latents, text, shot_start, rng, gen, rows)
         targets, sees, context = group_for(kind, layout, rng)
-        sigma = torch.tensor([flow_sigma(rng.random(), shift) for _ in clips])[:, None, None, None, None]
+        sigma = torch.tensor([flow_sigma(rng.random(), shift) for _ in clips])[rows, None, None, None, None]
         clean = latents[:, :, list(targets)]
-        noise = torch.randn(clean.shape, generator=gen)
+        noise = torch.randn((cfg.batch, *clean.shape[1:]), generator=gen)[rows]
         noisy = (1 - sigma) * clean + sigma * noise
         groups = [ContextGroup(latents[:, :, list(frames)], frames, group_sees) for frames, group_sees in context]
         evaluate = backend.reference_evaluator(targets, sees, groups, [text])
         prediction = evaluate(noisy, sigma.flatten() * 1000.0, 0)
-        return torch.nn.functional.mse_loss(prediction, noise - clean)
+        return torch.nn.functional.mse_loss(prediction, (noise - clean).to(prediction.device))
 
     def finish() -> None:
         model.eval()
@@ -367,40 +356,4 @@ def transformer_stage(model_dir: Path, profile, source: ClipSource, cfg: StageCo
             text_encoder.eval()
             text_encoder.save_pretrained(model_dir / "text_encoder", safe_serialization=True)
 
-    return Stage(params, step_loss, finish)
-
-
-def _latent_pool(backend, source: ClipSource, profile, cfg: StageConfig, folder: Path, message, name):
-    """`cfg.pool` clips of one segment window, VAE-encoded once (kept in the stage folder for resumes):
-    (latents, captions, each clip's first frame in its video)."""
-    from safetensors.torch import load_file
-
-    path = folder / "pool.safetensors"
-    about_path = folder / "pool.json"
-    if path.is_file() and about_path.is_file():
-        tensors, about = load_file(path), json.loads(about_path.read_text())
-        # older pools listed captions only: where their clips begin is unknown
-        about = [a if isinstance(a, dict) else {"caption": a, "first": None} for a in about]
-        latents = [tensors[str(i)] for i in range(len(about))]
-    else:
-        latents, about = _encode_pool(backend, source, profile, cfg, path, about_path, message, name)
-    return latents, [a["caption"] for a in about], [a["first"] for a in about]
-
-
-def _encode_pool(backend, source: ClipSource, profile, cfg: StageConfig, path: Path, about_path: Path, message, name):
-    """Encode the pool 8 clips at a time and write it atomically: (latents, [{caption, first}])."""
-    from safetensors.torch import save_file
-
-    message(f"{name}: encoding {cfg.pool} clips of {profile.segment_frames} frames with the VAE")
-    latents, about = [], []
-    every = max(POOL_BATCH, cfg.pool // 8)  # a progress line about every eighth of the pool
-    for batch in range(0, cfg.pool, POOL_BATCH):
-        clips = [source.clip(10_000_000 + i, profile.segment_frames) for i in range(batch, min(cfg.pool, batch + POOL_BATCH))]
-        latents.extend(backend.encode(torch.stack([to_model_pixels(c.frames) for c in clips])))
-        about.extend({"caption": c.caption, "first": c.first} for c in clips)
-        if len(latents) == cfg.pool or len(latents) // every > batch // every:
-            message(f"{name}: encoded {len(latents)}/{cfg.pool} clips")
-    with atomic_path(path) as tmp:
-        save_file({str(i): z.contiguous() for i, z in enumerate(latents)}, tmp)
-    write_atomic(about_path, json.dumps(about, indent=2) + "\n")
-    return latents, about
+    return Stage(params, step_loss, finish, module=backend.call, replicated=replicated)

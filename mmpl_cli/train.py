@@ -6,124 +6,33 @@ the denoiser), with AdamW and gradient clipping; each stage checkpoints atomical
 `checkpoint_every` steps and a rerun of the same command resumes from the last checkpoint. Every
 step's data and noise come from (seed, step), and its learning rate from the step alone, so a
 resumed run ends with exactly the weights of an uninterrupted one.
+
+Through accelerate, one process per device (`accelerate launch -m mmpl_cli train CONFIG`, or
+torchrun): a stage's `batch` is the global batch, every process draws the whole step's data and
+takes its own rows of it (batch / (processes x accumulation) per micro-step), and accelerate's
+data-parallel wrapper averages the gradients, so the weights do not depend on the process count
+beyond float rounding. The main process writes the model, checkpoints and progress; the others wait.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from mmpl_cli.errors import InputError, MMPLError, Problem
 from mmpl_cli.files import MAX_RECORD_BYTES, atomic_path, check_output, disk_errors, load_json, write_atomic
-from mmpl_cli.layout import MAX_LATENTS
-from mmpl_cli.recipe import TRAIN_GROUPS, TRAINABLE, ClipSource, transformer_stage, vae_stage
-from mmpl_cli.yamlio import Fields, Located, load_yaml
-
-STAGES = ("vae", "transformer")
-LR_DECAY = ("none", "cosine")
-
-
-@dataclass(frozen=True)
-class StageConfig:
-    stage: str
-    steps: int
-    lr: float
-    weight_decay: float
-    clip_grad: float
-    trainable: str
-    groups: tuple[str, ...]
-    checkpoint_every: int
-    frames: int  # vae: pixel frames per clip
-    pool: int  # transformer: clips encoded once and sampled from
-    batch: int  # clips per step
-    anchor: int  # vae: steps that train the decoder on anchor latents (see anchor_latents)
-    anchor_weight: float  # vae: after those (or throughout, with anchor 0), how strongly latents are held to the anchor
-    lr_decay: str  # "none" or "cosine" (to a tenth of lr by the last step)
-    window: int  # vae: latents trained per step after a gradient-free run up to a random one (0: whole clips)
-    text_encoder: bool = False  # transformer: train the text encoder along (a new one barely encodes word order)
-    detail_weight: float = 0.0  # vae: pixels away from their frame's median colour weigh 1 + this in the loss
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    path: Path
-    out: Path
-    model: str  # a Diffusers-format folder, builtin:tiny, or "new" (the tiny architecture, word tokenizer)
-    profile: str
-    data_source: str  # "procedural" or a folder of clip.mp4 + clip.txt
-    seed: int
-    stages: tuple[StageConfig, ...]
-
-
-def load_train_config(path: Path) -> TrainConfig:
-    data = load_yaml(path, "training config")
-    problems: list[Problem] = []
-    f = Fields(str(path), problems)
-    root = f.mapping(data, getattr(data, "line", 1), "") or Located()
-    f.unknown_keys(root, {"version", "out", "model", "profile", "data", "seed", "stages"}, "")
-    version = f.get(root, "version", "", "int", required=True, default=1)
-    if version != 1:
-        f.add(f.line_of(root, "version"), "version", f"expected 1, found {version}")
-    out = f.get(root, "out", "", "str", required=True, default="")
-    model = f.get(root, "model", "", "str", default="new")
-    profile = f.get(root, "profile", "", "str", default="tiny")
-    seed = f.get(root, "seed", "", "int", default=0, minimum=0)
-    source = f.get(root, "data", "", "str", default="procedural")
-    stages = []
-    for i, item in enumerate(f.get(root, "stages", "", "list", required=True, default=[])):
-        prefix = f"stages[{i}]"
-        m = f.mapping(item, f.line_of(root, "stages"), prefix)
-        if m is None:
-            continue
-        f.unknown_keys(m, {"stage", "steps", "lr", "weight_decay", "clip_grad", "trainable", "groups",
-                           "checkpoint_every", "frames", "pool", "batch", "anchor", "anchor_weight", "lr_decay", "window",
-                           "text_encoder", "detail_weight"}, prefix)
-        groups = f.get(m, "groups", prefix, "list", default=list(TRAIN_GROUPS[:4]))
-        for g in groups:
-            if g not in TRAIN_GROUPS:
-                f.add(f.line_of(m, "groups"), f"{prefix}.groups", f"expected groups from {', '.join(TRAIN_GROUPS)}, found {g!r}")
-        frames = f.get(m, "frames", prefix, "int", default=9, minimum=1, maximum=1 + 4 * MAX_LATENTS)
-        if (frames - 1) % 4:
-            f.add(f.line_of(m, "frames"), f"{prefix}.frames", f"expected 1 + 4k frames (the VAE's time stride), found {frames}")
-        stages.append(StageConfig(
-            stage=f.get(m, "stage", prefix, "str", required=True, default="transformer", choices=list(STAGES)),
-            steps=f.get(m, "steps", prefix, "int", required=True, default=1, minimum=1),
-            lr=f.get(m, "lr", prefix, "float", default=1e-5, exclusive_minimum=0.0),
-            weight_decay=f.get(m, "weight_decay", prefix, "float", default=0.0, minimum=0.0),
-            clip_grad=f.get(m, "clip_grad", prefix, "float", default=1.0, exclusive_minimum=0.0),
-            trainable=f.get(m, "trainable", prefix, "str", default="all", choices=list(TRAINABLE)),
-            groups=tuple(groups), checkpoint_every=f.get(m, "checkpoint_every", prefix, "int", default=50, minimum=1),
-            frames=frames, pool=f.get(m, "pool", prefix, "int", default=64, minimum=1, maximum=1_000_000),
-            batch=f.get(m, "batch", prefix, "int", default=1, minimum=1, maximum=4096),
-            anchor=f.get(m, "anchor", prefix, "int", default=0, minimum=0),
-            anchor_weight=f.get(m, "anchor_weight", prefix, "float", default=0.0, minimum=0.0),
-            lr_decay=f.get(m, "lr_decay", prefix, "str", default="none", choices=list(LR_DECAY)),
-            window=f.get(m, "window", prefix, "int", default=0, minimum=0),
-            text_encoder=f.get(m, "text_encoder", prefix, "bool", default=False),
-            detail_weight=f.get(m, "detail_weight", prefix, "float", default=0.0, minimum=0.0),
-        ))
-        latents = 1 + (frames - 1) // 4
-        if stages[-1].window > latents:
-            f.add(f.line_of(m, "window"), f"{prefix}.window",
-                  f"expected at most the {latents} latents of a {frames}-frame clip, found {stages[-1].window}")
-        if stages[-1].window and stages[-1].anchor:
-            f.add(f.line_of(m, "window"), f"{prefix}.window", "expected no anchored steps (anchor) in a windowed stage",
-                  "train the anchored steps in a stage of their own before it")
-    if problems:
-        raise InputError(problems)
-    base = Path(path).parent
-    out_path = Path(out).expanduser()
-    return TrainConfig(path=Path(path), out=out_path if out_path.is_absolute() else base / out_path, model=model,
-                       profile=profile, data_source=source, seed=seed, stages=tuple(stages))
-
+from mmpl_cli.dataset import ClipSource
+from mmpl_cli.recipe import Setup, transformer_stage, vae_stage
+from mmpl_cli.train_config import DEVICES, StageConfig, TrainConfig, load_train_config
 
 # --------------------------------------------------------------------------------------------
 # Checkpoints
@@ -176,34 +85,62 @@ class StageRun:
 Report = Callable[[str, int, int, float, float], None]  # stage name, step, steps, loss, steps per second
 
 
-def _loop(run: StageRun, params: dict[str, torch.nn.Parameter], cfg: StageConfig, step_loss: Callable[[int], torch.Tensor],
-          deadline: float | None, report: Report, message: Callable[[str], None], name: str) -> bool:
-    """Train until cfg.steps or the deadline; True when the stage finished."""
-    optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step, losses = run.load(params, optimizer)
+def _loop(run: StageRun, stage, cfg: StageConfig, acc, deadline: float | None, report: Report,
+          message: Callable[[str], None], name: str) -> bool:
+    """Train until cfg.steps or the deadline; True when the stage finished. Every decision that ends
+    the loop (deadline, a loss that is not finite) is taken by all processes together."""
+    params = list(stage.params.values())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step, losses = run.load(stage.params, optimizer)
+    optimizer = acc.prepare_optimizer(optimizer, device_placement=False)  # fp16's loss scaling, when asked for
     if step:
         message(f"{name}: resuming from step {step} of {cfg.steps} ({run.checkpoint})")
+    rows = cfg.batch // (acc.num_processes * cfg.accumulation)
     started, first = time.perf_counter(), step
     while step < cfg.steps:
-        if deadline is not None and time.time() >= deadline:
-            run.save(params, optimizer, step, losses)
+        if deadline is not None and _any(acc, time.time() >= deadline):
+            _save(acc, run, stage.params, optimizer, step, losses)
             message(f"{name}: --max-minutes reached at step {step}; run the same command to go on")
             return False
         for group in optimizer.param_groups:  # a function of the step alone, so resuming needs no scheduler state
             group["lr"] = learning_rate(cfg, step)
-        loss = step_loss(step)
-        if not torch.isfinite(loss):
-            raise MMPLError(f"{name}: the loss became {loss.item()} at step {step}; lower lr (now {cfg.lr:g})")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.clip_grad)
+        total = torch.zeros((), device=acc.device)
+        for micro in range(cfg.accumulation):
+            start = (acc.process_index * cfg.accumulation + micro) * rows
+            last = micro == cfg.accumulation - 1
+            with contextlib.nullcontext() if last or stage.module is None else acc.no_sync(stage.module):
+                loss = stage.step_loss(step, slice(start, start + rows)) / cfg.accumulation
+                acc.backward(loss)
+            total += loss.detach()
+        if acc.num_processes > 1 and stage.replicated:  # gradients outside accelerate's wrapper
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in stage.replicated]
+            for p, g in zip(stage.replicated, acc.reduce(grads, reduction="mean")):
+                p.grad = g
+        loss = float(acc.reduce(total, reduction="mean"))
+        if not math.isfinite(loss):
+            raise MMPLError(f"{name}: the loss became {loss} at step {step}; lower lr (now {cfg.lr:g})")
+        acc.clip_grad_norm_(params, cfg.clip_grad)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        losses.append(loss)
         step += 1
         report(name, step, cfg.steps, losses[-1], (step - first) / max(1e-9, time.perf_counter() - started))
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            run.save(params, optimizer, step, losses, finished=step == cfg.steps)
+            _save(acc, run, stage.params, optimizer, step, losses, finished=step == cfg.steps)
     return True
+
+
+def _any(acc, flag: bool) -> bool:
+    """True on every process when it is true on one."""
+    if acc.num_processes == 1:
+        return flag
+    return bool(acc.reduce(torch.tensor(float(flag), device=acc.device), reduction="sum") > 0)
+
+
+def _save(acc, run: StageRun, params, optimizer, step: int, losses: list[float], finished: bool = False) -> None:
+    if acc.is_main_process:
+        run.save(params, optimizer, step, losses, finished)
+    acc.wait_for_everyone()
 
 
 def learning_rate(cfg: StageConfig, step: int) -> float:
@@ -212,43 +149,130 @@ def learning_rate(cfg: StageConfig, step: int) -> float:
     return cfg.lr
 
 
-def train(config: TrainConfig, report: Report, message: Callable[[str], None], max_minutes: float | None = None) -> Path:
-    """Run every stage of the config in order, resuming where a previous run stopped; returns the model folder."""
+def accelerator(config: TrainConfig, device: str | None = None):
+    """accelerate's Accelerator for this process: CUDA when there is one (device auto), else the CPU
+    (gloo between processes), with the config's mixed precision."""
+    from accelerate import Accelerator
+
+    device = device or config.device
+    cuda = torch.cuda.is_available()
+    if device == "cuda" and not cuda:
+        raise InputError(Problem(str(config.path), None, "device", "expected a visible CUDA device, found none",
+                                 "use device: cpu (or auto)"))
+    on_cpu = device == "cpu" or not cuda
+    if on_cpu and config.mixed_precision == "fp16":
+        raise InputError(Problem(str(config.path), None, "mixed_precision", "expected bf16 or no on the CPU, found fp16",
+                                 "fp16 training (loss scaling) needs a GPU"))
+    return Accelerator(cpu=on_cpu, mixed_precision=config.mixed_precision)
+
+
+def train(config: TrainConfig, report: Report, message: Callable[[str], None], max_minutes: float | None = None,
+          device: str | None = None, prepare: bool = False) -> Path:
+    """Run every stage of the config in order, resuming where a previous run stopped; returns the
+    model folder. With `prepare`, encode the transformer stages' pool (latents and caption
+    embeddings) into the cache folder instead, and stop."""
     from mmpl_cli.profiles import load_profile
 
     # everything the config names is checked before the first byte is written
     profile = load_profile(config.profile, relative_to=config.path.parent)
-    source = ClipSource(config.data_source, profile.width, profile.height, config.seed, config.path.parent)
+    source = ClipSource(config.data_source, profile.width, profile.height, config.seed, config.path.parent, profile.fps)
     check_output(config.out, "out", folder=True)
+    acc = accelerator(config, device)
+    if not acc.is_main_process:
+        report, message = (lambda *a: None), (lambda *a: None)
+    from mmpl_cli.train_memory import check_fits
+
+    check_fits(config, profile, _model_path(config, profile), acc, message)  # before any weights are looked for
     start = _model_source(config, profile)
     deadline = time.time() + 60 * max_minutes if max_minutes is not None else None
-    with disk_errors(config.out):
-        config.out.mkdir(parents=True, exist_ok=True)
-    model_dir = _initial_model(config, start, message)
+    if config.sharding == "full" and not prepare:
+        raise InputError(Problem(str(config.path), None, "sharding",
+                                 "expected none: this version estimates a full shard (--estimate) but does not run one",
+                                 "train with sharding: none (data parallel), or plan with --estimate"))
+    if acc.is_main_process:
+        with disk_errors(config.out):
+            config.out.mkdir(parents=True, exist_ok=True)
+        _initial_model(config, start, message)
+    acc.wait_for_everyone()
+    model_dir = config.out / "model"
+    message(f"{acc.num_processes} process(es) on {acc.device.type}, mixed precision {config.mixed_precision}"
+            f"{', checkpointed activations' if config.gradient_checkpointing else ''}")
+    if prepare:
+        from mmpl_cli.prepare import prepare_pool
+
+        return prepare_pool(config, profile, source, model_dir, acc, message)
+    prepared = (config.prepared / "pool.json").is_file()
     for index, cfg in enumerate(config.stages):
         name = f"stage {index + 1}/{len(config.stages)} ({cfg.stage})"
         run = StageRun(config.out / f"stage{index + 1}-{cfg.stage}")
         if run.done():
             message(f"{name}: finished earlier")
             continue
+        if cfg.batch % (acc.num_processes * cfg.accumulation):
+            raise InputError(Problem(str(config.path), None, f"stages[{index}].batch",
+                                     f"expected a multiple of {acc.num_processes} processes x {cfg.accumulation} "
+                                     f"accumulation, found {cfg.batch}"))
+        message(f"{name}: global batch {cfg.batch} = {cfg.batch // (acc.num_processes * cfg.accumulation)} per process "
+                f"x {acc.num_processes} process(es) x {cfg.accumulation} accumulation step(s)")
+        stage_prepared = prepared and cfg.stage == "transformer"
+        if stage_prepared:
+            from mmpl_cli.prepare import check_prepared
+
+            check_prepared(config, profile, source, model_dir)
+        setup = Setup(device=str(acc.device), rank=acc.process_index, processes=acc.num_processes,
+                      prepare=acc.prepare_model, wait=acc.wait_for_everyone, checkpointing=config.gradient_checkpointing,
+                      pool=config.prepared if stage_prepared else run.folder / "pool", prepared=stage_prepared,
+                      message=message, name=name)
         build = vae_stage if cfg.stage == "vae" else transformer_stage
-        stage = build(model_dir, profile, source, cfg, run.folder, config.seed, index, message, name)
-        if not _loop(run, stage.params, cfg, stage.step_loss, deadline, report, message, name):
+        stage = build(model_dir, profile, source, cfg, setup, config.seed, index)
+        if not _loop(run, stage, cfg, acc, deadline, report, message, name):
             return model_dir
-        stage.finish()
+        if acc.is_main_process:
+            stage.finish()
+        acc.wait_for_everyone()
     message(f"model: {model_dir}")
     return model_dir
 
 
-def _model_source(config: TrainConfig, profile) -> Path | None:
-    """The Diffusers folder training starts from, checked; None for a new tiny model."""
+def command(path: Path, progress_class, max_minutes: float | None, device: str | None, prepare: bool,
+            estimate: int | None, memory_gb: float | None) -> str | None:
+    """`mmpl train`: what the command line asks, run; what to print at the end (None: nothing)."""
+    config = load_train_config(path)
+    if device is not None and device not in DEVICES:
+        raise InputError(Problem("--device", None, "--device", f"expected one of {', '.join(DEVICES)}, found {device!r}"))
+    if memory_gb is not None:
+        config = dataclasses.replace(config, memory_gb=memory_gb)
+    if estimate is not None:
+        from mmpl_cli.profiles import load_profile
+        from mmpl_cli.train_memory import estimates
+
+        profile = load_profile(config.profile, relative_to=config.path.parent)
+        estimates(config, profile, _model_path(config, profile), estimate, config.memory_gb, print)
+        return None
+    main = os.environ.get("RANK", "0") == "0"  # a launcher's other processes stay quiet
+    progress = progress_class(quiet=not main)
+    try:
+        folder = train(config, progress.report, progress.message, max_minutes, device, prepare)
+    finally:
+        progress.close()
+    return (f"prepared data: {folder}" if prepare else f"model folder: {folder}") if main else None
+
+
+def _model_path(config: TrainConfig, profile) -> Path | None:
+    """The Diffusers folder training starts from, as the config names it; None for a new tiny model."""
     if config.model == "new":
         return None
     if config.model == "profile" or config.model.startswith("builtin:"):
-        source = profile.resolve_model_path(None if config.model == "profile" else config.model)
-    else:
-        source = Path(config.model).expanduser()
-        source = source if source.is_absolute() else config.path.parent / source
+        return profile.resolve_model_path(None if config.model == "profile" else config.model)
+    source = Path(config.model).expanduser()
+    return source if source.is_absolute() else config.path.parent / source
+
+
+def _model_source(config: TrainConfig, profile) -> Path | None:
+    """The Diffusers folder training starts from, checked; None for a new tiny model."""
+    source = _model_path(config, profile)
+    if source is None:
+        return None
     if not (source / "transformer" / "config.json").is_file():
         raise InputError(Problem(str(config.path), None, "model",
                                  f"expected a Diffusers-format Wan folder, 'new' or 'profile', found {source}"))

@@ -85,7 +85,7 @@ def test_help_reads_well_and_h_is_help(command):
     # every option with a value shows its default, as written
     for block in re.split(r"\n(?=  -)", text.split("Options:")[1].strip("\n")):
         option = block.split()[0]
-        if option in ("-h,", "--json", "--restart", "--storyboard", "--gantt", "--plot", "--segments-from") \
+        if option in ("-h,", "--json", "--restart", "--storyboard", "--gantt", "--plot", "--segments-from", "--prepare") \
                 or "required]" in block:  # flags, and outputs that are off unless named
             continue
         assert "[default:" in " ".join(block.split()), f"{command} {option} shows no default:\n{block}"

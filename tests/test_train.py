@@ -181,7 +181,7 @@ def test_clips_that_begin_their_video_move_the_way_their_caption_says():
     """Why the groups that begin a shot (initial, full) train on clips with first == 0 only: there the
     shape moves as the caption says; a later window may show it after a bounce, moving back."""
     from mmpl_cli import procedural
-    from mmpl_cli.recipe import ClipSource
+    from mmpl_cli.dataset import ClipSource
 
     source = ClipSource("procedural", 96, 64, seed=0, relative_to=Path("."))
     agree: dict[bool, list[bool]] = {True: [], False: []}

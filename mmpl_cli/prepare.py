@@ -1,0 +1,63 @@
+"""`mmpl train CONFIG --prepare`: encode the transformer stages' clip pool once, latents and caption
+embeddings, into the cache folder (`data.cache`, else <out>/prepared), so that training loads
+neither the VAE nor the text encoder beside the transformer (for 14B: 11 GB of UMT5 and the VAE
+off every GPU). Resumable shard by shard; under a launcher every process encodes its share.
+
+The cache records what it was made from (data, size, fps, seed, frames, and the contents of the
+VAE and text encoder); a stage whose model or data differs refuses it rather than train on it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mmpl_cli.dataset import ClipSource, Pool, check_identity, encode_pool
+from mmpl_cli.errors import InputError, Problem
+
+
+def identity(profile, source: ClipSource, model_dir: Path) -> dict:
+    from mmpl_cli.profiles import model_fingerprint
+
+    return {**source.identity(), "frames": profile.segment_frames, "max_sequence_length": profile.max_sequence_length,
+            "vae": model_fingerprint(model_dir / "vae"),
+            "text": [model_fingerprint(model_dir / part) for part in ("text_encoder", "tokenizer")]}
+
+
+def _run_folder(config, index: int, stage) -> Path:
+    return config.out / f"stage{index + 1}-{stage.stage}"
+
+
+def prepare_pool(config, profile, source: ClipSource, model_dir: Path, acc, message) -> Path:
+    from mmpl_cli.train import StageRun
+    from mmpl_cli.wan import WanBackend
+
+    stages = [(i, s) for i, s in enumerate(config.stages) if s.stage == "transformer"]
+    if not stages:
+        raise InputError(Problem(str(config.path), None, "stages", "expected a transformer stage to prepare data for"))
+    first = stages[0][0]
+    unfinished = [i for i, s in enumerate(config.stages[:first]) if not StageRun(_run_folder(config, i, s)).done()]
+    if unfinished:
+        raise InputError(Problem(str(config.path), None, f"stages[{unfinished[0]}]",
+                                 "expected the VAE stages before the first transformer stage to have finished "
+                                 "(the prepared latents come from the trained VAE)",
+                                 "train them first (a config with those stages alone), then --prepare"))
+    clips = max(s.pool for _, s in stages)
+    backend = WanBackend.from_folder(model_dir, device=str(acc.device), dtype="float32", attention="native",
+                                     max_sequence_length=profile.max_sequence_length)
+    folder = config.prepared
+    # the record first, by the main process: the others then check theirs against it
+    wanted = identity(profile, source, model_dir)
+    if acc.is_main_process:
+        check_identity(folder, wanted, create=True)
+    acc.wait_for_everyone()
+    encode_pool(folder, wanted, clips, backend, source, profile.segment_frames, texts=True,
+                rank=acc.process_index, processes=acc.num_processes, message=message, name="prepare")
+    acc.wait_for_everyone()
+    Pool(folder, clips)  # every shard is there and readable
+    message(f"prepared {clips} clips (latents and caption embeddings) in {folder}; "
+            f"`mmpl train {config.path}` now trains from them")
+    return folder
+
+
+def check_prepared(config, profile, source: ClipSource, model_dir: Path) -> None:
+    check_identity(config.prepared, identity(profile, source, model_dir), create=False)
