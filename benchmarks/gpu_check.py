@@ -14,7 +14,10 @@ What it does, with random weights made here (no download):
    (the masked reference), within bfloat16's tolerance, on a populate stage-two group;
 4. prints per task kind: seconds, peak `torch.cuda.max_memory_allocated` (from the render's event
    log) beside the memory model's figure (mmpl_cli/memory.py), and the peak of each seeding mode,
-   and writes them to --json.
+   and writes them to --json;
+5. renders the shot with the few-step sampler of distilled checkpoints (4 steps, no guidance),
+   with MMPL's groups and with the `causal` strategy (Self-Forcing's rollout), and prints frames
+   per second of the render's tasks.
 
 Exit code 0 when every render finished and the agreement holds; the figures are for the README.
 """
@@ -35,6 +38,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SHOTS = ("version: 1\ndefaults: {{steps: {steps}, seed: 7}}\nshots:\n"
          "  - {{id: check, prompt: \"a red boat on a grey sea at dawn\", duration: {duration}}}\n")
+FEW_STEP = ("version: 1\ndefaults: {{scheduler: few-step, timesteps: [1000, 750, 500, 250], guidance: 1, seed: 7, "
+            "strategy: {strategy}}}\nshots:\n"
+            "  - {{id: check, prompt: \"a red boat on a grey sea at dawn\", duration: {duration}}}\n")
 
 
 def build(folder: Path, smoke: bool) -> tuple[Path, Path]:
@@ -74,6 +80,7 @@ def render(shots: Path, profile: Path, out: Path, seeding: str, device: str) -> 
     from mmpl_cli.store import RenderStore
 
     events = RenderStore(out).events()  # every worker's event file, merged
+    task_s = sum(e["seconds"] for e in events if e["event"] == "finished")
     kinds: dict[str, dict[str, list[float]]] = {}
     for e in events:
         if e["event"] == "finished":
@@ -86,7 +93,7 @@ def render(shots: Path, profile: Path, out: Path, seeding: str, device: str) -> 
     per_kind = {k: {"seconds": round(statistics.mean(v["seconds"]), 3),
                     "peak_gb": max(v["peak_gb"]) if v["peak_gb"] else None} for k, v in kinds.items()}
     peaks = [v["peak_gb"] for v in per_kind.values() if v["peak_gb"] is not None]
-    return {"wall_s": round(wall, 2), "tasks": per_kind, "peak_gb": max(peaks) if peaks else None}
+    return {"wall_s": round(wall, 2), "task_s": round(task_s, 2), "tasks": per_kind, "peak_gb": max(peaks) if peaks else None}
 
 
 def memory_model(profile: Path, model: Path, seeding: str, free_gb: float | None) -> dict:
@@ -151,6 +158,15 @@ def main() -> None:
             print(f"{name}: {r['wall_s']} s, peak {r['peak_gb']} GB", flush=True)
             for kind, v in r["tasks"].items():
                 print(f"    {kind:<20} {v['seconds']:8.2f} s   peak {v['peak_gb']} GB   memory model {predicted.get(kind)} GB")
+    duration = 1 if args.smoke else 9  # the smoke run: one segment each, to keep the script alive
+    for strategy in ("mmpl", "causal"):  # distilled checkpoints' sampler: frames per second of the render's tasks
+        few = work / f"few-step-{strategy}.yaml"
+        few.write_text(FEW_STEP.format(strategy=strategy, duration=duration))
+        r = render(few, profiles["native"], work / f"few-step-{strategy}", "terminal", device)
+        r["frames_per_s"] = round(duration * 16 / r["task_s"], 2)  # both profiles: 16 fps
+        result["renders"][f"few-step/{strategy}"] = r
+        print(f"few-step/{strategy}: {r['frames_per_s']} frames/s ({duration * 16} frames, tasks {r['task_s']} s, "
+              f"wall {r['wall_s']} s), peak {r['peak_gb']} GB", flush=True)
     tolerance = 2e-2 if not args.smoke else 1e-4  # bfloat16 on the GPU; float32 on the CPU
     agreement = cache_agreement(model, "float32" if args.smoke else "bfloat16", device)
     result["cache_vs_recomputed_rel"] = agreement

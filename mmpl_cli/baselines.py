@@ -1,7 +1,8 @@
 """The strategies MMPL is compared with, as tasks of the same runner (render.ShotRunner): stock Wan
 (`full`: one window from text), the sliding window (`window`: each window conditioned on the last
-latents of the one before, as they are) and progressive autoregressive denoising (`progressive`,
-PA-VDM). Each takes the runner, the task and the results of the tasks it depends on.
+latents of the one before, as they are), progressive autoregressive denoising (`progressive`,
+PA-VDM) and Self-Forcing's causal rollout (`causal`). Each takes the runner, the task and the
+results of the tasks it depends on.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mmpl_cli.plan import PROGRESSIVE_CHUNK, SLIDING_CONTEXT, Task, derive_seed, progressive_levels, segment_task_id
+from mmpl_cli.plan import (CAUSAL_CONTEXT, PROGRESSIVE_CHUNK, SLIDING_CONTEXT, Task, derive_seed, progressive_levels,
+                           segment_task_id)
 from mmpl_cli.sampling import euler_levels, flow_sigma, segment_noise
 from mmpl_cli.results import Latents
-from mmpl_cli.terms import Kind
+from mmpl_cli.terms import CAUSAL_BLOCK, Kind
 from mmpl_cli.wan import ContextGroup
 
 if TYPE_CHECKING:
@@ -39,6 +41,24 @@ def sliding_window(runner: ShotRunner, task: Task, results: Results) -> Latents:
     new = runner.denoise(k, lambda candidate: runner.noise(k, candidate)[:, c:], tuple(range(c, n)), tuple(range(c)),
                          context)
     return Latents(torch.cat([previous, new], dim=1))
+
+
+def causal(runner: ShotRunner, task: Task, results: Results) -> Latents:
+    """Self-Forcing's chunk-wise autoregressive rollout (Self-Forcing, Sec. 3; its inference loop): the
+    window's latents in blocks of CAUSAL_BLOCK, each denoised with the profile's sampler (a distilled
+    checkpoint's few-step loop) against the clean blocks before it, read from a key/value cache into
+    which every finished block is run once at t = 0. A later segment starts from the previous one's
+    last CAUSAL_CONTEXT latents as clean context (the first blocks of its window), as they are."""
+    k, n = task.segment, runner.layout.latents
+    c = CAUSAL_CONTEXT if k else 0
+    context = []
+    if k:
+        previous = runner.latents(results, k - 1, Kind.CAUSAL)[:, -c:]
+        context = [ContextGroup(previous, tuple(range(c)), ())]
+    blocks = [tuple(range(s, min(s + CAUSAL_BLOCK, n))) for s in range(c, n, CAUSAL_BLOCK)]
+    made = runner.backend.rollout(runner.noise(k)[:, c:], blocks, context, runner.text(k), runner.plan.sampler,
+                                  callback=runner.step)
+    return Latents(torch.cat([previous, made], dim=1) if k else made)
 
 
 def progressive(runner: ShotRunner, task: Task, results: Results) -> Latents:

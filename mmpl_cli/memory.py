@@ -31,7 +31,7 @@ from pathlib import Path
 
 from mmpl_cli.files import load_json
 
-from mmpl_cli.terms import GROUPS, SEEDINGS, Kind, Seeding
+from mmpl_cli.terms import CAUSAL_BLOCK, GROUPS, SEEDINGS, Kind, Seeding
 
 MAX_CONFIG_BYTES = 1 << 20  # a model's config.json is a few KB
 
@@ -246,6 +246,10 @@ def task_peaks(arch: Architecture, profile, seeding: str, offload: bool) -> dict
     peaks[Kind.DECODE] = decode(layout.last_latent(seeding) + 1)
     n = layout.latents
     peaks[Kind.FULL] = Peak(resident, 0, forward_bytes(arch, n * per_latent, 0, profile.max_sequence_length, profile.dtype), text)
+    # causal: the window's cache, and its last block seeing every latent before it
+    block = min(CAUSAL_BLOCK, n)
+    peaks[Kind.CAUSAL] = Peak(resident, cache(n), forward_bytes(arch, block * per_latent, (n - block) * per_latent,
+                                                                profile.max_sequence_length, profile.dtype), text)
     return peaks
 
 
@@ -254,7 +258,7 @@ def seeding_peaks(arch: Architecture, profile, offload: bool) -> dict[str, dict]
     out = {}
     for seeding in SEEDINGS:
         peaks = task_peaks(arch, profile, seeding, offload)
-        mmpl_kinds = {k: v for k, v in peaks.items() if k != Kind.FULL}
+        mmpl_kinds = {k: v for k, v in peaks.items() if k not in (Kind.FULL, Kind.CAUSAL)}
         worst = max(mmpl_kinds, key=lambda k: mmpl_kinds[k].total)
         out[seeding] = {"peak_gb": round(mmpl_kinds[worst].total / GB, 2), "largest_task": worst,
                         "tasks": {k: v.summary() for k, v in peaks.items()}}

@@ -22,9 +22,9 @@ import json
 from dataclasses import dataclass
 
 from mmpl_cli.errors import InputError, Problem
-from mmpl_cli.profiles import Profile, Sampler
+from mmpl_cli.profiles import Profile, Sampler, sampler_problems
 from mmpl_cli.shotlist import Shot, ShotList
-from mmpl_cli.terms import GROUPS, LATENT_KINDS, SEEDINGS, WINDOW_KIND, Kind, Seeding, Strategy
+from mmpl_cli.terms import CAUSAL_BLOCK, GROUPS, LATENT_KINDS, SEEDINGS, WINDOW_KIND, Kind, Seeding, Strategy
 
 # sliding-window (the CausVid / SkyReels-style baseline): each window after the first is conditioned
 # on the previous window's last SLIDING_CONTEXT latents, reused as they are (no VAE re-encode)
@@ -33,6 +33,10 @@ SLIDING_CONTEXT = 5
 # chunks of PROGRESSIVE_CHUNK, one
 # noise level apart, with one clean chunk kept in front; segments are cut as sliding-window's are
 PROGRESSIVE_CHUNK = 2
+# causal (Self-Forcing's chunk-wise rollout, blocks of terms.CAUSAL_BLOCK latents): a later segment
+# keeps the previous one's last CAUSAL_CONTEXT latents (two blocks) as clean context, as
+# sliding-window keeps its five
+CAUSAL_CONTEXT = 6
 
 
 def progressive_levels(latents: int, steps: int) -> int:
@@ -145,6 +149,8 @@ def plan_shot(shot: Shot, profile: Profile, seeding: str, shot_list_path: str = 
     if seeding not in SEEDINGS:
         raise InputError(Problem("", None, "seeding", f"expected one of {', '.join(SEEDINGS)}, found '{seeding}'"))
     layout = profile.layout
+    if shot.strategy is None:  # neither the shot nor the shot list names one: the profile's
+        shot = dataclasses.replace(shot, strategy=profile.strategy)
     frames = max(1, round(shot.duration * profile.fps))
     overlap = profile.pixel_frames(len(layout.initial))
     if shot.strategy == Strategy.FULL:
@@ -155,8 +161,9 @@ def plan_shot(shot: Shot, profile: Profile, seeding: str, shot_list_path: str = 
                 f"the 'full' strategy renders one window of {window} frames ({window / profile.fps:g} s at "
                 f"{profile.fps} fps), found {shot.duration:g} s", "use strategy 'mmpl' for longer shots"))
         seeding = Seeding.TERMINAL
-    elif shot.strategy in (Strategy.SLIDING_WINDOW, Strategy.PROGRESSIVE):
-        window, overlap, seeding = profile.segment_frames, profile.pixel_frames(SLIDING_CONTEXT), Seeding.TERMINAL
+    elif shot.strategy in (Strategy.SLIDING_WINDOW, Strategy.PROGRESSIVE, Strategy.CAUSAL):
+        context = CAUSAL_CONTEXT if shot.strategy == Strategy.CAUSAL else SLIDING_CONTEXT
+        window, overlap, seeding = profile.segment_frames, profile.pixel_frames(context), Seeding.TERMINAL
     else:
         window = profile.pixel_frames(layout.last_latent(seeding) + 1)
 
@@ -180,7 +187,7 @@ def plan_shot(shot: Shot, profile: Profile, seeding: str, shot_list_path: str = 
         if shot.strategy == Strategy.FULL:
             tasks.append(Task(tid(Kind.FULL), shot.id, Kind.FULL, k, ()))
             latent_tasks = [tid(Kind.FULL)]
-        elif shot.strategy in (Strategy.SLIDING_WINDOW, Strategy.PROGRESSIVE):  # a chain: each task goes on from the last
+        elif shot.strategy in (Strategy.SLIDING_WINDOW, Strategy.PROGRESSIVE, Strategy.CAUSAL):  # a chain of segments
             kind = WINDOW_KIND[shot.strategy]
             tasks.append(Task(tid(kind), shot.id, kind, k, (tid(kind, k - 1),) if k else ()))
             latent_tasks = [tid(kind)]
@@ -197,7 +204,7 @@ def plan_shot(shot: Shot, profile: Profile, seeding: str, shot_list_path: str = 
         decodes.append(tid(Kind.DECODE))
     tasks.append(Task(f"{shot.id}/{Kind.STITCH}", shot.id, Kind.STITCH, None, tuple(decodes)))
 
-    sampler = profile.sampler.with_overrides(shot.sampler_overrides)
+    sampler = _shot_sampler(profile.sampler, shot, shot_list_path)
     if shot.negative_prompt is None:  # neither the shot nor the shot list names one: the profile's
         shot = dataclasses.replace(shot, negative_prompt=profile.negative_prompt)
     if sampler.search > 1 and shot.strategy in (Strategy.FULL, Strategy.PROGRESSIVE):
@@ -208,6 +215,25 @@ def plan_shot(shot: Shot, profile: Profile, seeding: str, shot_list_path: str = 
             "remove search for this shot, or use another strategy"))
     return ShotPlan(shot=shot, profile=profile, sampler=sampler, strategy=shot.strategy, seeding=seeding,
                     frames=frames, segments=tuple(segments), tasks=tuple(tasks))
+
+
+def _shot_sampler(base: Sampler, shot: Shot, shot_list_path: str) -> Sampler:
+    """The profile's sampler with the shot's fields over it, checked as the profile's is."""
+    overrides = dict(shot.sampler_overrides)
+    if overrides.get("scheduler", "few-step") != "few-step" and "timesteps" not in overrides:
+        overrides["timesteps"] = ()  # a multi-step scheduler over a few-step profile
+    sampler = base.with_overrides(overrides)
+    if sampler.timesteps:
+        sampler = sampler.with_overrides({"steps": len(sampler.timesteps)})
+    problems = [Problem(shot_list_path, shot.line, f"{shot.id}.{key}", message, hint)
+                for key, message, hint in sampler_problems(sampler)]
+    if sampler.scheduler == "few-step" and shot.strategy == Strategy.PROGRESSIVE:
+        problems.append(Problem(shot_list_path, shot.line, f"{shot.id}.scheduler",
+                                "expected unipc or euler with strategy 'progressive' (its rounds step every chunk "
+                                "one level down), found few-step"))
+    if problems:
+        raise InputError(problems)
+    return sampler
 
 
 def plan_shot_list(shot_list: ShotList, profile: Profile, seeding: str) -> list[ShotPlan]:
@@ -251,7 +277,7 @@ def task_hashes(plan: ShotPlan, model_fingerprint: str, init_image_digest: str |
     }
     # search settings count only when not the defaults: folders rendered before they existed still resume
     sampler = {k: v for k, v in dataclasses.asdict(plan.sampler).items()
-               if not (k in ("search", "search_steps") and v == getattr(Sampler(), k))}
+               if not (k in ("search", "search_steps", "timesteps") and v == getattr(Sampler(), k))}
     hashes: dict[str, str] = {}
     for task in plan.tasks:
         parts: dict = {"kind": task.kind, "deps": [hashes[d] for d in task.deps]}
@@ -274,6 +300,8 @@ def task_hashes(plan: ShotPlan, model_fingerprint: str, init_image_digest: str |
                 parts.update(edge_noise="the plan's candidate")  # since the edge blend follows the plan's choice
             if task.kind == Kind.WINDOW:
                 parts.update(context=SLIDING_CONTEXT)
+            if task.kind == Kind.CAUSAL:
+                parts.update(context=CAUSAL_CONTEXT, block=CAUSAL_BLOCK)
             if task.kind == Kind.PROGRESSIVE:
                 parts.update(context=SLIDING_CONTEXT, chunk=PROGRESSIVE_CHUNK,
                              levels=progressive_levels(profile.layout.latents, plan.sampler.steps))

@@ -16,7 +16,7 @@ from mmpl_cli.errors import InputError, Problem
 from mmpl_cli.memory import WAN_TRANSFORMERS
 from mmpl_cli.layout import Layout, parse_layout
 from mmpl_cli.yamlio import Fields, Located, load_yaml
-from mmpl_cli.terms import DTYPES, GROUPS, SEEDINGS, Kind
+from mmpl_cli.terms import DTYPES, GROUPS, SEEDINGS, STRATEGIES, Kind
 
 BUILTIN_PREFIX = "builtin:"
 # What a Diffusers-format Wan folder must hold for us to load it (diffusers' own layout).
@@ -26,7 +26,7 @@ REQUIRED_MODEL_FILES = {
     "text_encoder": ["config.json", "*.safetensors"],
     "tokenizer": ["tokenizer_config.json"],
 }
-SCHEDULERS = ["unipc", "euler"]
+SCHEDULERS = ["unipc", "euler", "few-step"]  # few-step: distilled models (sampling.FewStepScheduler)
 # diffusers attention backends that need nothing from the network (its *_hub backends download
 # kernels); "auto" is flash-attn on a GPU in half precision when the `flash` extra is installed.
 ATTENTION_BACKENDS = ["auto", "native", "flash", "flash_varlen", "_flash_3", "flex", "sage", "xformers",
@@ -61,6 +61,7 @@ class Sampler:
     guidance: float = 5.0  # classifier-free guidance scale; 1.0 turns CFG off
     search: int = 1  # k-step noise search (the k-step noise search paper): candidate noises per group; 1 turns it off
     search_steps: int = 2  # denoising steps each candidate runs before they are compared
+    timesteps: tuple[int, ...] = ()  # few-step: the timesteps a distilled model was trained at, 1000 first
 
     def with_overrides(self, overrides: dict) -> "Sampler":
         return Sampler(**{**self.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
@@ -89,6 +90,7 @@ class Profile:
     attention: str = "auto"  # diffusers attention backend (ATTENTION_BACKENDS)
     offload: str = "auto"  # text encoder and VAE on the CPU between uses (OFFLOAD)
     handover: str = "planning"  # App. F: the next segment's initial latents through the VAE (HANDOVERS)
+    strategy: str = "mmpl"  # a shot's when neither it nor the shot list names one (a Self-Forcing profile: causal)
     negative_prompt: str = ""  # a shot's when it names none (Wan's profiles: Wan's standard one)
     architecture: str | None = None  # a released architecture (memory.WAN_TRANSFORMERS), for the memory model without weights
 
@@ -220,7 +222,7 @@ def parse_profile(data, file: str, problems: list[Problem]) -> Profile | None:
     if root is None:
         return None
     f.unknown_keys(root, {"name", "description", "model", "video", "sampler", "text", "layout",
-                          "noise_init", "handover", "negative_prompt", "costs", "memory_gb"}, "")
+                          "noise_init", "handover", "negative_prompt", "costs", "memory_gb", "strategy"}, "")
     name = f.get(root, "name", "", "str", required=True, default="?")
     description = f.get(root, "description", "", "str", default="")
 
@@ -286,10 +288,11 @@ def parse_profile(data, file: str, problems: list[Problem]) -> Profile | None:
         noise_blend=alpha, costs=costs, memory_gb=memory,
         checkpoint=checkpoint, attention=attention, offload=offload, handover=handover, architecture=architecture,
         negative_prompt=f.get(root, "negative_prompt", "", "str", default=""),
+        strategy=f.get(root, "strategy", "", "str", default="mmpl", choices=list(STRATEGIES)),
     )
 
 
-SAMPLER_KEYS = {"scheduler", "steps", "shift", "guidance", "search", "search_steps"}
+SAMPLER_KEYS = {"scheduler", "steps", "shift", "guidance", "search", "search_steps", "timesteps"}
 MAX_SIDE = 8192  # pixels; Wan renders 832x480 and 1280x720
 MAX_FPS = 240
 MAX_GUIDANCE = 100.0  # Wan uses 5-6, distilled checkpoints 1; far beyond, latents overflow (1e38 gave NaN)
@@ -306,14 +309,48 @@ def sampler_overrides(f: Fields, m: Located, prefix: str) -> dict:
         "guidance": f.get(m, "guidance", prefix, "float", minimum=0.0, maximum=MAX_GUIDANCE),
         "search": f.get(m, "search", prefix, "int", minimum=1, maximum=64),
         "search_steps": f.get(m, "search_steps", prefix, "int", minimum=1, maximum=1000),
+        "timesteps": _timesteps(f, m, prefix),
     }
     return {k: v for k, v in out.items() if v is not None}
 
 
+def _timesteps(f: Fields, m: Located, prefix: str) -> tuple[int, ...] | None:
+    values = f.get(m, "timesteps", prefix, "list")
+    if values is None:
+        return None
+    ok = (values and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1000 for v in values)
+          and all(a > b for a, b in zip(values, values[1:])))
+    if not ok:
+        f.add(f.line_of(m, "timesteps"), f"{prefix}.timesteps",
+              f"expected whole numbers in (0, 1000], decreasing (Self-Forcing's: [1000, 750, 500, 250]), found {values}")
+        return None
+    return tuple(values)
+
+
+def sampler_problems(sampler: Sampler) -> list[tuple[str, str, str]]:
+    """(key, what is wrong, hint) for a sampler that cannot run as its fields ask."""
+    if sampler.scheduler != "few-step":
+        return [("timesteps", f"expected no timesteps with the {sampler.scheduler} scheduler (they are the few-step "
+                              f"sampler's), found {list(sampler.timesteps)}", "")] if sampler.timesteps else []
+    out = []
+    if not sampler.timesteps:
+        out.append(("timesteps", "expected the timesteps the distilled model was trained at, found none",
+                    "Self-Forcing's DMD checkpoints: timesteps: [1000, 750, 500, 250]"))
+    if sampler.guidance != 1.0:
+        out.append(("guidance", f"expected 1 with the few-step sampler (a distilled model samples without guidance), "
+                                f"found {sampler.guidance:g}", "set guidance: 1"))
+    return out
+
+
 def parse_sampler(f: Fields, m: Located, prefix: str, base: Sampler) -> Sampler:
-    """A profile's sampler section over `base`."""
+    """A profile's sampler section over `base`; the few-step sampler takes as many steps as timesteps."""
     f.unknown_keys(m, SAMPLER_KEYS, prefix)
-    return base.with_overrides(sampler_overrides(f, m, prefix))
+    sampler = base.with_overrides(sampler_overrides(f, m, prefix))
+    if sampler.timesteps:
+        sampler = sampler.with_overrides({"steps": len(sampler.timesteps)})
+    for key, message, hint in sampler_problems(sampler):
+        f.add(f.line_of(m, key) if key in m else m.line, f"{prefix}.{key}", message, hint)
+    return sampler
 
 
 def _number_map(f: Fields, root: Located, key: str, allowed: list[str]) -> dict[str, float]:

@@ -76,6 +76,7 @@ class ShotRunner:
             Kind.FULL: partial(baselines.full, self),
             Kind.WINDOW: partial(baselines.sliding_window, self),
             Kind.PROGRESSIVE: partial(baselines.progressive, self),
+            Kind.CAUSAL: partial(baselines.causal, self),
             Kind.DECODE: self._decode,
             Kind.STITCH: self._stitch,
         }

@@ -43,4 +43,8 @@ def plan_lines(shots, profile, plans, why: str, schedule, gpus: int) -> list[str
     lines.append(f"simulated on {gpus} GPU(s) with {profile.name}'s stage costs: makespan {schedule.makespan_s:.1f} s "
                  f"(lower bound {schedule.lower_bound_s:.1f} s; work {schedule.total_work_s:.1f} s, critical path "
                  f"{schedule.critical_path_s:.1f} s), utilisation {util}{peak}")
+    if schedule.profile_sampler_makespan_s is not None:
+        s = profile.sampler
+        lines.append(f"  with {profile.name}'s own sampler ({s.steps} {s.scheduler} steps, guidance {s.guidance:g}) "
+                     f"instead of the shots': makespan {schedule.profile_sampler_makespan_s:.1f} s")
     return lines

@@ -17,8 +17,11 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> fl
 StepCallback = Callable[[int, int], None]  # (step done, steps in all)
 
 
-def make_scheduler(sampler: Sampler, num_train_timesteps: int = 1000):
-    """A fresh diffusers scheduler for one group, configured as Wan2.1 ships it (flow matching, shift)."""
+def make_scheduler(sampler: Sampler, num_train_timesteps: int = 1000, seed: int = 0):
+    """A fresh scheduler for one group: diffusers' as Wan2.1 ships it (flow matching, shift), or the
+    few-step sampler of distilled models (its fresh noise drawn from `seed`)."""
+    if sampler.scheduler == "few-step":
+        return FewStepScheduler(sampler.timesteps, sampler.shift, seed, num_train_timesteps)
     if sampler.scheduler == "unipc":
         scheduler = UniPCMultistepScheduler(
             num_train_timesteps=num_train_timesteps, prediction_type="flow_prediction",
@@ -30,6 +33,42 @@ def make_scheduler(sampler: Sampler, num_train_timesteps: int = 1000):
         raise ValueError(f"unknown scheduler {sampler.scheduler!r}")
     scheduler.set_timesteps(sampler.steps)
     return scheduler
+
+
+class FewStepScheduler:
+    """The sampling loop of few-step distilled models (consistency models; DMD, as Self-Forcing runs it):
+    at each timestep the model's clean estimate x0 = x - sigma * flow, then fresh noise at the next
+    level, x = (1 - sigma') x0 + sigma' eps; the last step returns x0. The timesteps are the ones the
+    checkpoint was trained at, "warped" as Self-Forcing warps them: timestep t runs at the shifted
+    level flow_sigma(t / 1000, shift) (1000, 750, 500, 250 at shift 5: 1000, 937.5, 833.3, 625).
+    Each eps is drawn on the CPU from `seed`, so a group's draws are a function of its task alone.
+    Duck-types the part of a diffusers scheduler that `sample` uses (timesteps, sigmas, step)."""
+
+    def __init__(self, timesteps, shift: float, seed: int, num_train_timesteps: int = 1000):
+        levels = [flow_sigma(t / num_train_timesteps, shift) for t in timesteps]
+        self.sigmas = torch.tensor([*levels, 0.0], dtype=torch.float32)  # level after each step; the last: clean
+        self.timesteps = self.sigmas[:-1] * num_train_timesteps
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.index = 0
+
+    def step(self, flow: torch.Tensor, t, x: torch.Tensor, return_dict: bool = False):
+        sigma, after = float(self.sigmas[self.index]), float(self.sigmas[self.index + 1])
+        self.index += 1
+        clean = x - sigma * flow
+        if after == 0.0:
+            return (clean,)
+        eps = torch.randn(x.shape, generator=self.generator, dtype=torch.float32).to(x.device)
+        return ((1.0 - after) * clean + after * eps,)
+
+
+def noise_seed(noise: torch.Tensor) -> int:
+    """A seed that is a function of a group's starting noise (itself of the task's seed): the few-step
+    sampler's fresh noise then differs from group to group and candidate to candidate, and never
+    depends on where or when the task runs."""
+    import hashlib
+
+    digest = hashlib.sha256(noise.detach().float().cpu().contiguous().numpy().tobytes()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def flow_sigma(u: float, shift: float) -> float:

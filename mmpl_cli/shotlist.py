@@ -20,7 +20,7 @@ from pathlib import Path
 
 from mmpl_cli.errors import InputError, Problem
 from mmpl_cli.profiles import SAMPLER_KEYS, sampler_overrides
-from mmpl_cli.terms import STRATEGIES, Strategy
+from mmpl_cli.terms import STRATEGIES
 from mmpl_cli.yamlio import Fields, Located, load_yaml
 
 SHOT_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,99}$")
@@ -43,7 +43,7 @@ class Shot:
     seed: int
     negative_prompt: str | None  # None: the profile's (plan_shot resolves it)
     init_image: Path | None
-    strategy: str
+    strategy: str | None  # None: the profile's (mmpl unless it names another)
     sampler_overrides: dict  # steps / guidance / shift / scheduler given for this shot or in defaults
     line: int  # where the shot starts in the file
 
@@ -96,7 +96,7 @@ def parse_shot_list(data, path: Path, problems: list[Problem]) -> ShotList | Non
     profile = f.get(defaults, "profile", "defaults", "str", default="tiny")
     default_seed = f.get(defaults, "seed", "defaults", "int", default=0, minimum=0, maximum=MAX_SEED)
     default_negative = f.get(defaults, "negative_prompt", "defaults", "str")  # None: the profile's
-    default_strategy = f.get(defaults, "strategy", "defaults", "str", default=Strategy.MMPL.value, choices=list(STRATEGIES))
+    default_strategy = f.get(defaults, "strategy", "defaults", "str", choices=list(STRATEGIES))  # None: the profile's
     default_sampler = sampler_overrides(f, defaults, "defaults")
 
     shots_raw = f.get(root, "shots", "", "list", required=True, default=[])

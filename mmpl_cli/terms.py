@@ -19,12 +19,13 @@ class Kind(StrEnum):
     FULL = "full"  # stock Wan: one window from text
     WINDOW = "window"  # sliding-window: a window conditioned on the previous one's last latents
     PROGRESSIVE = "progressive"  # PA-VDM: a segment's rounds of progressive denoising
+    CAUSAL = "causal"  # Self-Forcing: a segment's blocks, each after the clean ones before it, through a cache
     DECODE = "decode"  # a segment's latents -> its MP4
     STITCH = "stitch"  # the segments' MP4s -> the shot's MP4
 
 
 GROUPS = (Kind.INITIAL, Kind.PLAN, Kind.POPULATE_ONE, Kind.POPULATE_TWO)  # MMPL's, in order of making
-LATENT_KINDS = (*GROUPS, Kind.FULL, Kind.WINDOW, Kind.PROGRESSIVE)  # tasks whose result is latents
+LATENT_KINDS = (*GROUPS, Kind.FULL, Kind.WINDOW, Kind.PROGRESSIVE, Kind.CAUSAL)  # tasks whose result is latents
 
 
 class Seeding(StrEnum):
@@ -44,10 +45,14 @@ class Strategy(StrEnum):
     FULL = "full"
     SLIDING_WINDOW = "sliding-window"
     PROGRESSIVE = "progressive"
+    CAUSAL = "causal"
 
 
 STRATEGIES = tuple(s.value for s in Strategy)
+# the task that makes all of a segment's latents
 WINDOW_KIND = {Strategy.FULL: Kind.FULL, Strategy.SLIDING_WINDOW: Kind.WINDOW,
-               Strategy.PROGRESSIVE: Kind.PROGRESSIVE}  # the task that makes all of a segment's latents
+               Strategy.PROGRESSIVE: Kind.PROGRESSIVE, Strategy.CAUSAL: Kind.CAUSAL}
+
+CAUSAL_BLOCK = 3  # latents per block of Self-Forcing's causal rollout, as its checkpoints were trained
 
 DTYPES = ("float32", "bfloat16", "float16")  # a profile's model.dtype

@@ -40,7 +40,7 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 
 from mmpl_cli.errors import InputError, Problem
 from mmpl_cli.profiles import GPU_ATTENTION, Sampler
-from mmpl_cli.sampling import StepCallback, guided, make_scheduler, sample
+from mmpl_cli.sampling import StepCallback, guided, make_scheduler, noise_seed, sample
 
 TEXT_CACHE = 16  # prompt encodings a backend keeps (the negative prompt, used by every task, stays)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -473,11 +473,14 @@ class WanBackend:
                         encoder_hidden_states=text, return_dict=False)[0]
         return (out if x.dim() == 5 else out[0]).float()
 
-    def build_cache(self, context: Sequence[ContextGroup], text: torch.Tensor) -> ContextCache:
-        """Run the clean context once (t = 0), group by group, recording self-attention keys/values."""
+    def build_cache(self, context: Sequence[ContextGroup], text: torch.Tensor, extra: Sequence[int] = (),
+                    size: Sequence[int] | None = None) -> ContextCache:
+        """Run the clean context once (t = 0), group by group, recording self-attention keys/values
+        (with room for the `extra` frames of latents `size` [H, W] that a rollout records later)."""
         p_h, p_w = self.transformer.config.patch_size[1:]
-        tokens = (context[0].latents.shape[-2] // p_h) * (context[0].latents.shape[-1] // p_w) if context else 0
-        cache = ContextCache(len(self.transformer.blocks), [f for g in context for f in g.frames], tokens)
+        h, w = size or (context[0].latents.shape[-2:] if context else (0, 0))
+        tokens = (h // p_h) * (w // p_w)
+        cache = ContextCache(len(self.transformer.blocks), [f for g in context for f in g.frames] + list(extra), tokens)
         for group in context:
             self.forward_at(group.latents, group.frames, 0.0, text, context=cache.visible(group.sees), record_into=cache)
         return cache
@@ -507,13 +510,54 @@ class WanBackend:
                 return self.forward_at(x, frames, t, texts[which], context=views[which])
 
         # 3. Denoise
+        return self._sample(noise, evaluate, len(texts), sampler, callback, stop_after)
+
+    def _sample(self, noise: torch.Tensor, evaluate, texts: int, sampler: Sampler,
+                callback: StepCallback | None, stop_after: int | None = None) -> torch.Tensor:
+        """The sampler's loop from `noise`, the model being evaluate(x, t, text index), guided."""
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             cond = evaluate(x, t, 0)
-            uncond = evaluate(x, t, 1) if len(texts) > 1 else None
+            uncond = evaluate(x, t, 1) if texts > 1 else None
             return guided(cond, uncond, sampler.guidance)
 
         x = noise.to(self.device, torch.float32, copy=True)  # the sampler's state lives on the model's device
-        return sample(model_fn, x, make_scheduler(sampler), callback, stop_after).float().cpu()
+        seed = noise_seed(noise) if sampler.scheduler == "few-step" else 0
+        return sample(model_fn, x, make_scheduler(sampler, seed=seed), callback, stop_after).float().cpu()
+
+    @torch.no_grad()
+    def rollout(self, noise: torch.Tensor, blocks: Sequence[Sequence[int]], context: Sequence[ContextGroup],
+                text: Text, sampler: Sampler, callback: StepCallback | None = None,
+                recompute_context: bool = False) -> torch.Tensor:
+        """Self-Forcing's causal rollout: `blocks` of frames denoised in order from `noise` [C, F, H, W]
+        (F = all blocks' frames), each seeing the clean context and every clean block before it; a
+        finished block runs once more at t = 0, recording its keys/values into one cache per text,
+        which the later blocks read. With `recompute_context`, no cache: every block's pass holds all
+        that it sees under the block mask (the reference the cache must equal)."""
+        texts = [text.cond] + ([text.uncond] if text.uncond is not None and sampler.guidance != 1.0 else [])
+        earlier = [f for g in context for f in g.frames]
+        groups, made, start = list(context), [], 0
+        caches = [] if recompute_context else [self.build_cache(context, emb, [f for b in blocks for f in b], noise.shape[-2:])
+                                               for emb in texts]
+        for done, frames in enumerate(blocks, 1):
+            part = noise[:, start:start + len(frames)]
+            start += len(frames)
+            if recompute_context:
+                evaluate = self.reference_evaluator(frames, earlier, groups, texts)
+            else:
+                views = [cache.visible(earlier) for cache in caches]
+
+                def evaluate(x, t, which, frames=frames, views=views):
+                    return self.forward_at(x, frames, t, texts[which], context=views[which])
+
+            clean = self._sample(part, evaluate, len(texts), sampler, None)
+            for cache, emb in zip(caches, texts):  # the clean block, once, into the cache
+                self.forward_at(clean, frames, 0.0, emb, context=cache.visible(earlier), record_into=cache)
+            groups.append(ContextGroup(clean, tuple(frames), tuple(earlier)))
+            earlier = earlier + list(frames)
+            made.append(clean)
+            if callback is not None:
+                callback(done, len(blocks))
+        return torch.cat(made, dim=1)
 
     @torch.no_grad()
     def flow_at_levels(self, x: torch.Tensor, timesteps: torch.Tensor, text: Text, guidance: float) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import json
+from pathlib import Path
 from importlib.util import find_spec
 
 import imageio_ffmpeg
@@ -33,7 +34,7 @@ def test_doctor_json_reports_this_machine(tiny_model_dir, tmp_path):
     assert report["attention"]["auto_chooses"] == ("flash" if flash and report["gpus"] else "native")
 
     profiles = {p["name"]: p for p in report["profiles"]}
-    assert set(profiles) == {"tiny", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b"}
+    assert set(profiles) == {"tiny", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "self-forcing-dmd-1.3b"}
     assert profiles["tiny"]["present"] and profiles["tiny"]["missing"] == []
     small = profiles["wan2.1-t2v-1.3b"]
     assert not small["present"] and small["model_path"] == str(partial)
@@ -42,6 +43,11 @@ def test_doctor_json_reports_this_machine(tiny_model_dir, tmp_path):
                                 "text_encoder/config.json", "text_encoder/*.safetensors", "tokenizer/tokenizer_config.json"]
     big = profiles["wan2.1-t2v-14b"]
     assert big["present"] and big["model_path"] == str(tiny_model_dir)
+    distilled = profiles["self-forcing-dmd-1.3b"]  # the 1.3B folder (partial here) and Self-Forcing's .pt: both missing
+    assert not distilled["present"] and distilled["missing"] == small["missing"]
+    assert distilled["transformer_checkpoint"] == {"path": str(Path("~/models/Self-Forcing/checkpoints/self_forcing_dmd.pt")
+                                                                .expanduser()), "present": False,
+                                                   "path_env": "MMPL_SELF_FORCING_DMD", "key": "generator_ema"}
 
 
 @pytest.mark.slow
