@@ -85,7 +85,7 @@ def finish(child: subprocess.Popen) -> str:
 def test_two_processes_train_as_one_does_and_resume_after_a_kill(tmp_path):
     """The tiny recipe's transformer stage (text encoder trained along, every group), global batch 4:
     one process, two through `accelerate launch`, and two killed mid-way and relaunched through torchrun."""
-    one, two, killed = (config(tmp_path / name, steps=30) for name in ("one", "two", "killed"))
+    one, two, killed = (config(tmp_path / name, steps=16) for name in ("one", "two", "killed"))
     single = run_cli("train", str(one))
     assert single.returncode == 0, single.stderr
     assert "global batch 4 = 4 per process x 1 process(es)" in single.stdout
@@ -110,9 +110,9 @@ def test_two_processes_train_as_one_does_and_resume_after_a_kill(tmp_path):
         os.kill(pid, signal.SIGKILL)
     child.communicate()
     stopped = json.loads(progress.read_text())["step"]
-    assert 2 <= stopped < 30
+    assert 2 <= stopped < 16
     out = finish(launch(TORCHRUN, 29613, killed))
-    assert f"resuming from step {stopped} of 30" in out
+    assert f"resuming from step {stopped} of 16" in out
     c = weights(tmp_path / "killed")
     assert all(torch.equal(b[k], c[k]) for k in b), "the resumed two-process run differs from the uninterrupted one"
     assert losses(tmp_path / "killed") == losses(tmp_path / "two")
