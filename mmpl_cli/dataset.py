@@ -146,10 +146,7 @@ class Pool:
     """A pool folder's first `clips` clips, read lazily: latents(i), text(i), caption(i), first(i)."""
 
     def __init__(self, folder: Path, clips: int):
-        from safetensors import safe_open
-
         self.folder, self.clips = folder, clips
-        self._open: Callable = safe_open
         self._handles: dict[int, object] = {}
         self.about: list[dict] = []
         for k in range((clips + POOL_SHARD - 1) // POOL_SHARD):
@@ -163,11 +160,12 @@ class Pool:
                 raise InputError(Problem(str(path), None, "pool", f"expected a pool shard, found {exc}")) from None
             self.about.extend(about)
         self.about = self.about[:clips]
-        self.has_text = "text.empty" in self._shard(0).keys()
 
     def _shard(self, k: int):
+        from safetensors import safe_open
+
         if k not in self._handles:
-            self._handles[k] = self._open(str(shard_path(self.folder, k)), framework="pt")
+            self._handles[k] = safe_open(str(shard_path(self.folder, k)), framework="pt")
         return self._handles[k]
 
     def latents(self, i: int) -> torch.Tensor:

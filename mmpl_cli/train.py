@@ -183,6 +183,11 @@ def train(config: TrainConfig, report: Report, message: Callable[[str], None], m
     from mmpl_cli.train_memory import check_fits
 
     check_fits(config, profile, _model_path(config, profile), acc, message)  # before any weights are looked for
+    for index, cfg in enumerate(config.stages):
+        if cfg.batch % (acc.num_processes * cfg.accumulation):
+            raise InputError(Problem(str(config.path), None, f"stages[{index}].batch",
+                                     f"expected a multiple of {acc.num_processes} processes x {cfg.accumulation} "
+                                     f"accumulation, found {cfg.batch}"))
     start = _model_source(config, profile)
     deadline = time.time() + 60 * max_minutes if max_minutes is not None else None
     if config.sharding == "full" and not prepare:
@@ -208,10 +213,6 @@ def train(config: TrainConfig, report: Report, message: Callable[[str], None], m
         if run.done():
             message(f"{name}: finished earlier")
             continue
-        if cfg.batch % (acc.num_processes * cfg.accumulation):
-            raise InputError(Problem(str(config.path), None, f"stages[{index}].batch",
-                                     f"expected a multiple of {acc.num_processes} processes x {cfg.accumulation} "
-                                     f"accumulation, found {cfg.batch}"))
         message(f"{name}: global batch {cfg.batch} = {cfg.batch // (acc.num_processes * cfg.accumulation)} per process "
                 f"x {acc.num_processes} process(es) x {cfg.accumulation} accumulation step(s)")
         stage_prepared = prepared and cfg.stage == "transformer"

@@ -127,7 +127,8 @@ def test_gpu_check_smoke_mode_runs_on_a_cpu(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert set(result["renders"]) == {"native/terminal", "native/midpoint"}
+    assert set(result["renders"]) == {"native/terminal", "native/midpoint", "few-step/causal"}
+    assert result["renders"]["few-step/causal"]["frames_per_s"] > 0
     assert "populate_stage_two" in result["renders"]["native/terminal"]["tasks"]
     assert "populate_stage_two" not in result["renders"]["native/midpoint"]["tasks"]  # mid-point never fills 13-18
     assert result["cache_vs_recomputed_rel"] < 1e-4

@@ -101,12 +101,11 @@ def test_distilled_samplers_with_guidance_are_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_causal_and_few_step_mmpl_render_and_resume_bit_identically(tiny_model_dir, tmp_path):
+def test_a_causal_render_resumes_bit_identically(tiny_model_dir, tmp_path):
     shots = tmp_path / "shots.yaml"
     shots.write_text(f"version: 1\ndefaults: {{seed: 5, {FEW_STEP}}}\nshots:\n"
                      "  - {id: c, prompt: a small red circle moving right on a blue background, duration: 6, "
-                     "strategy: causal}\n"
-                     "  - {id: m, prompt: a small green square moving left on a white background, duration: 1}\n")
+                     "strategy: causal}\n")
     args = ["render", str(shots), "--model-path", str(tiny_model_dir)]
     reference = tmp_path / "reference"
     proc = run_cli(*args, "--out", str(reference))
@@ -119,7 +118,7 @@ def test_causal_and_few_step_mmpl_render_and_resume_bit_identically(tiny_model_d
     killed.wait()
     proc = run_cli(*args, "--out", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert {"c.mp4", "m.mp4"} <= set(videos(out)) and videos(out) == videos(reference)
+    assert "c.mp4" in videos(out) and videos(out) == videos(reference)
 
 
 @pytest.mark.slow
@@ -139,13 +138,17 @@ def test_the_self_forcing_profile_loads_a_self_forcing_checkpoint(tiny_model_dir
     profile.write_text(head.replace("dtype: bfloat16", "dtype: float32").replace("architecture: wan2.1-1.3b", "") + layout)
     shots = tmp_path / "shots.yaml"
     shots.write_text("version: 1\nshots:\n  - {id: a, prompt: a small red circle moving right on a blue background, "
-                     "duration: 1}\n")
+                     "duration: 1}\n"  # the profile's strategy, causal
+                     "  - {id: m, prompt: a small green square moving left on a white background, duration: 1, "
+                     "strategy: mmpl}\n")  # MMPL's groups with the few-step sampler, for MMPL-distilled checkpoints
     env = {"MMPL_WAN21_T2V_1_3B": str(tiny_model_dir), "MMPL_SELF_FORCING_DMD": str(ckpt)}
     proc = run_cli("render", str(shots), "--profile", str(profile), "--out", str(tmp_path / "out"), env=env)
     assert proc.returncode == 0, proc.stderr
     assert "transformer from self_forcing_dmd.pt: entry 'generator_ema'" in proc.stdout
+    assert {"a.mp4", "m.mp4"} <= set(videos(tmp_path / "out"))
     plan = run_cli("plan", str(shots), "--profile", str(profile), env=env)
-    assert "strategy causal, 4 few-step steps" in plan.stdout
+    assert "a: 16 frames = 1.000 s, 1 segment(s), 3 tasks, strategy causal, 4 few-step steps" in plan.stdout
+    assert "m: 16 frames = 1.000 s, 1 segment(s), 6 tasks, strategy mmpl, 4 few-step steps" in plan.stdout
 
 
 def test_plan_states_a_few_step_minute_beside_the_fifty_step_one(tmp_path):

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, run_cli
+from mmpl_cli.errors import InputError
 
 CONFIG = """version: 1
 out: {out}
@@ -75,6 +76,18 @@ def tree(pid: int) -> list[int]:
     return found
 
 
+def quiet(said: list[str]):
+    """A progress class for `train.command` that keeps its messages in `said`."""
+    class Quiet:
+        def __init__(self, quiet: bool = False):
+            pass
+
+        report = close = staticmethod(lambda *a: None)
+        message = staticmethod(said.append)
+
+    return Quiet
+
+
 def finish(child: subprocess.Popen) -> str:
     out, _ = child.communicate(timeout=600)
     assert child.returncode == 0, out
@@ -85,10 +98,12 @@ def finish(child: subprocess.Popen) -> str:
 def test_two_processes_train_as_one_does_and_resume_after_a_kill(tmp_path):
     """The tiny recipe's transformer stage (text encoder trained along, every group), global batch 4:
     one process, two through `accelerate launch`, and two killed mid-way and relaunched through torchrun."""
-    one, two, killed = (config(tmp_path / name, steps=16) for name in ("one", "two", "killed"))
-    single = run_cli("train", str(one))
-    assert single.returncode == 0, single.stderr
-    assert "global batch 4 = 4 per process x 1 process(es)" in single.stdout
+    from mmpl_cli.train import command
+
+    one, two, killed = (config(tmp_path / name, steps=12) for name in ("one", "two", "killed"))
+    said = []
+    assert command(one, quiet(said), None, "cpu", False, None, None).startswith("model folder:")
+    assert any("global batch 4 = 4 per process x 1 process(es)" in m for m in said)
     out = finish(launch(ACCELERATE, 29611, two))
     assert "global batch 4 = 2 per process x 2 process(es) x 1 accumulation step(s)" in out
     assert out.count("model folder:") == 1  # the main process speaks for both
@@ -110,9 +125,9 @@ def test_two_processes_train_as_one_does_and_resume_after_a_kill(tmp_path):
         os.kill(pid, signal.SIGKILL)
     child.communicate()
     stopped = json.loads(progress.read_text())["step"]
-    assert 2 <= stopped < 16
+    assert 2 <= stopped < 12
     out = finish(launch(TORCHRUN, 29613, killed))
-    assert f"resuming from step {stopped} of 16" in out
+    assert f"resuming from step {stopped} of 12" in out
     c = weights(tmp_path / "killed")
     assert all(torch.equal(b[k], c[k]) for k in b), "the resumed two-process run differs from the uninterrupted one"
     assert losses(tmp_path / "killed") == losses(tmp_path / "two")
@@ -138,38 +153,31 @@ def test_a_folder_of_clips_trains_the_same_with_and_without_prepare(tmp_path):
     write_clips(tmp_path / "clips")
     data = f"data: {{folder: {tmp_path / 'clips'}, cache: {tmp_path / 'prepared'}}}"
     plain, prepared = config(tmp_path / "plain", 3, False, data), config(tmp_path / "prepared-run", 3, False, data)
-
-    class Quiet:
-        said: list[str] = []
-
-        def __init__(self, quiet=False):
-            pass
-
-        report = close = lambda *a: None
-        message = said.append
+    said: list[str] = []
+    Quiet = quiet(said)
 
     assert command(plain, Quiet, None, "cpu", False, None, None).startswith("model folder:")
-    assert not any("prepared" in m for m in Quiet.said)
-    Quiet.said.clear()
+    assert not any("prepared" in m for m in said)
+    said.clear()
     assert command(prepared, Quiet, None, "cpu", True, None, None) == f"prepared data: {tmp_path / 'prepared'}"
     assert not (tmp_path / "prepared-run/run/stage1-transformer").exists()  # prepared only
     shards = sorted((tmp_path / "prepared").glob("pool-*.safetensors"))
     assert len(shards) == 1 and "text.empty" in load_file(shards[0])
     command(prepared, Quiet, None, "cpu", False, None, None)
-    assert any("latents and captions prepared" in m for m in Quiet.said)
+    assert any("latents and captions prepared" in m for m in said)
     assert not (tmp_path / "prepared-run/run/stage1-transformer/pool").exists()  # no VAE ran in the stage
     assert losses(tmp_path / "plain")[:3] == losses(tmp_path / "prepared-run")[:3]
 
     # resumable shard by shard; a cache made from other data is refused, not trained on
     shards[0].unlink()
-    Quiet.said.clear()
+    said.clear()
     command(prepared, Quiet, None, "cpu", True, None, None)
-    assert any("encoding 1 shard(s)" in m for m in Quiet.said)
+    assert any("encoding 1 shard(s)" in m for m in said)
     (tmp_path / "clips/clip9.mp4").write_bytes((tmp_path / "clips/clip0.mp4").read_bytes())  # a clip added
     (tmp_path / "clips/clip9.txt").write_text("a red circle moves left on a blue background\n")
-    proc = run_cli("train", str(config(tmp_path / "again", 3, False, data)))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "expected a pool made from this config's data and model, found one that differs in videos" in proc.stderr
+    with pytest.raises(InputError, match="expected a pool made from this config's data and model, found one that "
+                                         "differs in videos"):
+        command(config(tmp_path / "again", 3, False, data), Quiet, None, "cpu", False, None, None)
 
 
 @pytest.mark.slow
