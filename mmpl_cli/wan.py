@@ -550,7 +550,7 @@ class WanBackend:
                     return self.forward_at(x, frames, t, texts[which], context=views[which])
 
             clean = self._sample(part, evaluate, len(texts), sampler, None)
-            for cache, emb in zip(caches, texts):  # the clean block, once, into the cache
+            for cache, emb in zip(caches if done < len(blocks) else [], texts):  # the clean block, once, into the cache
                 self.forward_at(clean, frames, 0.0, emb, context=cache.visible(earlier), record_into=cache)
             groups.append(ContextGroup(clean, tuple(frames), tuple(earlier)))
             earlier = earlier + list(frames)

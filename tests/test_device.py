@@ -23,6 +23,7 @@ shots:
   - {id: f, prompt: "a red ball", duration: 5, strategy: full}
   - {id: w, prompt: "a red ball", duration: 6, strategy: sliding-window, search: 2, search_steps: 1}
   - {id: p, prompt: "a red ball", duration: 6, strategy: progressive}
+  - {id: c, prompt: "a red ball", duration: 1, strategy: causal, scheduler: few-step, timesteps: [1000, 500], guidance: 1}
 """
 
 
@@ -55,11 +56,11 @@ def test_a_render_on_another_device_than_the_cpu(shots, tiny_model_dir, tmp_path
     CPU's, bit for bit (the stand-in computes with the CPU's kernels)."""
     with StandInDevice() as device:
         videos = _render(shots, tmp_path / "dev", tiny_model_dir, str(device))
-    assert all(v.exists() for v in videos) and len(videos) == 5
+    assert all(v.exists() for v in videos) and len(videos) == 6
     cpu = tmp_path / "cpu"
     _render(shots, cpu, tiny_model_dir, "cpu")
     on_device, on_cpu = _latents(tmp_path / "dev"), _latents(cpu)
-    assert on_device.keys() == on_cpu.keys() and len(on_cpu) == 17  # m 8, i 4, f 1, w 2, p 2 latent task files
+    assert on_device.keys() == on_cpu.keys() and len(on_cpu) == 18  # m 8, i 4, f 1, w 2, p 2, c 1 latent task files
     for name, tensors in on_cpu.items():
         for key, value in tensors.items():
             assert torch.equal(on_device[name][key], value), (name, key)
@@ -81,6 +82,7 @@ def test_backend_calls_take_and_give_cpu_float32(tiny_model_dir):
             "denoise": backend.denoise(torch.randn(z, 2, 8, 12), (2, 3), (0, 1), [clean], text, Sampler(steps=2)),
             "denoise, recomputed context": backend.denoise(torch.randn(z, 2, 8, 12), (2, 3), (0, 1), [clean], text,
                                                            Sampler(steps=2), recompute_context=True),
+            "rollout": backend.rollout(torch.randn(z, 4, 8, 12), [(2, 3), (4, 5)], [clean], text, Sampler(steps=2)),
             "flow_at_levels": backend.flow_at_levels(torch.randn(z, 3, 8, 12), torch.tensor([0.0, 500.0, 900.0]),
                                                      text, 3.0),
             "decode": backend.decode(torch.randn(z, 3, 8, 12)),

@@ -96,6 +96,11 @@ def _measured(root, width: int, height: int) -> tuple[dict[str, int], dict[str, 
             backend.denoise(lat(len(group.targets)), group.targets, group.sees, [made[k] for k in context], text,
                             Sampler(steps=1, guidance=profile.sampler.guidance))
             measured[kind] = Meter.peak - weights
+        gc.collect()
+        Meter.reset()  # the causal rollout: blocks of 3, each after the cached clean ones before it
+        blocks = [tuple(range(s, min(s + 3, layout.latents))) for s in range(0, layout.latents, 3)]
+        backend.rollout(lat(layout.latents), blocks, [], text, Sampler(steps=1, guidance=profile.sampler.guidance))
+        measured["causal"] = Meter.peak - weights
         if (width, height) not in _VAE_MEASURED:
             vae = {}
             gc.collect()

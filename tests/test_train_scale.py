@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -104,6 +105,8 @@ def test_two_processes_train_as_one_does_and_resume_after_a_kill(tmp_path):
     said = []
     assert command(one, quiet(said), None, "cpu", False, None, None).startswith("model folder:")
     assert any("global batch 4 = 4 per process x 1 process(es)" in m for m in said)
+    for folder in (two, killed):  # the same clip pool, encoded once (suite time)
+        shutil.copytree(tmp_path / "one/run/stage1-transformer/pool", folder.parent / "run/stage1-transformer/pool")
     out = finish(launch(ACCELERATE, 29611, two))
     assert "global batch 4 = 2 per process x 2 process(es) x 1 accumulation step(s)" in out
     assert out.count("model folder:") == 1  # the main process speaks for both
