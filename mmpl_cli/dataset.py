@@ -103,7 +103,8 @@ def encode_pool(folder: Path, identity: dict, clips: int, backend, source: ClipS
     missing ones whose number is `rank` modulo `processes` (latents; with `texts`, caption embeddings)."""
     from safetensors.torch import save_file
 
-    check_identity(folder, identity, create=rank == 0)
+    check_identity(folder, identity, create=rank == 0)  # the others meet it after (callers wait), or find it absent
+    folder.mkdir(parents=True, exist_ok=True)
     shards = range((clips + POOL_SHARD - 1) // POOL_SHARD)
     mine = [k for k in shards if k % processes == rank and not shard_path(folder, k).is_file()]
     if mine:

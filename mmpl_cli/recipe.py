@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from mmpl_cli.dataset import ClipSource, Pool, encode_pool, to_model_pixels
+from mmpl_cli.dataset import ClipSource, Pool, check_identity, encode_pool, to_model_pixels
 from mmpl_cli.errors import InputError, Problem
 from mmpl_cli.terms import GROUPS, Kind
 
@@ -270,6 +270,9 @@ def transformer_stage(model_dir: Path, profile, source: ClipSource, cfg: StageCo
                                      max_sequence_length=profile.max_sequence_length, transformer_only=prepared)
     if not setup.prepared:  # the stage's own pool, its shards shared out among the processes
         identity = {**source.identity(), "frames": profile.segment_frames}
+        if setup.rank == 0:
+            check_identity(setup.pool, identity, create=True)
+        setup.wait()  # the record first: the others check theirs against it
         encode_pool(setup.pool, identity, cfg.pool, backend, source, profile.segment_frames, texts=False,
                     rank=setup.rank, processes=setup.processes, message=message, name=name)
         setup.wait()

@@ -23,7 +23,7 @@ shots:
   - {id: f, prompt: "a red ball", duration: 5, strategy: full}
   - {id: w, prompt: "a red ball", duration: 6, strategy: sliding-window, search: 2, search_steps: 1}
   - {id: p, prompt: "a red ball", duration: 6, strategy: progressive}
-  - {id: c, prompt: "a red ball", duration: 1, strategy: causal, scheduler: few-step, timesteps: [1000, 500], guidance: 1}
+  - {id: c, prompt: "a red ball", duration: 1, strategy: causal, scheduler: few-step, timesteps: [1000], guidance: 1}
 """
 
 

@@ -103,8 +103,8 @@ def test_distilled_samplers_with_guidance_are_refused(tmp_path):
 @pytest.mark.slow
 def test_a_causal_render_resumes_bit_identically(tiny_model_dir, tmp_path):
     shots = tmp_path / "shots.yaml"
-    shots.write_text(f"version: 1\ndefaults: {{seed: 5, {FEW_STEP}}}\nshots:\n"
-                     "  - {id: c, prompt: a small red circle moving right on a blue background, duration: 6, "
+    shots.write_text("version: 1\ndefaults: {seed: 5, scheduler: few-step, timesteps: [1000, 500], guidance: 1}\n"
+                     "shots:\n  - {id: c, prompt: a small red circle moving right on a blue background, duration: 6, "
                      "strategy: causal}\n")
     args = ["render", str(shots), "--model-path", str(tiny_model_dir)]
     reference = tmp_path / "reference"
