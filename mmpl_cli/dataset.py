@@ -97,13 +97,13 @@ def shard_path(folder: Path, shard: int) -> Path:
     return folder / f"pool-{shard:05d}.safetensors"
 
 
-def encode_pool(folder: Path, identity: dict, clips: int, backend, source: ClipSource, frames: int, texts: bool,
+def encode_pool(folder: Path, clips: int, backend, source: ClipSource, frames: int, texts: bool,
                 rank: int = 0, processes: int = 1, message: Callable[[str], None] = print, name: str = "pool") -> None:
     """Make sure shards 0 .. ceil(clips / POOL_SHARD) - 1 exist in `folder`, this process writing the
-    missing ones whose number is `rank` modulo `processes` (latents; with `texts`, caption embeddings)."""
+    missing ones whose number is `rank` modulo `processes` (latents; with `texts`, caption embeddings).
+    The caller has had the main process check or write the pool's record (check_identity) first."""
     from safetensors.torch import save_file
 
-    check_identity(folder, identity, create=rank == 0)  # the others meet it after (callers wait), or find it absent
     folder.mkdir(parents=True, exist_ok=True)
     shards = range((clips + POOL_SHARD - 1) // POOL_SHARD)
     mine = [k for k in shards if k % processes == rank and not shard_path(folder, k).is_file()]

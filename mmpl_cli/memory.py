@@ -93,17 +93,23 @@ class Architecture:
         c, d = self.transformer, self.dim
         pt, ph, pw = c["patch_size"]
         patch = pt * ph * pw
-        f, t, q = c["ffn_dim"], c["text_dim"], c["freq_dim"]
+        t, q = c["text_dim"], c["freq_dim"]
         in_dtype = (c["in_channels"] * patch * d + d  # patch embedding
                     + d * 6 * d + 6 * d  # time projection
                     + t * d + d + d * d + d  # text embedder
                     + d * c["out_channels"] * patch + c["out_channels"] * patch)  # head
-        per_block = 8 * (d * d + d) + 4 * d + 2 * d * f + f + d  # self and cross attention, q/k norms, ffn
+        per_block, fp32_block = self.block_params()
         fp32 = q * d + d + d * d + d + 2 * d  # time embedder, head modulation
-        fp32_block = 6 * d + (2 * d if c.get("cross_attn_norm") else 0)  # modulation, affine norm2
         rope = 2 * c.get("rope_max_seq_len", 1024) * c["attention_head_dim"] * 4
         layers = c["num_layers"]
         return (in_dtype + layers * per_block) * DTYPE_BYTES[dtype] + (fp32 + layers * fp32_block) * 4 + rope
+
+    def block_params(self) -> tuple[int, int]:
+        """One Wan block's parameters: (in the model's dtype, kept in float32 by diffusers)."""
+        d, f = self.dim, self.transformer["ffn_dim"]
+        in_dtype = 8 * (d * d + d) + 4 * d + 2 * d * f + f + d  # self and cross attention, q/k norms, ffn
+        fp32 = 6 * d + (2 * d if self.transformer.get("cross_attn_norm") else 0)  # modulation, affine norm2
+        return in_dtype, fp32
 
     def text_encoder_bytes(self, dtype: str) -> int:
         """transformers' UMT5EncoderModel: embeddings, and per layer attention (with its own relative

@@ -23,10 +23,6 @@ def identity(profile, source: ClipSource, model_dir: Path) -> dict:
             "text": [model_fingerprint(model_dir / part) for part in ("text_encoder", "tokenizer")]}
 
 
-def _run_folder(config, index: int, stage) -> Path:
-    return config.out / f"stage{index + 1}-{stage.stage}"
-
-
 def prepare_pool(config, profile, source: ClipSource, model_dir: Path, acc, message) -> Path:
     from mmpl_cli.train import StageRun
     from mmpl_cli.wan import WanBackend
@@ -35,7 +31,7 @@ def prepare_pool(config, profile, source: ClipSource, model_dir: Path, acc, mess
     if not stages:
         raise InputError(Problem(str(config.path), None, "stages", "expected a transformer stage to prepare data for"))
     first = stages[0][0]
-    unfinished = [i for i, s in enumerate(config.stages[:first]) if not StageRun(_run_folder(config, i, s)).done()]
+    unfinished = [i for i in range(first) if not StageRun(config.stage_folder(i)).done()]
     if unfinished:
         raise InputError(Problem(str(config.path), None, f"stages[{unfinished[0]}]",
                                  "expected the VAE stages before the first transformer stage to have finished "
@@ -45,12 +41,10 @@ def prepare_pool(config, profile, source: ClipSource, model_dir: Path, acc, mess
     backend = WanBackend.from_folder(model_dir, device=str(acc.device), dtype="float32", attention="native",
                                      max_sequence_length=profile.max_sequence_length)
     folder = config.prepared
-    # the record first, by the main process: the others then check theirs against it
-    wanted = identity(profile, source, model_dir)
-    if acc.is_main_process:
-        check_identity(folder, wanted, create=True)
+    if acc.is_main_process:  # the record first (hashing the VAE and text encoder once), then every process encodes
+        check_identity(folder, identity(profile, source, model_dir), create=True)
     acc.wait_for_everyone()
-    encode_pool(folder, wanted, clips, backend, source, profile.segment_frames, texts=True,
+    encode_pool(folder, clips, backend, source, profile.segment_frames, texts=True,
                 rank=acc.process_index, processes=acc.num_processes, message=message, name="prepare")
     acc.wait_for_everyone()
     Pool(folder, clips)  # every shard is there and readable

@@ -272,8 +272,8 @@ def transformer_stage(model_dir: Path, profile, source: ClipSource, cfg: StageCo
         identity = {**source.identity(), "frames": profile.segment_frames}
         if setup.rank == 0:
             check_identity(setup.pool, identity, create=True)
-        setup.wait()  # the record first: the others check theirs against it
-        encode_pool(setup.pool, identity, cfg.pool, backend, source, profile.segment_frames, texts=False,
+        setup.wait()  # the record first, then every process encodes its shards
+        encode_pool(setup.pool, cfg.pool, backend, source, profile.segment_frames, texts=False,
                     rank=setup.rank, processes=setup.processes, message=message, name=name)
         setup.wait()
     pool = Pool(setup.pool, cfg.pool)

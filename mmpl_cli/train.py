@@ -206,10 +206,10 @@ def train(config: TrainConfig, report: Report, message: Callable[[str], None], m
         from mmpl_cli.prepare import prepare_pool
 
         return prepare_pool(config, profile, source, model_dir, acc, message)
-    prepared = (config.prepared / "pool.json").is_file()
+    prepared = config.is_prepared
     for index, cfg in enumerate(config.stages):
         name = f"stage {index + 1}/{len(config.stages)} ({cfg.stage})"
-        run = StageRun(config.out / f"stage{index + 1}-{cfg.stage}")
+        run = StageRun(config.stage_folder(index))
         if run.done():
             message(f"{name}: finished earlier")
             continue

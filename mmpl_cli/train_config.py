@@ -59,6 +59,14 @@ class TrainConfig:
     def prepared(self) -> Path:
         return self.cache or self.out / "prepared"
 
+    @property
+    def is_prepared(self) -> bool:
+        """`--prepare` has begun the cache (its record is written first)."""
+        return (self.prepared / "pool.json").is_file()
+
+    def stage_folder(self, index: int) -> Path:
+        return self.out / f"stage{index + 1}-{self.stages[index].stage}"
+
 
 def load_train_config(path: Path) -> TrainConfig:
     data = load_yaml(path, "training config")

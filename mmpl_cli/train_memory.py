@@ -36,9 +36,7 @@ SHARDINGS = ("none", "full")
 
 
 def block_params(arch: Architecture) -> int:
-    c, d = arch.transformer, arch.dim
-    f = c["ffn_dim"]
-    return 8 * (d * d + d) + 4 * d + 2 * d * f + f + d + 6 * d + (2 * d if c.get("cross_attn_norm") else 0)
+    return sum(arch.block_params())
 
 
 def trainable_params(arch: Architecture, subset: str) -> int:
@@ -117,7 +115,7 @@ def estimates(config, profile, root: Path | None, processes: int, memory_gb: flo
     if arch is None:
         message("memory estimate: the model's architecture is unknown (no configs, no model.architecture)")
         return []
-    prepared = (config.prepared / "pool.json").is_file()
+    prepared = config.is_prepared
     too_big = []
     for index, stage in enumerate(config.stages):
         if stage.stage != "transformer":
