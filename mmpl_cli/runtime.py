@@ -130,22 +130,38 @@ class _Results(Mapping):
         return sum(isinstance(r, Latents) for r in self.held.values())
 
 
-@contextlib.contextmanager
-def _heartbeat(claims: Claims, claim: Path, interval: float):
-    """Touch the claim every `interval` seconds while the task runs (a background thread)."""
-    finished = threading.Event()
+class _Heartbeat:
+    """One background thread per worker that touches the claim of the task running now, every
+    `interval` seconds. It lives as long as the worker: starting and joining a thread per task cost
+    a worker about a millisecond of every task, and more on a machine whose cores are all busy
+    (the join waits for the thread to be scheduled). Once `beating` has exited, the claim is not
+    touched again (the touch and the change of claim hold one lock)."""
 
-    def beat():
-        while not finished.wait(interval):
-            claims.heartbeat(claim)
+    def __init__(self, claims: Claims, interval: float):
+        self.claims, self.interval = claims, interval
+        self.claim: Path | None = None
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
 
-    thread = threading.Thread(target=beat, name="mmpl-heartbeat", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        finished.set()
-        thread.join()
+    def _beat(self) -> None:
+        while True:
+            time.sleep(self.interval)  # a claim is at most `interval` old when touched: a new one is fresh
+            with self.lock:
+                if self.claim is not None:
+                    self.claims.heartbeat(self.claim)
+
+    @contextlib.contextmanager
+    def beating(self, claim: Path):
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._beat, name="mmpl-heartbeat", daemon=True)
+            self.thread.start()
+        with self.lock:
+            self.claim = claim
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.claim = None
 
 
 @contextlib.contextmanager
@@ -236,6 +252,7 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
         task_of = {t.id: t for plan in plans for t in plan.tasks}
         ready = _ReadyTasks(task_of, tuned_priorities(plans, worker.team))
         results = _Results(store, hashes, ready)
+        heartbeat = _Heartbeat(claims, max(0.5, worker.claim_timeout / 4))
         runners: dict[str, ShotRunner] = {}
         backend = None
         total = len(task_of)
@@ -285,7 +302,7 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
                     progress.task_started(task, len(ready.done), total)
                     store.log("started", task_id, hashes[task_id], worker=worker.name)
                     started = time.perf_counter()
-                    with _heartbeat(claims, claim, max(0.5, worker.claim_timeout / 4)), _peak_memory(device) as peak:
+                    with heartbeat.beating(claim), _peak_memory(device) as peak:
                         result = runner.run(task, results)
                     _check_finite(task, result, plan)
                     if not claims.holds(claim, task_id):
