@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -22,12 +23,44 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return 2 if config.getoption("markexpr") or config.getoption("keyword") else 3
 os.environ.pop("MMPL_CPU_THREADS", None)  # the tests assume a new render folder's default thread count
 
+# The files that take longest (seconds in one suite run, 2026-12-02, three processes on two cores),
+# longest first. pytest-xdist hands whole files out in collection order (pyproject: loadfile, no
+# reordering by test count, which started these last), so starting them first keeps the run from
+# ending with one process still on a long file while the others are idle.
+LONGEST_FILES = ["test_resume.py", "test_memory.py", "test_device.py", "test_workers.py", "test_train_scale.py",
+                 "test_slurm.py", "test_real_width.py", "test_default_model.py", "test_render.py", "test_distilled.py",
+                 "test_faults.py", "test_tampered.py", "test_train.py", "test_scale.py"]
+
+
+def pytest_collection_modifyitems(items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
+
+
+def shared(tmp_path_factory, name: str, build) -> Path:
+    """A session fixture's folder, built once for all the run's pytest-xdist processes: the first to
+    ask builds it (`build(folder)`) under a lock, the others wait for it and reuse it (each process
+    building its own copy of the real-width models and the reference render cost the suite minutes).
+    Tests read these folders; one that changes them copies them first."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's base folder, shared by its processes
+    folder, done = root / f"shared-{name}", root / f"shared-{name}.done"
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from mmpl_cli.tiny import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=1234)
+    return shared(tmp_path_factory, "tiny-model", lambda folder: build_tiny_model(folder, seed=1234))
 
 
 @pytest.fixture(scope="session")
@@ -95,9 +128,8 @@ def videos(out: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="session")
 def shots_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("shots") / "shots.yaml"
-    path.write_text(SHOTS)
-    return path
+    """SHOTS in a file, one path for every process (a render folder records its shot list's path)."""
+    return shared(tmp_path_factory, "shots", lambda folder: (folder / "shots.yaml").write_text(SHOTS)) / "shots.yaml"
 
 
 @pytest.fixture(scope="session")
@@ -105,11 +137,12 @@ def reference_dir(shots_file, tiny_model_dir, tmp_path_factory) -> Path:
     """The render folder of one uninterrupted single-worker render of SHOTS (copy it; don't change it),
     launched with OMP_NUM_THREADS unset (torch's default, every core); the worker tests launch with
     other settings, and every one of them must run its tasks with the folder's recorded count."""
-    out = tmp_path_factory.mktemp("reference")
-    proc = run_cli("render", str(shots_file), "--out", str(out), "--model-path", str(tiny_model_dir),
-                   env={"OMP_NUM_THREADS": None, "MMPL_CPU_THREADS": None})
-    assert proc.returncode == 0, proc.stderr
-    return out
+    def build(out: Path) -> None:
+        proc = run_cli("render", str(shots_file), "--out", str(out), "--model-path", str(tiny_model_dir),
+                       env={"OMP_NUM_THREADS": None, "MMPL_CPU_THREADS": None})
+        assert proc.returncode == 0, proc.stderr
+
+    return shared(tmp_path_factory, "reference", build)
 
 
 @pytest.fixture(scope="session")
@@ -125,7 +158,7 @@ def reference(reference_dir) -> dict[str, bytes]:
 def wan13(tmp_path_factory) -> Path:
     from mmpl_cli.tiny import build_wan_model
 
-    return build_wan_model(tmp_path_factory.mktemp("wan13") / "model", "wan2.1-1.3b", num_layers=2, seed=11)
+    return shared(tmp_path_factory, "wan13", lambda folder: build_wan_model(folder, "wan2.1-1.3b", num_layers=2, seed=11))
 
 
 @pytest.fixture(scope="session")
@@ -135,11 +168,12 @@ def wan14(wan13, tmp_path_factory) -> Path:
 
     from mmpl_cli.memory import WAN_TRANSFORMERS
 
-    dest = tmp_path_factory.mktemp("wan14") / "model"
-    shutil.copytree(wan13, dest, ignore=shutil.ignore_patterns("transformer"))
-    import torch
+    def build(dest: Path) -> None:
+        shutil.copytree(wan13, dest, ignore=shutil.ignore_patterns("transformer"), dirs_exist_ok=True)
+        import torch
 
-    torch.manual_seed(14)
-    WanTransformer3DModel(**{**WAN_TRANSFORMERS["wan2.1-14b"], "num_layers": 1}).save_pretrained(
-        dest / "transformer", safe_serialization=True)
-    return dest
+        torch.manual_seed(14)
+        WanTransformer3DModel(**{**WAN_TRANSFORMERS["wan2.1-14b"], "num_layers": 1}).save_pretrained(
+            dest / "transformer", safe_serialization=True)
+
+    return shared(tmp_path_factory, "wan14", build)
