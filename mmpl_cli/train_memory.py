@@ -40,12 +40,17 @@ def block_params(arch: Architecture) -> int:
 
 
 def trainable_params(arch: Architecture, subset: str) -> int:
+    """Parameters that recipe.trainable_names picks (by name) for a Table 3 subset, counted from the
+    configuration: self-attention is q, k, v, out and the q/k norms of every block's attn1; `qk` its
+    to_q and to_k only; `all` every parameter (not the RoPE tables, which are buffers). A test
+    counts the names' parameters on a meta-device model of each released architecture."""
     d, layers = arch.dim, arch.transformer["num_layers"]
     if subset == "self_attention":
         return layers * (4 * (d * d + d) + 2 * d)
     if subset == "qk":
-        return layers * (2 * (d * d + d) + 2 * d)
-    return arch.transformer_bytes("float32") // 4
+        return layers * 2 * (d * d + d)
+    rope = 2 * arch.transformer.get("rope_max_seq_len", 1024) * arch.transformer["attention_head_dim"]
+    return arch.transformer_bytes("float32") // 4 - rope
 
 
 def estimate(arch: Architecture, profile, stage, processes: int, sharding: str, checkpointing: bool,

@@ -283,3 +283,20 @@ def test_the_activation_figures_are_what_autograd_keeps():
         assert abs(block / (tokens * (per_d * d + per_f * f) + text * per_text * d) - 1) < 0.01, (precision, block)
         kept = saved(2, precision, True) - saved(1, precision, True)
         assert kept == tokens * d * (4 if precision == "no" else 2), (precision, kept)
+
+
+@pytest.mark.parametrize("arch", ["wan2.1-1.3b", "wan2.1-14b"])
+def test_the_estimate_counts_the_parameters_the_recipe_trains(arch):
+    """train_memory counts Table 3's subsets from the configuration; the recipe picks them by name:
+    the two agree on diffusers' own model of each released architecture (on the meta device: no memory)."""
+    from diffusers import WanTransformer3DModel
+
+    from mmpl_cli.memory import WAN_TRANSFORMERS, Architecture
+    from mmpl_cli.recipe import trainable_names
+    from mmpl_cli.train_memory import trainable_params
+
+    with torch.device("meta"):
+        named = dict(WanTransformer3DModel(**WAN_TRANSFORMERS[arch]).named_parameters())
+    for subset in ("all", "self_attention", "qk"):
+        picked = sum(named[name].numel() for name in trainable_names(list(named), subset))
+        assert trainable_params(Architecture.named(arch), subset) == picked, subset
