@@ -131,37 +131,45 @@ class _Results(Mapping):
 
 
 class _Heartbeat:
-    """One background thread per worker that touches the claim of the task running now, every
-    `interval` seconds. It lives as long as the worker: starting and joining a thread per task cost
-    a worker about a millisecond of every task, and more on a machine whose cores are all busy
-    (the join waits for the thread to be scheduled). Once `beating` has exited, the claim is not
-    touched again (the touch and the change of claim hold one lock)."""
+    """One background thread for the worker's whole run that touches the claim the worker holds, every
+    `interval` seconds, from the claim to its release (loading the model and saving count). Starting
+    and joining a thread per task cost a worker about a millisecond of every task, and more on a
+    machine whose cores are busy. The touch and the change of claim hold one lock, so a released claim
+    is not touched again; a touch that fails (a file system error) is said once and tried again."""
 
-    def __init__(self, claims: Claims, interval: float):
-        self.claims, self.interval = claims, interval
+    def __init__(self, claims: Claims, interval: float, warn: Callable[[str], None]):
+        self.claims, self.interval, self.warn = claims, interval, warn
         self.claim: Path | None = None
         self.lock = threading.Lock()
-        self.thread: threading.Thread | None = None
+        self.stopped = threading.Event()
+        self.failed = False
+        self.thread = threading.Thread(target=self._beat, name="mmpl-heartbeat", daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
+        self.thread.join()
 
     def _beat(self) -> None:
-        while True:
-            time.sleep(self.interval)  # a claim is at most `interval` old when touched: a new one is fresh
+        while not self.stopped.wait(self.interval):  # a new claim is fresh: at most `interval` old when touched
             with self.lock:
-                if self.claim is not None:
+                if self.claim is None:
+                    continue
+                try:
                     self.claims.heartbeat(self.claim)
+                except OSError as exc:
+                    if not self.failed:
+                        self.warn(f"warning: cannot touch the claim {self.claim.name} ({exc.strerror or exc}); "
+                                  "trying again: other workers may take the task over meanwhile")
+                    self.failed = True
 
-    @contextlib.contextmanager
-    def beating(self, claim: Path):
-        if self.thread is None:
-            self.thread = threading.Thread(target=self._beat, name="mmpl-heartbeat", daemon=True)
-            self.thread.start()
+    def hold(self, claim: Path | None) -> None:
+        """Keep `claim` alive from now on (None: the worker holds no claim)."""
         with self.lock:
             self.claim = claim
-        try:
-            yield
-        finally:
-            with self.lock:
-                self.claim = None
 
 
 @contextlib.contextmanager
@@ -246,13 +254,13 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
         progress.message(f"{shot_id}: the model's tokenizer does not know {', '.join(map(repr, words))}; "
                          "it reads them as <unk>")
 
-    with numerics.applied(numeric["cpu_threads"]):  # every task of the folder with one thread count
+    heartbeat = _Heartbeat(claims, max(0.5, worker.claim_timeout / 4), progress.message)
+    with numerics.applied(numeric["cpu_threads"]), heartbeat:  # every task of the folder with one thread count
         # 3. Take ready tasks in priority order until every task is done, by us or by another worker
         plan_of = {t.id: plan for plan in plans for t in plan.tasks}
         task_of = {t.id: t for plan in plans for t in plan.tasks}
         ready = _ReadyTasks(task_of, tuned_priorities(plans, worker.team))
         results = _Results(store, hashes, ready)
-        heartbeat = _Heartbeat(claims, max(0.5, worker.claim_timeout / 4))
         runners: dict[str, ShotRunner] = {}
         backend = None
         total = len(task_of)
@@ -294,6 +302,7 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
                 if claim is None:
                     continue  # another worker is on it
                 try:
+                    heartbeat.hold(claim)
                     if store.is_done(task_id, hashes[task_id]):  # finished while we were looking
                         finished(task_id)
                         continue
@@ -302,7 +311,7 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
                     progress.task_started(task, len(ready.done), total)
                     store.log("started", task_id, hashes[task_id], worker=worker.name)
                     started = time.perf_counter()
-                    with heartbeat.beating(claim), _peak_memory(device) as peak:
+                    with _peak_memory(device) as peak:
                         result = runner.run(task, results)
                     _check_finite(task, result, plan)
                     if not claims.holds(claim, task_id):
@@ -318,6 +327,7 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
                     if request.storyboard and task.kind == Kind.PLAN:
                         write_when_planned(runner, results, store, ready.done, progress)
                 finally:
+                    heartbeat.hold(None)
                     claims.release(task_id)
                 ran = True
                 break  # priorities may have changed: look again from the top

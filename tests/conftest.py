@@ -41,17 +41,24 @@ def shared(tmp_path_factory, name: str, build) -> Path:
     """A session fixture's folder, built once for all the run's pytest-xdist processes: the first to
     ask builds it (`build(folder)`) under a lock, the others wait for it and reuse it (each process
     building its own copy of the real-width models and the reference render cost the suite minutes).
-    Tests read these folders; one that changes them copies them first."""
+    A build that failed fails the others at once. Tests read these folders; one that changes them
+    copies them first."""
     root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # the run's base folder, shared by its processes
-    folder, done = root / f"shared-{name}", root / f"shared-{name}.done"
+    if root.name.startswith("popen-gw"):  # an xdist process: the run's own base folder is shared by its processes
+        root = root.parent
+    folder, done, failed = (root / f"shared-{name}{end}" for end in ("", ".done", ".failed"))
     with open(root / f"shared-{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        if failed.exists():
+            pytest.fail(f"building the shared {name} failed in another process: {failed.read_text()}")
         if not done.exists():
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir()
-            build(folder)
+            try:
+                build(folder)
+            except BaseException as exc:
+                failed.write_text(f"{type(exc).__name__}: {exc}"[:2000])
+                raise
             done.touch()
     return folder
 
