@@ -220,3 +220,28 @@ def test_launch_environment_names_the_worker_and_its_team():
     array = detect({"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_COUNT": "3"})
     assert array.mode == "slurm-array" and array.name.startswith("array77_2@") and array.team == 3
     assert detect({}).mode == "plain" and detect({}).team == 1
+
+
+def test_a_claim_stays_alive_while_the_model_loads(tmp_path, shots_file, tiny_model_dir):
+    """A worker's first task loads the model after claiming it: a load longer than the claim timeout
+    (a 14B model from network storage) must not let another worker take the task over."""
+    from mmpl_cli.control import Worker
+    from mmpl_cli.request import RenderRequest, check
+    from mmpl_cli.runtime import render
+
+    class Loaded(Exception):
+        pass
+
+    out, ages = tmp_path / "out", []
+
+    def slow_load(plan):
+        time.sleep(2.5)  # the model loads for longer than the claim timeout below
+        claim = next((out / ".mmpl" / "claims").rglob("*.claim.*"))
+        ages.append(time.time() - claim.stat().st_mtime)
+        raise Loaded
+
+    checked = check(RenderRequest(shots=shots_file, out=out, model_path=str(tiny_model_dir)))
+    with pytest.raises(Loaded):
+        render(checked, worker=Worker(claim_timeout=1.0), make_runner=slow_load)
+    assert ages and ages[0] < 1.0, ages  # touched every 0.5 s during the load, so never taken over
+    assert not list((out / ".mmpl" / "claims").rglob("*.claim.*"))  # and released when the load failed
