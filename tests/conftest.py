@@ -23,8 +23,8 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return 2 if config.getoption("markexpr") or config.getoption("keyword") else 3
 os.environ.pop("MMPL_CPU_THREADS", None)  # the tests assume a new render folder's default thread count
 
-# The files that take longest (seconds in one suite run, 2026-12-02, three processes on two cores),
-# longest first. pytest-xdist hands whole files out in collection order (pyproject: loadfile, no
+# The files that took longest in a suite run (2026-12-02, three processes on two cores), longest
+# first. pytest-xdist hands whole files out in collection order (pyproject: loadfile, no
 # reordering by test count, which started these last), so starting them first keeps the run from
 # ending with one process still on a long file while the others are idle.
 LONGEST_FILES = ["test_resume.py", "test_memory.py", "test_device.py", "test_workers.py", "test_train_scale.py",
@@ -39,8 +39,8 @@ def pytest_collection_modifyitems(items) -> None:
 
 def shared(tmp_path_factory, name: str, build) -> Path:
     """A session fixture's folder, built once for all the run's pytest-xdist processes: the first to
-    ask builds it (`build(folder)`) under a lock, the others wait for it and reuse it (each process
-    building its own copy of the real-width models and the reference render cost the suite minutes).
+    ask builds it (`build(folder)`) under a lock, the others wait for it and reuse it (before, each
+    process built its own real-width models and reference render).
     A build that failed fails the others at once. Tests read these folders; one that changes them
     copies them first."""
     root = tmp_path_factory.getbasetemp()
