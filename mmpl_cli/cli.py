@@ -180,7 +180,7 @@ def plan(
     from mmpl_cli.plan import plan_shot_list
     from mmpl_cli.reports import plan_lines, plan_summary
     from mmpl_cli.request import RenderRequest, prepare
-    from mmpl_cli.schedule import choose_seeding, draw_gantt, simulate
+    from mmpl_cli.schedule import choose_seeding, draw_gantt, plan_schedule
 
     with errors():
         gantt = gantt and check_output(gantt, "--gantt")
@@ -194,7 +194,7 @@ def plan(
             why = f"{seeding.value} seeding, as asked"
         memory = estimate(prof, model_folder(prof), gpu_memory)
         peak = {**(memory["peak_gb"] if memory else {}), **prof.memory_gb}.get(plans[0].seeding)  # as profile_peaks
-        schedule = simulate(plans, gpus, peak_memory_gb=peak)
+        schedule = plan_schedule(plans, gpus, peak_memory_gb=peak)
         typer.echo(json.dumps(plan_summary(shots, prof, plans, why, schedule, memory), indent=2) if as_json
                    else "\n".join(map(printable, plan_lines(shots, prof, plans, why, schedule, gpus))))
         if gantt is not None:

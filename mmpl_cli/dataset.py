@@ -97,13 +97,19 @@ def shard_path(folder: Path, shard: int) -> Path:
     return folder / f"pool-{shard:05d}.safetensors"
 
 
-def encode_pool(folder: Path, clips: int, backend, source: ClipSource, frames: int, texts: bool,
-                rank: int = 0, processes: int = 1, message: Callable[[str], None] = print, name: str = "pool") -> None:
+def encode_pool(folder: Path, identity: Callable[[], dict], clips: int, backend, source: ClipSource, frames: int,
+                texts: bool, rank: int = 0, processes: int = 1, wait: Callable[[], None] = lambda: None,
+                message: Callable[[str], None] = print, name: str = "pool") -> None:
     """Make sure shards 0 .. ceil(clips / POOL_SHARD) - 1 exist in `folder`, this process writing the
     missing ones whose number is `rank` modulo `processes` (latents; with `texts`, caption embeddings).
-    The caller has had the main process check or write the pool's record (check_identity) first."""
+    Every process of the run calls it: the main one first checks or writes the pool's record
+    (`identity()`, computed there only: it may hash weights), all wait for that, encode, and wait
+    for each other (`wait`)."""
     from safetensors.torch import save_file
 
+    if rank == 0:
+        check_identity(folder, identity(), create=True)
+    wait()
     folder.mkdir(parents=True, exist_ok=True)
     shards = range((clips + POOL_SHARD - 1) // POOL_SHARD)
     mine = [k for k in shards if k % processes == rank and not shard_path(folder, k).is_file()]
@@ -122,6 +128,7 @@ def encode_pool(folder: Path, clips: int, backend, source: ClipSource, frames: i
             save_file({n: t.cpu() for n, t in tensors.items()}, tmp, metadata={"about": about})
         if done == len(mine) or done % max(1, len(mine) // 8) == 0:
             message(f"{name}: encoded {done}/{len(mine)} shard(s)")
+    wait()
 
 
 def check_identity(folder: Path, identity: dict, create: bool) -> None:

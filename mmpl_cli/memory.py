@@ -100,9 +100,12 @@ class Architecture:
                     + d * c["out_channels"] * patch + c["out_channels"] * patch)  # head
         per_block, fp32_block = self.block_params()
         fp32 = q * d + d + d * d + d + 2 * d  # time embedder, head modulation
-        rope = 2 * c.get("rope_max_seq_len", 1024) * c["attention_head_dim"] * 4
         layers = c["num_layers"]
-        return (in_dtype + layers * per_block) * DTYPE_BYTES[dtype] + (fp32 + layers * fp32_block) * 4 + rope
+        return (in_dtype + layers * per_block) * DTYPE_BYTES[dtype] + (fp32 + layers * fp32_block) * 4 + self.rope_values() * 4
+
+    def rope_values(self) -> int:
+        """The RoPE tables' values (float32 buffers, not parameters)."""
+        return 2 * self.transformer.get("rope_max_seq_len", 1024) * self.transformer["attention_head_dim"]
 
     def block_params(self) -> tuple[int, int]:
         """One Wan block's parameters: (in the model's dtype, kept in float32 by diffusers)."""

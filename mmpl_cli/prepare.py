@@ -41,12 +41,9 @@ def prepare_pool(config, profile, source: ClipSource, model_dir: Path, acc, mess
     backend = WanBackend.from_folder(model_dir, device=str(acc.device), dtype="float32", attention="native",
                                      max_sequence_length=profile.max_sequence_length)
     folder = config.prepared
-    if acc.is_main_process:  # the record first (hashing the VAE and text encoder once), then every process encodes
-        check_identity(folder, identity(profile, source, model_dir), create=True)
-    acc.wait_for_everyone()
-    encode_pool(folder, clips, backend, source, profile.segment_frames, texts=True,
-                rank=acc.process_index, processes=acc.num_processes, message=message, name="prepare")
-    acc.wait_for_everyone()
+    encode_pool(folder, lambda: identity(profile, source, model_dir), clips, backend, source, profile.segment_frames,
+                texts=True, rank=acc.process_index, processes=acc.num_processes, wait=acc.wait_for_everyone,
+                message=message, name="prepare")
     Pool(folder, clips)  # every shard is there and readable
     message(f"prepared {clips} clips (latents and caption embeddings) in {folder}; "
             f"`mmpl train {config.path}` now trains from them")

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from mmpl_cli.dataset import ClipSource, Pool, check_identity, encode_pool, to_model_pixels
+from mmpl_cli.dataset import ClipSource, Pool, encode_pool, to_model_pixels
 from mmpl_cli.errors import InputError, Problem
 from mmpl_cli.terms import GROUPS, Kind
 
@@ -269,13 +269,9 @@ def transformer_stage(model_dir: Path, profile, source: ClipSource, cfg: StageCo
     backend = WanBackend.from_folder(model_dir, device=setup.device, dtype="float32", attention="native",
                                      max_sequence_length=profile.max_sequence_length, transformer_only=prepared)
     if not setup.prepared:  # the stage's own pool, its shards shared out among the processes
-        identity = {**source.identity(), "frames": profile.segment_frames}
-        if setup.rank == 0:
-            check_identity(setup.pool, identity, create=True)
-        setup.wait()  # the record first, then every process encodes its shards
-        encode_pool(setup.pool, cfg.pool, backend, source, profile.segment_frames, texts=False,
-                    rank=setup.rank, processes=setup.processes, message=message, name=name)
-        setup.wait()
+        encode_pool(setup.pool, lambda: {**source.identity(), "frames": profile.segment_frames}, cfg.pool, backend,
+                    source, profile.segment_frames, texts=False, rank=setup.rank, processes=setup.processes,
+                    wait=setup.wait, message=message, name=name)
     pool = Pool(setup.pool, cfg.pool)
     layout, shift = profile.layout, profile.sampler.shift
     everything = list(range(cfg.pool))

@@ -121,7 +121,6 @@ def simulate(plans: list[ShotPlan], devices: int, keys: dict[str, tuple] | None 
     reported (memory.profile_peaks computes it; it reads the model's configs, so not in here)."""
     if devices < 1:
         raise ValueError("need at least one device")
-    keys_given = keys
     tasks: dict[str, tuple[Task, ShotPlan, int]] = {}
     for index, plan in enumerate(plans):
         for task in plan.tasks:
@@ -166,12 +165,18 @@ def simulate(plans: list[ShotPlan], devices: int, keys: dict[str, tuple] | None 
         task = tasks[tid][0]
         longest[tid] = cost[tid] + max((longest[d] for d in task.deps), default=0.0)
     seeding = plans[0].seeding if plans else Seeding.TERMINAL
-    other = None  # asked for by callers (keys None), not by the tuning's many trial runs
-    if keys_given is None and any(evaluations(p.sampler) != evaluations(p.profile.sampler) for p in plans):
-        other = simulate([dataclasses.replace(p, sampler=p.profile.sampler) for p in plans], devices).makespan_s
     return Schedule(devices=devices, seeding=seeding, makespan_s=now, total_work_s=sum(cost.values()),
-                    critical_path_s=max(longest.values(), default=0.0), peak_memory_gb=peak_memory_gb, slots=slots,
-                    profile_sampler_makespan_s=other)
+                    critical_path_s=max(longest.values(), default=0.0), peak_memory_gb=peak_memory_gb, slots=slots)
+
+
+def plan_schedule(plans: list[ShotPlan], devices: int, peak_memory_gb: float | None = None) -> Schedule:
+    """`mmpl plan`'s schedule: simulate's, and where a shot sets another sampler than its profile's,
+    the makespan of the same shots with the profile's own sampler beside it."""
+    schedule = simulate(plans, devices, peak_memory_gb=peak_memory_gb)
+    if any(evaluations(p.sampler) != evaluations(p.profile.sampler) for p in plans):
+        other = simulate([dataclasses.replace(p, sampler=p.profile.sampler) for p in plans], devices)
+        schedule = dataclasses.replace(schedule, profile_sampler_makespan_s=other.makespan_s)
+    return schedule
 
 
 def tuned_priorities(plans: list[ShotPlan], devices: int, budget: int = 300_000) -> dict[str, tuple]:

@@ -49,8 +49,7 @@ def trainable_params(arch: Architecture, subset: str) -> int:
         return layers * (4 * (d * d + d) + 2 * d)
     if subset == "qk":
         return layers * 2 * (d * d + d)
-    rope = 2 * arch.transformer.get("rope_max_seq_len", 1024) * arch.transformer["attention_head_dim"]
-    return arch.transformer_bytes("float32") // 4 - rope
+    return arch.transformer_bytes("float32") // 4 - arch.rope_values()
 
 
 def estimate(arch: Architecture, profile, stage, processes: int, sharding: str, checkpointing: bool,

@@ -114,10 +114,11 @@ def _measured(root, width: int, height: int, causal: bool = False) -> tuple[dict
             vae["handover"] = Meter.peak - weights
             _VAE_MEASURED[(width, height)] = vae
         measured.update(_VAE_MEASURED[(width, height)])
-    model = task_peaks(Architecture.from_folder(root), profile, "terminal", False)
+    arch = Architecture.from_folder(root)
+    model = task_peaks(arch, profile, "terminal", False)
     if causal:
         unguided = dataclasses.replace(profile, sampler=profile.sampler.with_overrides({"guidance": 1.0}))
-        model["causal"] = task_peaks(Architecture.from_folder(root), unguided, "terminal", False)["causal"]
+        model["causal"] = task_peaks(arch, unguided, "terminal", False)["causal"]
     return measured, {"weights": weights, "model": model}
 
 
