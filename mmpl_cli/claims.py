@@ -38,15 +38,17 @@ class Claims:
         return self.folder / shot / ("-".join(rest) + ".claim")
 
     def _claims(self, task_id: str) -> list[tuple[int, Path]]:
+        """The task's claims, oldest generation first: one listing of the shot's claims, names
+        compared as strings (a worker asks this several times a task; pathlib's glob cost more than
+        the rest of a claim). Other names there, such as `x.claim.²`, are not claims."""
         base = self._base(task_id)
-        if not base.parent.exists():
+        try:
+            names = os.listdir(base.parent)
+        except OSError:  # no claim made for this shot yet (or not a folder: then claiming says why)
             return []
-        found = []
-        for path in base.parent.glob(base.name + ".*"):
-            suffix = path.name[len(base.name) + 1:]
-            if suffix.isdigit():
-                found.append((int(suffix), path))
-        return sorted(found)
+        prefix = base.name + "."
+        return sorted((int(name[len(prefix):]), base.parent / name) for name in names
+                      if name.startswith(prefix) and name[len(prefix):].isascii() and name[len(prefix):].isdigit())
 
     def try_claim(self, task_id: str, worker: str, timeout: float) -> Path | None:
         """Claim a task for `worker`; returns the claim file, or None if a live worker holds it."""

@@ -211,6 +211,17 @@ def test_stale_claims_are_taken_over_and_live_ones_respected(tmp_path):
     assert store.try_claim("s/s000/plan", "c", timeout=60) is not None
 
 
+def test_names_in_the_claims_folder_that_are_not_claims_are_ignored(tmp_path):
+    """A render folder's contents are untrusted: '²' is a digit to str.isdigit but not to int()."""
+    store = Claims(RenderStore(tmp_path).claims_folder)
+    mine = store.try_claim("s/s000/plan", "a", timeout=60)
+    for name in ("s000-plan.claim.²", "s000-plan.claim.x", "s000-plan.claim.", "s000-plan.claim.1.tmp"):
+        (mine.parent / name).write_text("{}")
+    assert store.try_claim("s/s000/plan", "b", timeout=60) is None and store.holds(mine, "s/s000/plan")
+    store.release("s/s000/plan")
+    assert not mine.exists() and store.try_claim("s/s000/plan", "b", timeout=60).name == "s000-plan.claim.0"
+
+
 def test_launch_environment_names_the_worker_and_its_team():
     """torchrun / accelerate and SLURM arrays say how many workers cooperate: priorities are tuned for that many."""
     from mmpl_cli.launch import detect
