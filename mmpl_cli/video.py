@@ -8,6 +8,7 @@ flags on, so the same frames give the same bytes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import subprocess
 import tempfile
@@ -36,13 +37,26 @@ def _run(stream, path: Path, input_bytes: bytes | None = None) -> None:
     args = cmd.compile(cmd=ffmpeg_binary())
     if input_bytes is not None:
         args = [a for a in args if a != "-nostdin"]
-    try:
-        proc = subprocess.run(args, input=input_bytes, capture_output=True)
-    except OSError as exc:
-        raise VideoError(f"cannot run ffmpeg ({args[0]}): {exc.strerror or exc}") from None
-    if proc.returncode != 0:
-        tail = proc.stderr.decode(errors="replace").strip().splitlines()[-5:]
-        raise VideoError(f"ffmpeg failed (exit {proc.returncode}) writing {path.name}: " + " | ".join(tail))
+    # ffmpeg's messages go to a file, not a pipe, so the frames go to its stdin in one blocking write:
+    # subprocess.run(input=...) would feed them 4 KiB per poll (24,000 rounds for a 832x480 segment)
+    with tempfile.TemporaryFile() as messages:
+        try:
+            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL if input_bytes is None else subprocess.PIPE,
+                                    stdout=subprocess.DEVNULL, stderr=messages)
+        except OSError as exc:
+            raise VideoError(f"cannot run ffmpeg ({args[0]}): {exc.strerror or exc}") from None
+        if input_bytes is not None:
+            try:
+                proc.stdin.write(input_bytes)
+            except BrokenPipeError:
+                pass  # ffmpeg stopped reading: its exit status and messages say why
+            finally:
+                with contextlib.suppress(BrokenPipeError):
+                    proc.stdin.close()
+        if proc.wait() != 0:
+            messages.seek(0)
+            tail = messages.read().decode(errors="replace").strip().splitlines()[-5:]
+            raise VideoError(f"ffmpeg failed (exit {proc.returncode}) writing {path.name}: " + " | ".join(tail))
 
 
 def write_mp4(frames: np.ndarray, path: Path, fps: int) -> Path:
