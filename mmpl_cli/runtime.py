@@ -78,6 +78,12 @@ def _manifest(request, shot_list, profile, root, fingerprint, plans, hashes) -> 
     }
 
 
+# A task found claimed by a live worker is not asked for again within this many seconds: each ask
+# lists and reads the shot's claims (round trips on NFS), and with W workers walking one priority
+# order a pick would otherwise ask for the W - 1 tasks the others hold. A claim goes stale only after
+# `claim_timeout` (minutes), so a takeover is late by at most this; a finished task is learnt at once.
+LOOK_AGAIN = 1.0
+
 HELD_RESULTS = 16  # results a worker keeps in memory at most: enough for the tasks it runs next
 
 
@@ -262,6 +268,7 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
         ready = _ReadyTasks(task_of, tuned_priorities(plans, worker.team))
         results = _Results(store, hashes, ready)
         runners: dict[str, ShotRunner] = {}
+        held_elsewhere: dict[str, float] = {}  # task -> when to ask for its claim again
         backend = None
         total = len(task_of)
 
@@ -285,6 +292,7 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
                 return
             ready.finished(task_id)
             results.finished(task_of[task_id])
+            held_elsewhere.pop(task_id, None)
             if task_of[task_id].kind == Kind.STITCH:  # the shot is complete: its runner is not needed
                 runners.pop(task_of[task_id].shot, None)
 
@@ -298,9 +306,12 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
                     finished(task_id)
                     progress.task_reused(task, len(ready.done) - 1, total)
                     continue
+                if held_elsewhere.get(task_id, 0.0) > time.monotonic():
+                    continue  # another worker was on it a moment ago
                 claim = claims.try_claim(task_id, worker.name, worker.claim_timeout)
-                if claim is None:
-                    continue  # another worker is on it
+                if claim is None:  # another worker is on it: not asked again for LOOK_AGAIN seconds
+                    held_elsewhere[task_id] = time.monotonic() + LOOK_AGAIN
+                    continue
                 try:
                     heartbeat.hold(claim)
                     if store.is_done(task_id, hashes[task_id]):  # finished while we were looking
