@@ -17,6 +17,7 @@ Seeds derive from (shot seed, segment index) only: never from a rank, a device o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -249,6 +250,11 @@ def plan_shot_list(shot_list: ShotList, profile: Profile, seeding: str) -> list[
     return plans
 
 
+@functools.lru_cache(maxsize=256)
+def _fields(value) -> dict:
+    """A frozen dataclass's fields as plain data (read only), made once per distinct value: the shots
+    of a batch share their layout and mostly their sampler, and asdict was half of hashing 1,000 shots."""
+    return dataclasses.asdict(value)
 
 
 def _digest(value) -> str:
@@ -268,7 +274,7 @@ def task_hashes(plan: ShotPlan, model_fingerprint: str, init_image_digest: str |
     (the id only says where a task's file lives).
     """
     profile = plan.profile
-    layout = dataclasses.asdict(profile.layout)
+    layout = _fields(profile.layout)
     model = {
         "weights": model_fingerprint, "dtype": profile.dtype, "size": [profile.width, profile.height],
         "vae": [profile.vae_temporal, profile.vae_spatial], "text_tokens": profile.max_sequence_length,
@@ -276,8 +282,9 @@ def task_hashes(plan: ShotPlan, model_fingerprint: str, init_image_digest: str |
         "noise_blend": profile.noise_blend,
     }
     # search settings count only when not the defaults: folders rendered before they existed still resume
-    sampler = {k: v for k, v in dataclasses.asdict(plan.sampler).items()
-               if not (k in ("search", "search_steps", "timesteps") and v == getattr(Sampler(), k))}
+    default = Sampler()
+    sampler = {k: v for k, v in _fields(plan.sampler).items()
+               if not (k in ("search", "search_steps", "timesteps") and v == getattr(default, k))}
     hashes: dict[str, str] = {}
     for task in plan.tasks:
         parts: dict = {"kind": task.kind, "deps": [hashes[d] for d in task.deps]}
