@@ -140,7 +140,7 @@ def test_strategy_option_overrides_every_shot():
 
 @pytest.mark.slow
 def test_planning_a_day_long_shot_stays_under_500_mb(tmp_path):
-    """18190 segments, 90951 tasks: plan, schedule and JSON report in one process (README's limits)."""
+    """18190 segments, 90951 tasks: plan, schedule and JSON report in one process (docs/limits.md)."""
     shots = tmp_path / "day.yaml"
     shots.write_text("version: 1\nshots:\n  - {id: day, prompt: a whole day, duration: 86400}\n")
     proc, peak_mb = run_measured("plan", str(shots), "--json", "--gpus", "4")
