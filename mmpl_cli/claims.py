@@ -55,11 +55,15 @@ class Claims:
         claims = self._claims(task_id)
         if claims:
             generation, current = claims[-1]
+            planted = False
             try:
                 info = os.lstat(current)
                 age = time.time() - info.st_mtime
                 holder = {}
-                if stat.S_ISREG(info.st_mode):  # never open a planted FIFO or device: it could block
+                # a folder, symlink, FIFO or device was never written by a worker (claims are files
+                # linked into place whole): not a claim, taken over at once and never opened
+                planted = not stat.S_ISREG(info.st_mode)
+                if not planted:
                     with open(current, "rb") as fh:
                         holder = parse_json(fh.read(4096) or b"{}")
             except FileNotFoundError:
@@ -71,10 +75,10 @@ class Claims:
             dead_here = (holder.get("host") == os.uname().nodename and isinstance(pid, int) and 0 < pid < 2**22
                          and not alive(pid))
             future = age < -FUTURE_SLACK  # a heartbeat from the future is no heartbeat: a wrong clock or tampering
-            if not future and age < timeout and not dead_here:
+            if not future and age < timeout and not dead_here and not planted:
                 return None
-            why = ("its process is gone" if dead_here else "its heartbeat lies in the future" if future
-                   else f"no heartbeat for {age:.0f} s")
+            why = ("its claim is not a file" if planted else "its process is gone" if dead_here
+                   else "its heartbeat lies in the future" if future else f"no heartbeat for {age:.0f} s")
             self.warn(f"{task_id}: taking over from worker {holder.get('worker', '?')} ({why})")
             generation += 1
         else:
@@ -110,7 +114,10 @@ class Claims:
 
     def release(self, task_id: str) -> None:
         for _, path in self._claims(task_id):
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink()
+            except (FileNotFoundError, IsADirectoryError):  # gone already; a planted folder stays where it is
+                pass
 
 
 # -- first-writer-wins decisions -------------------------------------------------------------

@@ -222,6 +222,20 @@ def test_names_in_the_claims_folder_that_are_not_claims_are_ignored(tmp_path):
     assert not mine.exists() and store.try_claim("s/s000/plan", "b", timeout=60).name == "s000-plan.claim.0"
 
 
+def test_a_folder_or_fifo_named_like_a_claim_is_taken_over_at_once(tmp_path):
+    """No worker makes them (claims are files linked into place whole): waiting out --claim-timeout
+    for one, then failing to remove it on release ("unexpected error: IsADirectoryError"), was wrong."""
+    store = Claims(RenderStore(tmp_path).claims_folder)
+    folder = store.try_claim("s/s000/plan", "a", timeout=60).parent
+    store.release("s/s000/plan")
+    (folder / "s000-plan.claim.0").mkdir()
+    os.mkfifo(folder / "s000-plan.claim.1")
+    taken = store.try_claim("s/s000/plan", "b", timeout=3600)  # at once, and without opening the FIFO
+    assert taken is not None and taken.name == "s000-plan.claim.2" and store.holds(taken, "s/s000/plan")
+    store.release("s/s000/plan")
+    assert not taken.exists() and (folder / "s000-plan.claim.0").is_dir()
+
+
 def test_launch_environment_names_the_worker_and_its_team():
     """torchrun / accelerate and SLURM arrays say how many workers cooperate: priorities are tuned for that many."""
     from mmpl_cli.launch import detect
