@@ -11,6 +11,8 @@ Variants:
   reencode           mmpl, handover: reencode (decode [L0, anchor[0], anchor], re-encode the tail)
   no-reencode        mmpl, handover: direct (the anchor latents as they are; App. F off)
   no-noise-init      mmpl, but populating edges start from their own noise (App. G off)
+  decode-alone       mmpl, decode: alone (each segment's frames decoded from its own initial latents,
+                     as MMPL's released code; the default decodes them after the previous window)
   sliding-window     each window conditioned on the previous window's last 5 latents, as they are
   progressive        PA-VDM: chunks of 2 latents one noise level apart, one clean chunk in front
 
@@ -46,6 +48,7 @@ VARIANTS = {  # strategy, changes to the tiny profile
     "reencode": ("mmpl", {"handover": "reencode"}),
     "no-reencode": ("mmpl", {"handover": "direct"}),
     "no-noise-init": ("mmpl", {"noise_init": {"enabled": False}}),
+    "decode-alone": ("mmpl", {"decode": "alone"}),
     "sliding-window": ("sliding-window", {}),
     "progressive": ("progressive", {}),
 }

@@ -87,6 +87,10 @@ class ShotPlan:
     def task(self, task_id: str) -> Task:
         return next(t for t in self.tasks if t.id == task_id)
 
+    def decodes_after_previous(self, segment: int) -> bool:
+        """Whether the VAE runs through the previous segment's window before this one's (profile `decode`)."""
+        return decodes_after_previous(self.strategy, self.profile, segment)
+
     def plan_content_boundaries(self) -> list[int]:
         """Frames of a segment (its own numbering) where planning latents meet content latents: the
         first frame after each such edge (latent i holds frames 4i-3 .. 4i, latent 0 frame 0)."""
@@ -146,6 +150,10 @@ def frame_accounting(frames: int, window: int, overlap: int) -> list[tuple[int, 
     return out
 
 
+def decodes_after_previous(strategy: str, profile: Profile, segment: int) -> bool:
+    return strategy == Strategy.MMPL and segment > 0 and profile.decode == "after-previous"
+
+
 def plan_shot(shot: Shot, profile: Profile, seeding: str, shot_list_path: str = "") -> ShotPlan:
     if seeding not in SEEDINGS:
         raise InputError(Problem("", None, "seeding", f"expected one of {', '.join(SEEDINGS)}, found '{seeding}'"))
@@ -185,6 +193,7 @@ def plan_shot(shot: Shot, profile: Profile, seeding: str, shot_list_path: str = 
         def tid(kind: str, k: int = k) -> str:
             return segment_task_id(shot.id, k, kind)
 
+        previous: list[str] = []  # what the decode reads besides its own segment
         if shot.strategy == Strategy.FULL:
             tasks.append(Task(tid(Kind.FULL), shot.id, Kind.FULL, k, ()))
             latent_tasks = [tid(Kind.FULL)]
@@ -201,7 +210,9 @@ def plan_shot(shot: Shot, profile: Profile, seeding: str, shot_list_path: str = 
             for i, kind in enumerate(groups[1:], 1):
                 tasks.append(Task(tid(kind), shot.id, kind, k, tuple(tid(g) for g in groups[:i])))
             latent_tasks = [tid(g) for g in groups]
-        tasks.append(Task(tid(Kind.DECODE), shot.id, Kind.DECODE, k, tuple(latent_tasks)))
+            if decodes_after_previous(shot.strategy, profile, k):
+                previous = [tid(g, k - 1) for g in groups]
+        tasks.append(Task(tid(Kind.DECODE), shot.id, Kind.DECODE, k, tuple(latent_tasks + previous)))
         decodes.append(tid(Kind.DECODE))
     tasks.append(Task(f"{shot.id}/{Kind.STITCH}", shot.id, Kind.STITCH, None, tuple(decodes)))
 
@@ -315,6 +326,8 @@ def task_hashes(plan: ShotPlan, model_fingerprint: str, init_image_digest: str |
         elif task.kind == Kind.DECODE:
             parts.update(model=model, keep=[seg.keep_from, seg.keep_to], fps=plan.fps,
                          last_latent=profile.layout.last_latent(plan.seeding))
+            if plan.decodes_after_previous(task.segment):  # the previous window's tasks are among its deps
+                parts.update(decode="after-previous")
         else:  # stitch
             parts.update(fps=plan.fps)
         hashes[task.id] = _digest(parts)

@@ -90,6 +90,7 @@ class Profile:
     attention: str = "auto"  # diffusers attention backend (ATTENTION_BACKENDS)
     offload: str = "auto"  # text encoder and VAE on the CPU between uses (OFFLOAD)
     handover: str = "planning"  # App. F: the next segment's initial latents through the VAE (HANDOVERS)
+    decode: str = "after-previous"  # what the VAE decodes a later segment's frames after (DECODES)
     strategy: str = "mmpl"  # a shot's when neither it nor the shot list names one (a Self-Forcing profile: causal)
     negative_prompt: str = ""  # a shot's when it names none (Wan's profiles: Wan's standard one)
     architecture: str | None = None  # a released architecture (memory.WAN_TRANSFORMERS), for the memory model without weights
@@ -222,7 +223,7 @@ def parse_profile(data, file: str, problems: list[Problem]) -> Profile | None:
     if root is None:
         return None
     f.unknown_keys(root, {"name", "description", "model", "video", "sampler", "text", "layout",
-                          "noise_init", "handover", "negative_prompt", "costs", "memory_gb", "strategy"}, "")
+                          "noise_init", "handover", "decode", "negative_prompt", "costs", "memory_gb", "strategy"}, "")
     name = f.get(root, "name", "", "str", required=True, default="?")
     description = f.get(root, "description", "", "str", default="")
 
@@ -277,6 +278,7 @@ def parse_profile(data, file: str, problems: list[Problem]) -> Profile | None:
     if not f.get(noise, "enabled", "noise_init", "bool", default=True):
         alpha = None  # ablation: every populating latent starts from its own noise
     handover = f.get(root, "handover", "", "str", default="planning", choices=list(HANDOVERS))
+    decode = f.get(root, "decode", "", "str", default="after-previous", choices=list(DECODES))
 
     costs = _number_map(f, root, "costs", [*map(str, GROUPS), "handover", str(Kind.DECODE)])
     memory = _number_map(f, root, "memory_gb", list(SEEDINGS))
@@ -286,7 +288,7 @@ def parse_profile(data, file: str, problems: list[Problem]) -> Profile | None:
         dtype=dtype, width=width, height=height, fps=fps, vae_temporal=vae_temporal, vae_spatial=vae_spatial,
         max_sequence_length=max_seq, sampler=sampler, layout=layout,
         noise_blend=alpha, costs=costs, memory_gb=memory,
-        checkpoint=checkpoint, attention=attention, offload=offload, handover=handover, architecture=architecture,
+        checkpoint=checkpoint, attention=attention, offload=offload, handover=handover, decode=decode, architecture=architecture,
         negative_prompt=f.get(root, "negative_prompt", "", "str", default=""),
         strategy=f.get(root, "strategy", "", "str", default="mmpl", choices=list(STRATEGIES)),
     )
@@ -298,6 +300,10 @@ MAX_FPS = 240
 MAX_GUIDANCE = 100.0  # Wan uses 5-6, distilled checkpoints 1; far beyond, latents overflow (1e38 gave NaN)
 MAX_SHIFT = 100.0  # Wan uses 3-8
 HANDOVERS = ("planning", "reencode", "direct")
+# after-previous: the VAE runs through the previous segment's window before a segment's own latents
+# after its initial group, so its first frames leave the decoder as the viewer's frames before them
+# did; alone: each segment from its own re-encoded initial latents (MMPL's released code)
+DECODES = ("after-previous", "alone")
 
 
 def sampler_overrides(f: Fields, m: Located, prefix: str) -> dict:

@@ -233,9 +233,21 @@ class ShotRunner:
     # -- video -----------------------------------------------------------------------------
 
     def _decode(self, task: Task, results: Results) -> Frames:
+        """The segment's frames that go into the video. With `decode: after-previous` a later segment's
+        latents after its initial group are decoded after the previous segment's whole window, whose
+        frames are dropped: the causal decoder carries colour in its cache, and so this segment's
+        first frames leave it as the viewer's frames before them did (decoded alone, from its own
+        re-encoded initial latents, they jumped at every join: docs/method.md)."""
         seg = self.plan.segments[task.segment]
-        pixels = self.backend.decode(self.segment_latents(results, task.segment))
-        return Frames(to_uint8_frames(pixels[:, seg.keep_from:seg.keep_to]),
+        latents = self.segment_latents(results, task.segment)
+        start = seg.keep_from
+        if self.plan.decodes_after_previous(task.segment):
+            before = self.segment_latents(results, task.segment - 1)
+            initial = len(self.layout.initial)  # stand for the previous window's last frames, not decoded again
+            latents = torch.cat([before, latents[:, initial:]], dim=1)
+            start += self.plan.profile.pixel_frames(before.shape[1]) - self.plan.profile.pixel_frames(initial)
+        pixels = self.backend.decode(latents)
+        return Frames(to_uint8_frames(pixels[:, start:start + seg.keep_to - seg.keep_from]),
                       self.store.segment_video(self.plan.shot.id, seg.index))
 
     def _stitch(self, task: Task, results: Results) -> Parts:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from conftest import REPO, run_cli, videos
 from mmpl_cli.plan import plan_shot, segment_task_id, task_hashes
 from mmpl_cli.profiles import load_profile
-from mmpl_cli.render import ShotRunner, load_init_image
+from mmpl_cli.render import ShotRunner, load_init_image, to_uint8_frames
 from mmpl_cli.sampling import blend_edge_noise
 from mmpl_cli.shotlist import PromptChange, Shot
 from mmpl_cli.results import Latents, tensor_checksum
@@ -67,6 +67,40 @@ def test_the_planning_hand_over_decodes_every_planning_latent_in_order(backend, 
     first, planned = results["k/s000/initial"].latents[:, :1], results["k/s000/plan"].latents  # plan: 2 3 10 11 12 19 20
     pixels = backend.decode(torch.cat([first, planned], dim=1))  # [L0, L2, L3, L10, L11, L12, L19, L20]
     assert torch.equal(handed, backend.encode(pixels[:, -5:])[:, :2])
+
+
+@pytest.mark.slow
+def test_a_later_segment_is_decoded_after_the_previous_window(backend, tmp_path):
+    """`decode: after-previous` (the default): segment 1's frames continue one decode of segment 0's
+    window followed by segment 1's latents after its initial group. The VAE is causal, so that decode
+    begins with exactly the frames the viewer saw of segment 0, and segment 1's first frame leaves the
+    decoder as the frame before it did. `decode: alone` decodes segment 1 from its own re-encoded
+    initial latents (MMPL's released code), and the decode waits for segment 0's populating only then."""
+    plans = {mode: plan_shot(shot(), dataclasses.replace(planning_profile(), decode=mode), "terminal")
+             for mode in ("after-previous", "alone")}
+    assert planning_profile().decode == "after-previous"
+    plan = plans["after-previous"]
+    previous = tuple(segment_task_id("k", 0, kind) for kind in (Kind.INITIAL, Kind.PLAN, Kind.POPULATE_ONE, Kind.POPULATE_TWO))
+    decode = {mode: p.task(segment_task_id("k", 1, Kind.DECODE)) for mode, p in plans.items()}
+    assert set(previous) <= set(decode["after-previous"].deps) and not set(previous) & set(decode["alone"].deps)
+    hashes = {mode: task_hashes(p, "m") for mode, p in plans.items()}
+    assert hashes["alone"]["k/s000/decode"] == hashes["after-previous"]["k/s000/decode"]
+    assert hashes["alone"]["k/s001/decode"] != hashes["after-previous"]["k/s001/decode"]
+
+    runner = ShotRunner(backend, plan, RenderStore(tmp_path))
+    results = {}
+    for task in plan.tasks:
+        if task.kind not in (Kind.DECODE, Kind.STITCH):
+            results[task.id] = runner.run(task, results)
+    shown = [runner.run(plan.task(segment_task_id("k", k, Kind.DECODE)), results).frames for k in (0, 1)]
+    own = [runner.segment_latents(results, k) for k in (0, 1)]
+    together = to_uint8_frames(backend.decode(torch.cat([own[0], own[1][:, 2:]], dim=1)))
+    window = plan.profile.pixel_frames(own[0].shape[1])  # 81
+    assert len(shown[0]) == window and np.array_equal(together[:window], shown[0])
+    assert np.array_equal(together[window:window + len(shown[1])], shown[1])
+    alone = ShotRunner(backend, plans["alone"], RenderStore(tmp_path)).run(decode["alone"], results).frames
+    assert np.array_equal(alone, to_uint8_frames(backend.decode(own[1]))[5:5 + len(shown[1])])
+    assert not np.array_equal(alone, shown[1])
 
 
 def test_wan_profiles_use_wans_negative_prompt_unless_a_shot_names_one():

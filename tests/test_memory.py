@@ -106,7 +106,7 @@ def _measured(root, width: int, height: int, causal: bool = False) -> tuple[dict
             vae = {}
             gc.collect()
             Meter.reset()
-            backend.decode(lat(layout.latents))
+            backend.decode(lat(2 * layout.latents - len(layout.initial)))  # decode: after-previous, a later segment
             vae["decode"] = Meter.peak - weights
             gc.collect()
             Meter.reset()  # the hand-over (planning): decode latent 0 and the 7 planning latents, encode the tail

@@ -18,6 +18,7 @@ BIG = load_profile("wan2.1-t2v-14b")
 # The paper's "60-second" video counts L = 12 five-second segments; with every frame shown once
 # that is 81 + 76 * 11 = 917 frames (57.3 s at 16 fps). A literal 60 s needs 13 segments.
 TWELVE_SEGMENTS_S = (81 + 76 * 11) / 16
+LATER_DECODE_S = 1.3 * (2 * 21 - 2) / 21  # decode: after-previous runs through the previous window's 21 latents too
 
 
 def shot(duration: float) -> Shot:
@@ -36,20 +37,22 @@ def test_paper_work_and_gpu_scaling():
     assert two.makespan_s <= 1.03 * two.lower_bound_s
     assert four.makespan_s <= 1.03 * four.lower_bound_s
     # For the first T_a + T_b = 134 s only the chain can run, so no 2-GPU schedule beats
-    # (work + 134) / 2 = 2314.45 s: the tuned order is within 0.15 s of that.
+    # (work + 134) / 2 = 2320.9 s: the tuned order is within 0.2 s of that.
     assert two.makespan_s - (two.total_work_s + 25 + 109) / 2 <= 0.2
-    assert one.critical_path_s == pytest.approx(25 + 12 * 109 + 11 * 1.3 + 113 + 148 + 1.3)
+    assert one.critical_path_s == pytest.approx(25 + 12 * 109 + 11 * 1.3 + 113 + 148 + LATER_DECODE_S)
 
 
 @pytest.mark.slow
 def test_tuned_order_beats_the_rule_and_is_deterministic():
-    """The rule alone leaves 2 GPUs finishing a populate stage apart (2349.6 s); tuning the order
-    of populating closes the gap, the same way every time (every worker computes it on its own)."""
+    """The rule alone leaves 2 GPUs finishing a populate stage apart (2350.8 s); tuning the order
+    of populating closes the gap to the bound (work + 134) / 2, the same way every time (every
+    worker computes it on its own)."""
     plan = plan_shot(shot(TWELVE_SEGMENTS_S), BIG, "terminal")
     rule = simulate([plan], 2, priorities([plan]))
     tuned = tuned_priorities([plan], 2)
     assert tuned == tuned_priorities([plan], 2)
-    assert simulate([plan], 2, tuned).makespan_s < rule.makespan_s - 30
+    bound = (rule.total_work_s + 25 + 109) / 2
+    assert rule.makespan_s > bound + 25 and simulate([plan], 2, tuned).makespan_s <= bound + 0.2
     chain = {t for t, k in priorities([plan]).items() if k[0] == 0}
     assert all(tuned[t] == priorities([plan])[t] for t in chain)  # the planning chain stays first
     assert tuned_priorities([plan], 1) == priorities([plan])
@@ -70,7 +73,8 @@ def test_plan_json_reports_segments_and_schedule(tmp_path):
     data = json.loads(proc.stdout)
     assert data["shots"][0]["segments"] == 12
     assert data["gpus"] == 4 and data["seeding"] == "terminal"
-    assert data["makespan_s"] == pytest.approx(1609.6) and data["lower_bound_s"] == pytest.approx(1609.6)
+    path = 25 + 12 * 109 + 11 * 1.3 + 113 + 148 + LATER_DECODE_S  # 1610.8 s: four GPUs wait for the chain only
+    assert data["makespan_s"] == pytest.approx(path, abs=1e-3) and data["lower_bound_s"] == pytest.approx(path, abs=1e-3)
     assert len(data["utilisation"]) == 4 and data["peak_memory_gb"] == data["memory"]["peak_gb"]["terminal"]
     assert data["peak_memory_gb"] == pytest.approx(68.16, rel=0.15)  # the memory model against the paper's Table 11
     assert gantt.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -82,7 +86,7 @@ def test_midpoint_saves_memory_terminal_saves_time_on_two_gpus():
     peaks = profile_peaks(BIG)  # the memory model, with the text encoder offloaded as on an 80 GB card
     assert peaks["midpoint"] < peaks["terminal"]
     assert runs["terminal"].makespan_s < runs["midpoint"].makespan_s
-    assert runs["terminal"].makespan_s == pytest.approx(25 + 2 * 109 + 113 + 148 + 1.3 + 1.3)
+    assert runs["terminal"].makespan_s == pytest.approx(25 + 2 * 109 + 113 + 148 + 1.3 + LATER_DECODE_S)
 
 
 def test_priorities_put_the_planning_chain_first():
