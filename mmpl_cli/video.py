@@ -45,15 +45,21 @@ def _run(stream, path: Path, input_bytes: bytes | None = None) -> None:
                                     stdout=subprocess.DEVNULL, stderr=messages)
         except OSError as exc:
             raise VideoError(f"cannot run ffmpeg ({args[0]}): {exc.strerror or exc}") from None
-        if input_bytes is not None:
-            try:
-                proc.stdin.write(input_bytes)
-            except BrokenPipeError:
-                pass  # ffmpeg stopped reading: its exit status and messages say why
-            finally:
-                with contextlib.suppress(BrokenPipeError):
-                    proc.stdin.close()
-        if proc.wait() != 0:
+        try:
+            if input_bytes is not None:
+                try:
+                    proc.stdin.write(input_bytes)
+                except BrokenPipeError:
+                    pass  # ffmpeg stopped reading: its exit status and messages say why
+                finally:
+                    with contextlib.suppress(BrokenPipeError):
+                        proc.stdin.close()
+            proc.wait()
+        except BaseException:  # interrupted: no ffmpeg is left behind writing the temporary file
+            proc.kill()
+            proc.wait()
+            raise
+        if proc.returncode != 0:
             messages.seek(0)
             tail = messages.read().decode(errors="replace").strip().splitlines()[-5:]
             raise VideoError(f"ffmpeg failed (exit {proc.returncode}) writing {path.name}: " + " | ".join(tail))
