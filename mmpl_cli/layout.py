@@ -51,6 +51,14 @@ class Layout:
         """The last latent that is populated: mid-point seeding never fills what follows the midpoint."""
         return self.latents - 1 if seeding == Seeding.TERMINAL else max(self.midpoint_anchor)
 
+    def decoded(self, seeding: str, after_previous: bool = False) -> int:
+        """Latents one decode task runs through the VAE: the window's, or for a later segment decoded
+        after the previous one (profile `decode: after-previous`, render.ShotRunner._decode) the
+        previous window's first and then this one's after its initial group, which stands for the
+        previous window's last frames."""
+        window = self.last_latent(seeding) + 1
+        return 2 * window - len(self.initial) if after_previous else window
+
 
 def parse_layout(f: Fields, lay: Located) -> Layout:
     """`layout:` of a profile; every problem goes to `f`."""

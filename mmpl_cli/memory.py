@@ -252,8 +252,7 @@ def task_peaks(arch: Architecture, profile, seeding: str, offload: bool) -> dict
     run = (1 + sum(1 for i in layout.plan.targets if i <= max(anchor)) if profile.handover == "planning"
            else 2 + len(anchor))
     peaks["handover"] = Peak(with_vae, 0, max(decode(run).activations, int(VAE_ENCODE_BYTES * arch.vae_base_dim * pixels)))
-    window = layout.last_latent(seeding) + 1  # after-previous: a later segment decodes the one before it first
-    peaks[Kind.DECODE] = decode(window + (window - len(layout.initial) if profile.decode == "after-previous" else 0))
+    peaks[Kind.DECODE] = decode(layout.decoded(seeding, profile.decode == "after-previous"))  # a later segment's, if longer
     n = layout.latents
     peaks[Kind.FULL] = Peak(resident, 0, forward_bytes(arch, n * per_latent, 0, profile.max_sequence_length, profile.dtype), text)
     # causal: the window's cache, and its last block seeing every latent before it

@@ -47,9 +47,9 @@ def task_cost(plan: ShotPlan, task: Task) -> float:
         return scale * costs.get(Kind.INITIAL, 0.0) if first_from_text else costs.get("handover", 0.0)
     if task.kind in WINDOW_KIND.values():
         return scale * sum(costs.get(k, 0.0) for k in GROUPS)
-    if task.kind == Kind.DECODE and plan.decodes_after_previous(task.segment):  # two windows' latents, less one initial group
-        window = plan.profile.layout.last_latent(plan.seeding) + 1
-        return costs.get(task.kind, 0.0) * (2 * window - len(plan.profile.layout.initial)) / window
+    if task.kind == Kind.DECODE and plan.decodes_after_previous(task.segment):  # a longer run: layout.decoded
+        layout = plan.profile.layout
+        return costs.get(task.kind, 0.0) * layout.decoded(plan.seeding, True) / layout.decoded(plan.seeding)
     return (scale if task.kind in GROUPS else 1.0) * costs.get(task.kind, 0.0)
 
 
