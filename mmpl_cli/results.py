@@ -97,6 +97,19 @@ def float32_tensors(raw: bytes) -> tuple[dict, dict[str, tuple[list[int], bytear
     return meta, parts
 
 
+def header_of(path: str) -> tuple[dict, dict[str, str]]:
+    """(metadata, {name: dtype}) of a safetensors file from its header alone, checked by safetensors
+    (the tensors' offsets cover the rest of the file exactly) without reading or hashing the tensors:
+    enough to know that a file another worker has just written is this task's. ValueError otherwise."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="numpy") as found:
+            return found.metadata() or {}, {name: found.get_slice(name).get_dtype() for name in found.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(str(exc).split("\n")[0][:120]) from None
+
+
 def candidate_of(parts: dict) -> int:
     """The noise search's choice a task file records (0: none); ValueError for one it cannot have made."""
     if "candidate" not in parts:

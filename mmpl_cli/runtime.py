@@ -108,7 +108,8 @@ class _Results(Mapping):
             return self.held[task_id]
         found = self.store.load(task_id, self.hashes[task_id])
         if found is None:
-            raise MMPLError(f"{task_id} is needed but its result is gone from the render folder; run again")
+            raise MMPLError(f"{task_id} is needed but its result is gone from the render folder or damaged; "
+                            "run again (it is computed again then)")
         self.keep(task_id, found)
         return found
 

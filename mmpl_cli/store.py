@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mmpl_cli.errors import InputError, Problem
-from mmpl_cli.results import (Latents, Result, VideoFile, candidate_of, checksum_key, float32_tensors,
+from mmpl_cli.results import (Latents, Result, VideoFile, candidate_of, checksum_key, float32_tensors, header_of,
                               latents_from, tensor_checksum, tensors_from)
 from mmpl_cli.files import (HOST, MAX_RECORD_BYTES, StoreError, atomic_path, clean_temporary_files,  # noqa: F401
                             disk_errors, load_json, parse_json, read_bounded, sha256_file, write_atomic)
@@ -57,6 +57,7 @@ class RenderStore:
         # task id -> (hash, file stamps, state): what a file was found to be, never its tensors, so a
         # worker's memory does not grow with the folder (a result is read again when it is needed)
         self._verified: dict[str, tuple] = {}
+        self._absent: set[str] = set()  # tasks this worker looked at before their files existed
         # this process's own event log: one writer per file, since appends are not atomic over NFS
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", worker)[:64]
         self._events = self.meta / "events" / f"{HOST}-{os.getpid()}-{name}.jsonl"
@@ -186,27 +187,32 @@ class RenderStore:
         return result
 
     def is_done(self, task_id: str, task_hash: str) -> bool:
-        """Whether the task has a usable result: verified once per version of its files (size,
-        mtime, inode), then answered from two stats, so workers can poll cheaply."""
+        """Whether the task has a usable result: checked once per version of its files (size, mtime,
+        inode), then answered from two stats. A file there at this worker's first look (a resume) is
+        verified whole; one that appeared later was written in this run by another worker: its header
+        is checked (hash, extent) and its contents when this worker reads it (`load`), so workers do
+        not each read and hash every file the others write."""
         stamp = self._stamp(task_id)
         if stamp is None:
+            self._absent.add(task_id)
             return False
         cached = self._verified.get(task_id)
         if cached is None or cached[:2] != (task_hash, stamp):
-            state = self._load(task_id, task_hash, quiet=False, result=False)[0]  # said once per version
+            whole = task_id not in self._absent
+            state = self._load(task_id, task_hash, quiet=False, result=False, whole=whole)[0]  # said once per version
             cached = self._verified[task_id] = (task_hash, stamp, state)
         return cached[2] == DONE
 
-    def _load(self, task_id: str, task_hash: str, quiet: bool, result: bool = True) -> tuple[str, Result | None]:
-        """The task's state, and (`result`) what it made: without it, a file is only verified, and
-        torch is not needed (`mmpl status`, a worker's look at a task another worker finished)."""
+    def _load(self, task_id: str, task_hash: str, quiet: bool, result=True, whole=True) -> tuple[str, Result | None]:
+        """The task's state, and (`result`) what it made: without it, a file is only verified (no
+        torch: `mmpl status`); without `whole`, only its header or record, not its checksums."""
         latents_file = self._task_path(task_id, ".safetensors")
         record_file = self._task_path(task_id, ".json")
         for path, load in ((latents_file, self._load_latents), (record_file, self._load_record)):
             if os.path.lexists(path):
                 if not self._plain_file(path, MAX_RECORD_BYTES if path is record_file else MAX_TASK_FILE_BYTES):
                     return self._invalid(task_id, "task file is not a plain file inside the folder", quiet)
-                return load(task_id, path, task_hash, quiet, result)
+                return load(task_id, path, task_hash, quiet, result, whole)
         return MISSING, None
 
     def _plain_file(self, path: Path | str, max_bytes: int | None = None) -> bool:
@@ -224,12 +230,15 @@ class RenderStore:
             self.warn(f"warning: {task_id}: {why}; computing it again")
         return INVALID, None
 
-    def _load_latents(self, task_id, path, task_hash, quiet, result):
+    def _load_latents(self, task_id, path, task_hash, quiet, result, whole):
         try:
-            raw = read_bounded(path, MAX_TASK_FILE_BYTES)
-            meta, parts = float32_tensors(raw)
+            meta, parts = float32_tensors(read_bounded(path, MAX_TASK_FILE_BYTES)) if whole else header_of(path)
         except (OSError, ValueError) as exc:  # any unreadable file is simply not a result
             return self._invalid(task_id, f"unreadable task file ({exc})", quiet)
+        if not whole:  # the header: {name: dtype}
+            if parts.get("latents") != "F32":
+                return self._invalid(task_id, "task file of the wrong shape", quiet)
+            return (DONE if meta.get("hash") == task_hash else STALE), None
         if "latents" not in parts or any(meta.get(checksum_key(k)) != hashlib.sha256(v).hexdigest()
                                          for k, (_, v) in parts.items()):
             return self._invalid(task_id, "task file altered (checksum mismatch)", quiet)
@@ -243,7 +252,7 @@ class RenderStore:
         except Exception:  # noqa: BLE001 - what safetensors itself refuses is not a result either
             return self._invalid(task_id, "task file of the wrong shape", quiet)
 
-    def _load_record(self, task_id, path, task_hash, quiet, result):
+    def _load_record(self, task_id, path, task_hash, quiet, result, whole):
         # a render folder's contents are untrusted: the record must be what save_video writes, and
         # the file it names a regular file inside the folder, reached without a symlink
         try:
@@ -261,7 +270,7 @@ class RenderStore:
             return MISSING, None
         if not stat.S_ISREG(os.lstat(target).st_mode):
             return self._invalid(task_id, "task record names something that is not a plain file", quiet)
-        if sha256_file(target) != record["sha256"]:
+        if whole and sha256_file(target) != record["sha256"]:
             return self._invalid(task_id, f"{record['file']} was altered", quiet)
         return DONE, VideoFile(target)
 

@@ -188,6 +188,42 @@ def test_results_keep_what_pending_tasks_read_and_only_the_latest(tmp_path):
     assert len(results) == 0 and float(results[made[1]].latents) == 1.0 and len(results) == 0
 
 
+def test_a_file_another_worker_writes_during_the_run_is_checked_by_its_header_and_verified_when_read(tmp_path):
+    """A worker does not read and hash every file its peers write: a task file that appears after the
+    worker's first look is checked from its header, its contents when the worker reads it; one that
+    was there at the first look (a resume) is verified whole, as before."""
+    import torch
+
+    from mmpl_cli.results import Latents
+    from mmpl_cli.store import RenderStore
+
+    warned: list[str] = []
+    here, peer = RenderStore(tmp_path, warn=warned.append), RenderStore(tmp_path, worker="peer")
+    tid, stale, cut = "k/s000/plan", "k/s001/plan", "k/s002/plan"
+    assert not any(here.is_done(t, "h") for t in (tid, stale, cut))  # first looks: nothing there yet
+    for t in (tid, stale, cut):
+        peer.save(t, "h" if t != stale else "other inputs", Latents(torch.arange(24.0).reshape(1, 2, 3, 4)))
+    path = tmp_path / ".mmpl" / "tasks" / "k" / "s000-plan.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-4:] = b"\x00\x00\x80\x7f"  # the last value is now inf: header intact, checksum wrong
+    path.write_bytes(bytes(data))
+    short = tmp_path / ".mmpl" / "tasks" / "k" / "s002-plan.safetensors"
+    short.write_bytes(short.read_bytes()[:-4])  # the header says more than the file holds
+    assert here.is_done(tid, "h")  # its header is the task's: done, contents not hashed
+    assert not here.is_done(stale, "h") and not here.is_done(cut, "h")  # another hash; a cut file
+    assert here.load(tid, "h") is None and "checksum mismatch" in warned[-1]  # read: verified whole
+    assert not here.is_done(tid, "h")  # and from then on known to be damaged
+    assert not RenderStore(tmp_path).is_done(tid, "h")  # a worker that finds the file there verifies it whole
+    assert RenderStore(tmp_path).is_done(stale, "other inputs")
+    video = tmp_path / "segments" / "k" / "s000.mp4"  # a video task: its record is read, the video hashed on use
+    video.parent.mkdir(parents=True)
+    video.write_bytes(b"frames")
+    assert not here.is_done("k/s000/decode", "h")
+    peer.save_video("k/s000/decode", "h", video)
+    video.write_bytes(b"changed")
+    assert here.is_done("k/s000/decode", "h") and not RenderStore(tmp_path).is_done("k/s000/decode", "h")
+
+
 def test_the_digest_cache_reads_a_weight_file_once_per_version(tmp_path):
     from mmpl_cli.files import DigestCache
 
