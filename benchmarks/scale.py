@@ -19,6 +19,7 @@ a stitch joins them with ffmpeg. So what is measured is mmpl's overhead, not a m
 
     python benchmarks/scale.py                         # 100 and 1000 shots (1,100 and 11,000 tasks)
     python benchmarks/scale.py --shots 1000 --workers 8 --json benchmarks/results/scale.json
+    python benchmarks/scale.py --shots 40 --latent-size 832x480   # task files of Wan's size (8 MB a segment)
 """
 
 from __future__ import annotations
@@ -48,10 +49,11 @@ class NullRunner:
     """Runs a shot's tasks without a model: inputs are read (as a real task reads them), outputs are
     zeros of the right shape, videos are real files made by ffmpeg."""
 
-    def __init__(self, plan, store, stats: dict):
+    def __init__(self, plan, store, stats: dict, size: tuple[int, int] | None = None):
         self.plan, self.store, self.stats = plan, store, stats
         profile = plan.profile
-        self.shape = (16, profile.height // profile.vae_spatial, profile.width // profile.vae_spatial)
+        width, height = size or (profile.width, profile.height)  # --latent-size: Wan-sized task files
+        self.shape = (16, height // profile.vae_spatial, width // profile.vae_spatial)
 
     def run(self, task, results):
         import numpy as np
@@ -101,7 +103,7 @@ def worker(args) -> None:
     checked = check(RenderRequest(shots=Path(args.shots_file), out=Path(args.out), seeding="terminal", device="cpu"))
     store = RenderStore(checked.out)
     render(checked, Progress(), StopFlag(), Worker(name=f"w{args.worker}", team=args.team, poll=0.05),
-           make_runner=lambda plan: NullRunner(plan, store, stats))
+           make_runner=lambda plan: NullRunner(plan, store, stats, args.latent_size))
     usage = resource.getrusage(resource.RUSAGE_SELF)
     # the time between two tasks holds the first one's save, log and release and the second one's
     # pick and claim: it is counted as the first one's (a video task's save runs ffmpeg)
@@ -131,14 +133,15 @@ def start_alone(shots: int, folder: Path) -> dict:
     return {"s": round(found["first_task_s"], 2), "cpu_s": round(found["first_task_cpu_s"], 2)}
 
 
-def run_batch(shots: int, workers: int, folder: Path) -> dict:
+def run_batch(shots: int, workers: int, folder: Path, latent_size: tuple[int, int] | None = None) -> dict:
     shots_file = write_shots(folder / "shots.yaml", shots)
     out, stats_dir = folder / "out", folder / "stats"
     stats_dir.mkdir()
     launched = time.time()
+    size = ["--latent-size", "x".join(map(str, latent_size))] if latent_size else []
     procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(i), "--team", str(workers),
                                "--shots-file", str(shots_file), "--out", str(out), "--launched", repr(launched),
-                               "--stats", str(stats_dir / f"w{i}.json")]) for i in range(workers)]
+                               "--stats", str(stats_dir / f"w{i}.json"), *size]) for i in range(workers)]
     if any(p.wait() for p in procs):
         raise SystemExit("a worker failed (its message is above)")
     wall = time.time() - launched
@@ -157,7 +160,7 @@ def run_batch(shots: int, workers: int, folder: Path) -> dict:
     video = sorted(o for w in per for o, k in zip(w["overhead_s"], w["kinds"]) if k in ("decode", "stitch"))
     q = lambda xs, f: round(1000 * xs[min(len(xs) - 1, int(f * len(xs)))], 1) if xs else None  # noqa: E731
     return {
-        "shots": shots, "workers": workers, "tasks": tasks, "wall_s": round(wall, 1),
+        "shots": shots, "workers": workers, "tasks": tasks, "latent_size": latent_size, "wall_s": round(wall, 1),
         "remaining": report["remaining"], "computed_once": computed.count(1),
         "computed_twice_or_more": sum(c > 1 for c in computed),
         "overhead_ms": {"median": q(overhead, 0.5), "p90": q(overhead, 0.9),
@@ -179,6 +182,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--json", default=None, help="write the figures to this file")
     parser.add_argument("--keep", default=None, help="render into this new folder and keep it (one --shots only)")
+    parser.add_argument("--latent-size", type=lambda t: tuple(int(v) for v in t.split("x")), default=None,
+                        metavar="WxH", help="task files of latents this size (832x480: Wan's); videos stay the tiny profile's")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # the rest: one worker process's arguments
     parser.add_argument("--team", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--shots-file", help=argparse.SUPPRESS)
@@ -194,10 +199,10 @@ def main() -> None:
     for shots in args.shots:
         if args.keep:
             Path(args.keep).mkdir(parents=True)
-            row = run_batch(shots, args.workers, Path(args.keep))
+            row = run_batch(shots, args.workers, Path(args.keep), args.latent_size)
         else:
             with tempfile.TemporaryDirectory(prefix="mmpl-scale-") as tmp:
-                row = run_batch(shots, args.workers, Path(tmp))
+                row = run_batch(shots, args.workers, Path(tmp), args.latent_size)
                 row["start_s"]["alone"] = start_alone(shots, Path(tmp))
         rows.append(row)
         print(json.dumps(row), flush=True)
