@@ -32,6 +32,15 @@ LONGEST_FILES = ["test_resume.py", "test_memory.py", "test_device.py", "test_wor
                  "test_faults.py", "test_tampered.py", "test_train.py", "test_scale.py"]
 
 
+def pytest_sessionstart(session) -> None:
+    """Models run inside a test process on one thread: three processes share CI's two cores, and
+    torch's default of a thread per core made them wait on one another (renders run in subprocesses
+    with the folder's own thread count, one unless a test sets it)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(items) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
