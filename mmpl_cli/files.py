@@ -235,13 +235,32 @@ def fsync_dir(folder: Path) -> None:
 
 @contextmanager
 def disk_errors(what: Path) -> Iterator[None]:
-    """OSError while writing `what` -> StoreError with one line that says what happened."""
+    """OSError while writing `what` -> StoreError with one line that says what happened; a folder
+    where mmpl writes a file, or a file where it needs a folder, is bad input (exit 2): put there by
+    someone else, it would stop every resume the same way."""
     try:
         yield
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise StoreError(f"no space left on the device while writing {what}") from None
+        blocked = _in_the_way(exc, Path(what))
+        if blocked:
+            raise InputError(Problem(str(blocked), None, "", "a folder stands where mmpl writes a file" if blocked.is_dir()
+                                     else f"a file stands where mmpl needs a folder (to write {what})",
+                                     "move it away, or render into a new folder")) from None
         raise StoreError(f"cannot write {what}: {exc.strerror or exc}") from None
+
+
+def _in_the_way(exc: OSError, what: Path) -> Path | None:
+    """What made a write fail by standing in its way: a folder where a file goes (EISDIR), or a file
+    where a folder goes (EEXIST from mkdir, ENOTDIR); None for any other failure."""
+    named = [Path(n) for n in (exc.filename2, exc.filename) if isinstance(n, str)]
+    if exc.errno == errno.EISDIR:
+        return next((n for n in [*named, what] if n.is_dir() and not n.is_symlink()), None)
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        on_the_way = [*(p for n in named for p in (n, *n.parents)), *what.parents]
+        return next((p for p in on_the_way if p.exists() and not p.is_dir()), None)
+    return None
 
 
 def temporary_name(path: Path) -> Path:

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from mmpl_cli.control import Interrupted, StopFlag
-from mmpl_cli.errors import EXIT_INTERRUPTED, InputError, MMPLError, Problem
+from mmpl_cli.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, InputError, MMPLError, Problem
 from mmpl_cli.numerics import oversubscription
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # each stops a render cleanly (exit 3)
@@ -175,8 +175,12 @@ def run_workers(request, role: Role, claim_timeout: float, threads: int) -> None
     codes = [child.wait() for child in CHILDREN]
     if EXIT_INTERRUPTED in codes:
         raise Interrupted("stopped")
-    if any(codes):
-        raise MMPLError(f"{sum(1 for c in codes if c)} of {len(codes)} workers failed (their messages are above)")
+    failed = [code for code in codes if code]
+    if failed and all(code == EXIT_BAD_INPUT for code in failed):  # e.g. something planted in the folder: exit 2
+        raise InputError(Problem(str(request.out), None, "--out", f"{len(failed)} of {len(codes)} workers stopped "
+                                 "on bad input (their messages above say what to fix)"))
+    if failed:
+        raise MMPLError(f"{len(failed)} of {len(codes)} workers failed (their messages are above)")
 
 
 def run(checked, role: Role, restart: bool, claim_timeout: float, threads: int) -> list:

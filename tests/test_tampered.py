@@ -106,6 +106,30 @@ def test_records_claims_and_decisions_of_the_wrong_type_are_recomputed_or_refuse
 
 
 @pytest.mark.slow
+def test_a_file_or_folder_standing_where_mmpl_writes_is_bad_input(shots_file, tiny_model_dir, reference_dir, tmp_path):
+    """A folder where a task's record goes, a file where the claims or a shot's segments go: the write
+    that meets it stops with exit 2 naming what is in the way (every resume would meet it again), also
+    through `--workers`, whose parent then exits 2 as well; what was planted is left alone."""
+    out = _copy(reference_dir, tmp_path)
+    record, claims, segments = out / ".mmpl/tasks/k/s001-decode.json", out / ".mmpl/claims", out / "segments/k"
+    record.unlink()
+    cases = ((record, record.mkdir, record.rmdir, []),  # a folder at a task record's place
+             (claims, lambda: claims.write_text("x"), claims.unlink, []),  # files at folders' places
+             (segments, lambda: segments.write_text("x"), None, ["--workers", "2"]))
+    for blocked, plant, remove, extra in cases:
+        shutil.rmtree(blocked, ignore_errors=True)
+        plant()
+        proc = run_cli("render", str(shots_file), "--out", str(out), "--model-path", str(tiny_model_dir), *extra,
+                       timeout=TIMEOUT)
+        assert proc.returncode == 2, proc.stderr
+        assert f"{blocked}: a {'folder' if blocked.is_dir() else 'file'} stands where mmpl" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr and "resume with" not in proc.stderr
+        if remove:
+            remove()
+    assert segments.read_text() == "x" and (out / "k.mp4").read_bytes() == (reference_dir / "k.mp4").read_bytes()
+
+
+@pytest.mark.slow
 def test_a_claim_from_the_future_is_taken_over(shots_file, tiny_model_dir, reference_dir, tmp_path):
     out = _copy(reference_dir, tmp_path)
     (out / ".mmpl/tasks/k/s001-populate_stage_two.safetensors").unlink()  # to be computed again, if it can be claimed
