@@ -78,10 +78,9 @@ def _manifest(request, shot_list, profile, root, fingerprint, plans, hashes) -> 
     }
 
 
-# A task found claimed by a live worker is not asked for again within this many seconds: each ask
-# lists and reads the shot's claims (round trips on NFS), and with W workers walking one priority
-# order a pick would otherwise ask for the W - 1 tasks the others hold. A claim goes stale only after
-# `claim_timeout` (minutes), so a takeover is late by at most this; a finished task is learnt at once.
+# A task found claimed by a live worker is not asked for again within this many seconds: each ask lists
+# and reads the shot's claims (round trips on NFS), and W workers walking one priority order would ask for
+# the W - 1 tasks the others hold at every pick. A takeover (after `claim_timeout`) is late by at most this.
 LOOK_AGAIN = 1.0
 
 HELD_RESULTS = 16  # results a worker keeps in memory at most: enough for the tasks it runs next
@@ -108,8 +107,7 @@ class _Results(Mapping):
             return self.held[task_id]
         found = self.store.load(task_id, self.hashes[task_id])
         if found is None:
-            raise MMPLError(f"{task_id} is needed but its result is gone from the render folder or damaged; "
-                            "run again (it is computed again then)")
+            raise MMPLError(f"{task_id} is needed but its result is gone from the render folder or damaged; run again")
         self.keep(task_id, found)
         return found
 
@@ -142,7 +140,7 @@ class _Heartbeat:
     `interval` seconds, from the claim to its release (loading the model and saving count). Starting
     and joining a thread per task cost a worker about a millisecond of every task, and more on a
     machine whose cores are busy. The touch and the change of claim hold one lock, so a released claim
-    is not touched again; a touch that fails (a file system error) is said once and tried again."""
+    is not touched again; a touch that fails (a file system error) is said once per outage and tried again."""
 
     def __init__(self, claims: Claims, interval: float, warn: Callable[[str], None]):
         self.claims, self.interval, self.warn = claims, interval, warn
@@ -172,6 +170,10 @@ class _Heartbeat:
                         self.warn(f"warning: cannot touch the claim {self.claim.name} ({exc.strerror or exc}); "
                                   "trying again: other workers may take the task over meanwhile")
                     self.failed = True
+                    continue
+                if self.failed:  # said once per outage: the next one is said again
+                    self.warn(f"the claim {self.claim.name} is touched again")
+                    self.failed = False
 
     def hold(self, claim: Path | None) -> None:
         """Keep `claim` alive from now on (None: the worker holds no claim)."""

@@ -270,3 +270,40 @@ def test_a_claim_stays_alive_while_the_model_loads(tmp_path, shots_file, tiny_mo
         render(checked, worker=Worker(claim_timeout=2.0), make_runner=slow_load)
     assert ages and ages[0] < 2.0, ages  # touched every 0.5 s during the load: never old enough to take over
     assert not list((out / ".mmpl" / "claims").rglob("*.claim.*"))  # and released when the load failed
+
+
+def test_a_heartbeat_that_fails_says_so_once_per_outage(tmp_path):
+    """The claim's heartbeat cannot touch it (here: its folder is replaced by a file), then can again,
+    then cannot again: a warning for each outage and a line when it recovers, not one warning ever."""
+    from mmpl_cli.runtime import _Heartbeat
+
+    claims = Claims(RenderStore(tmp_path).claims_folder)
+    claim = claims.try_claim("s/s000/plan", "a", timeout=60)
+    said: list[str] = []
+
+    def wait_for(count: int) -> None:
+        deadline = time.monotonic() + 30
+        while len(said) < count:
+            assert time.monotonic() < deadline, said
+            time.sleep(0.01)
+
+    def outage() -> None:  # the claim's folder is not a folder for a while
+        claim.parent.rename(tmp_path / "away")
+        claim.parent.write_text("x")
+
+    def recovery() -> None:
+        claim.parent.unlink()
+        (tmp_path / "away").rename(claim.parent)
+
+    with _Heartbeat(claims, 0.02, said.append) as beat:
+        beat.hold(claim)
+        outage()
+        wait_for(1)
+        recovery()
+        wait_for(2)
+        outage()
+        wait_for(3)
+        beat.hold(None)  # released before the folder is back: nothing more to say
+        recovery()
+    assert said[0].startswith("warning: cannot touch the claim s000-plan.claim.0") and "touched again" in said[1]
+    assert said[2] == said[0] and len(said) == 3
