@@ -307,3 +307,36 @@ def test_a_heartbeat_that_fails_says_so_once_per_outage(tmp_path):
         recovery()
     assert said[0].startswith("warning: cannot touch the claim s000-plan.claim.0") and "touched again" in said[1]
     assert said[2] == said[0] and len(said) == 3
+
+
+def test_a_task_another_live_worker_holds_is_asked_for_once_a_second(tiny_model_dir, tmp_path, monkeypatch):
+    """runtime.LOOK_AGAIN: while another worker's live claim holds the shot's last task, this worker
+    polls the folder every 0.05 s but asks for that claim only once a second (each ask lists and reads
+    the shot's claims: round trips on NFS); once the claim is gone it takes the task. Counted, not timed."""
+    import threading
+
+    from mmpl_cli import runtime
+    from mmpl_cli.control import StopFlag, Worker
+    from mmpl_cli.progress import Progress
+    from mmpl_cli.request import RenderRequest, check
+
+    shots, out = tmp_path / "one.yaml", tmp_path / "out"
+    shots.write_text("version: 1\ndefaults: {steps: 1, seed: 2}\nshots:\n  - {id: k, prompt: a red ball, duration: 2}\n")
+    held = Claims(RenderStore(out).claims_folder).try_claim("k/stitch", "other", timeout=120)  # our pid: alive
+    asked: list[str] = []
+    original = Claims.try_claim
+    monkeypatch.setattr(Claims, "try_claim", lambda self, task_id, *a: asked.append(task_id) or original(self, task_id, *a))
+    released = threading.Event()
+
+    def release_when_waited() -> None:  # from the worker's first ask for it, hold the claim 3.5 s more
+        while "k/stitch" not in asked:
+            time.sleep(0.01)
+        time.sleep(3.5)
+        held.unlink()
+        released.set()
+
+    threading.Thread(target=release_when_waited, daemon=True).start()
+    checked = check(RenderRequest(shots=shots, out=out, model_path=str(tiny_model_dir), device="cpu"))
+    runtime.render(checked, Progress(), StopFlag(), Worker(name="w", poll=0.05))
+    assert released.is_set() and (out / "k.mp4").exists()
+    assert 2 <= asked.count("k/stitch") <= 6  # about one ask a second for 3.5 s, and the one that wins; every poll: 70
