@@ -117,38 +117,51 @@ class Schedule:
         }
 
 
-def simulate(plans: list[ShotPlan], devices: int, keys: dict[str, tuple] | None = None,
-             peak_memory_gb: float | None = None) -> Schedule:
-    """List scheduling: whenever a device is free, it takes the ready task of highest priority
-    (`keys`, by default the tuned priorities for this many devices). `peak_memory_gb` is only
-    reported (memory.profile_peaks computes it; it reads the model's configs, so not in here)."""
-    if devices < 1:
-        raise ValueError("need at least one device")
-    tasks: dict[str, tuple[Task, ShotPlan, int]] = {}
-    for index, plan in enumerate(plans):
-        for task in plan.tasks:
-            tasks[task.id] = (task, plan, index)
-    cost = {tid: task_cost(plan, task) for tid, (task, plan, _) in tasks.items()}
-    waiting = {tid: set(task.deps) for tid, (task, _, _) in tasks.items()}
-    children: dict[str, list[str]] = {tid: [] for tid in tasks}
-    for tid, (task, _, _) in tasks.items():
-        for dep in task.deps:
-            children[dep].append(tid)
+@dataclass
+class _Graph:
+    """What a simulation needs of the plans, whatever the priorities: computed once per search."""
 
-    key = keys if keys is not None else tuned_priorities(plans, devices)
-    ready = [(key[tid], tid) for tid, (task, _, _) in tasks.items() if not task.deps]
+    tasks: dict[str, tuple[Task, ShotPlan]]
+    cost: dict[str, float]
+    inputs: dict[str, int]  # inputs per task
+    children: dict[str, list[str]]
+    total_work_s: float
+    critical_path_s: float
+    seeding: str
+
+
+def _graph(plans: list[ShotPlan]) -> _Graph:
+    tasks = {task.id: (task, plan) for plan in plans for task in plan.tasks}
+    cost = {tid: task_cost(plan, task) for tid, (task, plan) in tasks.items()}
+    children: dict[str, list[str]] = {tid: [] for tid in tasks}
+    for tid, (task, _) in tasks.items():
+        for dep in set(task.deps):
+            children[dep].append(tid)
+    longest: dict[str, float] = {}  # the longest chain of dependent work ending with each task
+    for tid, (task, _) in tasks.items():  # plans list tasks in dependency order
+        longest[tid] = cost[tid] + max((longest[d] for d in task.deps), default=0.0)
+    return _Graph(tasks, cost, {tid: len(set(task.deps)) for tid, (task, _) in tasks.items()}, children,
+                  sum(cost.values()), max(longest.values(), default=0.0),
+                  plans[0].seeding if plans else Seeding.TERMINAL)
+
+
+def _list_schedule(graph: _Graph, devices: int, key: dict[str, tuple], slots: list[Slot] | None = None) -> float:
+    """The makespan of list scheduling with these priorities; each placement goes into `slots` if given."""
+    waiting = dict(graph.inputs)
+    ready = [(key[tid], tid) for tid, n in waiting.items() if not n]
     heapq.heapify(ready)
     free = list(range(devices))
     running: list[tuple[float, int, str]] = []  # (end, device, task)
-    now, slots = 0.0, []
+    now = 0.0
     while ready or running:
         while ready and free:
             _, tid = heapq.heappop(ready)
             device = min(free)
             free.remove(device)
-            task, plan, _ = tasks[tid]
-            slots.append(Slot(tid, task.kind, plan.shot.id, task.segment, device, now, now + cost[tid]))
-            heapq.heappush(running, (now + cost[tid], device, tid))
+            if slots is not None:
+                task, plan = graph.tasks[tid]
+                slots.append(Slot(tid, task.kind, plan.shot.id, task.segment, device, now, now + graph.cost[tid]))
+            heapq.heappush(running, (now + graph.cost[tid], device, tid))
         now, device, tid = heapq.heappop(running)
         free.append(device)
         finished = [tid]
@@ -157,19 +170,24 @@ def simulate(plans: list[ShotPlan], devices: int, keys: dict[str, tuple] | None 
             free.append(other_device)
             finished.append(other)
         for done in finished:
-            for child in children[done]:
-                waiting[child].discard(done)
+            for child in graph.children[done]:
+                waiting[child] -= 1
                 if not waiting[child]:
                     heapq.heappush(ready, (key[child], child))
+    return now
 
-    # the longest chain of dependent work
-    longest: dict[str, float] = {}
-    for tid in tasks:  # plans list tasks in dependency order
-        task = tasks[tid][0]
-        longest[tid] = cost[tid] + max((longest[d] for d in task.deps), default=0.0)
-    seeding = plans[0].seeding if plans else Seeding.TERMINAL
-    return Schedule(devices=devices, seeding=seeding, makespan_s=now, total_work_s=sum(cost.values()),
-                    critical_path_s=max(longest.values(), default=0.0), peak_memory_gb=peak_memory_gb, slots=slots)
+
+def simulate(plans: list[ShotPlan], devices: int, keys: dict[str, tuple] | None = None,
+             peak_memory_gb: float | None = None) -> Schedule:
+    """List scheduling: whenever a device is free, it takes the ready task of highest priority
+    (`keys`, by default the tuned priorities for this many devices). `peak_memory_gb` is only
+    reported (memory.profile_peaks computes it; it reads the model's configs, so not in here)."""
+    if devices < 1:
+        raise ValueError("need at least one device")
+    graph, slots = _graph(plans), []
+    makespan = _list_schedule(graph, devices, keys if keys is not None else tuned_priorities(plans, devices), slots)
+    return Schedule(devices=devices, seeding=graph.seeding, makespan_s=makespan, total_work_s=graph.total_work_s,
+                    critical_path_s=graph.critical_path_s, peak_memory_gb=peak_memory_gb, slots=slots)
 
 
 def plan_schedule(plans: list[ShotPlan], devices: int, peak_memory_gb: float | None = None) -> Schedule:
@@ -199,10 +217,12 @@ def tuned_priorities(plans: list[ShotPlan], devices: int, budget: int = 300_000)
         tuned.update({tid: (1, rank) for rank, tid in enumerate(order)})
         return tuned
 
-    best = simulate(plans, devices, keys)
-    bound, cost = best.lower_bound_s * 1.001 + 1e-6, len(keys)
+    graph = _graph(plans)  # the same for every trial: only the order changes
+    best = _list_schedule(graph, devices, keys)
+    bound = max(graph.total_work_s / devices, graph.critical_path_s) * 1.001 + 1e-6
+    cost = len(keys)
     spent, improved = cost, True
-    while improved and best.makespan_s > bound and spent < budget:
+    while improved and best > bound and spent < budget:
         improved = False
         for i in range(len(free)):
             for j in range(len(free)):
@@ -210,10 +230,10 @@ def tuned_priorities(plans: list[ShotPlan], devices: int, budget: int = 300_000)
                     continue
                 trial = free[:i] + free[i + 1:]
                 trial.insert(j, free[i])
-                schedule = simulate(plans, devices, ordered(trial))
+                makespan = _list_schedule(graph, devices, ordered(trial))
                 spent += cost
-                if schedule.makespan_s < best.makespan_s - 1e-6:
-                    free, best, improved = trial, schedule, True
+                if makespan < best - 1e-6:
+                    free, best, improved = trial, makespan, True
                     break
             if improved or spent >= budget:
                 break
