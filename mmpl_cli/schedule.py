@@ -203,9 +203,9 @@ def plan_schedule(plans: list[ShotPlan], devices: int, peak_memory_gb: float | N
 def tuned_priorities(plans: list[ShotPlan], devices: int, budget: int = 300_000) -> dict[str, tuple]:
     """The rule's priorities, improved for `devices` devices by moving one non-chain task at a time
     to another place in the order, keeping a move whenever the simulated makespan gets shorter,
-    until no single move helps, the makespan is within 0.1% of the lower bound (a batch of a hundred
-    short shots starts there: searching on would cost every worker seconds for nothing) or `budget`
-    task placements (about a second) are spent. Deterministic: the same plans and device count give
+    until no single move helps, the makespan is within 0.1% of the lower bound (searching on would
+    cost every worker time for nothing) or `budget` task placements are spent (0.36 s for a hundred
+    9-s shots on the tiny profile, 2-core CPU). Deterministic: the same plans and device count give
     the same order."""
     keys = priorities(plans)
     if devices < 2:
