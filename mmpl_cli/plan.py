@@ -102,6 +102,7 @@ class ShotPlan:
                 if (i in planning) != (i + 1 in planning)]
 
     def summary(self) -> dict:
+        boundaries = self.plan_content_boundaries()  # once: every worker summarises a batch's thousand shots
         return {
             "id": self.shot.id,
             "frames": self.frames,
@@ -119,7 +120,7 @@ class ShotPlan:
             "segment_plan": [
                 {"index": s.index, "prompt": s.prompt, "keep": [s.keep_from, s.keep_to],
                  "video_frames": [s.video_from, s.video_from + s.kept],
-                 "plan_content_boundaries": [s.video_from + f - s.keep_from for f in self.plan_content_boundaries()
+                 "plan_content_boundaries": [s.video_from + f - s.keep_from for f in boundaries
                                              if s.keep_from < f < s.keep_to]}
                 for s in self.segments
             ],
