@@ -255,11 +255,14 @@ def _in_the_way(exc: OSError, what: Path) -> Path | None:
     """What made a write fail by standing in its way: a folder where a file goes (EISDIR), or a file
     where a folder goes (EEXIST from mkdir, ENOTDIR); None for any other failure."""
     named = [Path(n) for n in (exc.filename2, exc.filename) if isinstance(n, str)]
-    if exc.errno == errno.EISDIR:
-        return next((n for n in [*named, what] if n.is_dir() and not n.is_symlink()), None)
-    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
-        on_the_way = [*(p for n in named for p in (n, *n.parents)), *what.parents]
-        return next((p for p in on_the_way if p.exists() and not p.is_dir()), None)
+    try:
+        if exc.errno == errno.EISDIR:
+            return next((n for n in [*named, what] if n.is_dir() and not n.is_symlink()), None)
+        if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+            on_the_way = [*(p for n in named for p in (n, *n.parents)), *what.parents]
+            return next((p for p in on_the_way if p.exists() and not p.is_dir()), None)
+    except OSError:  # cannot even look (permissions, a name too long): the plain message says enough
+        pass
     return None
 
 

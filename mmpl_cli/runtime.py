@@ -140,7 +140,7 @@ class _Heartbeat:
     `interval` seconds, from the claim to its release (loading the model and saving count). Starting
     and joining a thread per task cost a worker about a millisecond of every task, and more on a
     machine whose cores are busy. The touch and the change of claim hold one lock, so a released claim
-    is not touched again; a touch that fails (a file system error) is said once per outage and tried again."""
+    is not touched again; a failed touch (a file system error) is said once per outage of a claim, and retried."""
 
     def __init__(self, claims: Claims, interval: float, warn: Callable[[str], None]):
         self.claims, self.interval, self.warn = claims, interval, warn
@@ -178,7 +178,7 @@ class _Heartbeat:
     def hold(self, claim: Path | None) -> None:
         """Keep `claim` alive from now on (None: the worker holds no claim)."""
         with self.lock:
-            self.claim = claim
+            self.claim, self.failed = claim, self.failed and claim == self.claim
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ encodes videos into the temporary paths this module hands out.
 Every file is written atomically (files.py): a crash leaves either the old file or the new one,
 never half of one. A task file is used only if its input hash equals the task's current hash and its
 content checksum verifies; anything else is treated as absent (with a warning) and the task is
-computed again.
+computed again (one a peer wrote during the run is checked by its header until it is read: is_done).
 """
 
 from __future__ import annotations
@@ -170,14 +170,14 @@ class RenderStore:
             except FileNotFoundError:
                 stamp.append(None)
             except OSError:
-                return None
+                return ()  # unreadable just now (NFS): not there, and not known to be absent either
         return None if stamp == [None, None] else tuple(stamp)
 
     def load(self, task_id: str, task_hash: str) -> Result | None:
         """The finished result of a task with this hash, read and verified, or None (warning once
         per version of the file if it was unusable)."""
         stamp = self._stamp(task_id)
-        if stamp is None:
+        if not stamp:
             return None
         cached = self._verified.get(task_id)
         if cached is not None and cached[:2] == (task_hash, stamp) and cached[2] != DONE:
@@ -193,8 +193,9 @@ class RenderStore:
         is checked (hash, extent) and its contents when this worker reads it (`load`), so workers do
         not each read and hash every file the others write."""
         stamp = self._stamp(task_id)
-        if stamp is None:
-            self._absent.add(task_id)
+        if not stamp:
+            if stamp is None:
+                self._absent.add(task_id)
             return False
         cached = self._verified.get(task_id)
         if cached is None or cached[:2] != (task_hash, stamp):
@@ -236,7 +237,7 @@ class RenderStore:
         except (OSError, ValueError) as exc:  # any unreadable file is simply not a result
             return self._invalid(task_id, f"unreadable task file ({exc})", quiet)
         if not whole:  # the header: {name: dtype}
-            if parts.get("latents") != "F32":
+            if "latents" not in parts or set(parts.values()) != {"F32"}:
                 return self._invalid(task_id, "task file of the wrong shape", quiet)
             return (DONE if meta.get("hash") == task_hash else STALE), None
         if "latents" not in parts or any(meta.get(checksum_key(k)) != hashlib.sha256(v).hexdigest()

@@ -193,6 +193,7 @@ def test_a_file_another_worker_writes_during_the_run_is_checked_by_its_header_an
     worker's first look is checked from its header, its contents when the worker reads it; one that
     was there at the first look (a resume) is verified whole, as before."""
     import torch
+    from safetensors.torch import save_file
 
     from mmpl_cli.results import Latents
     from mmpl_cli.store import RenderStore
@@ -211,6 +212,11 @@ def test_a_file_another_worker_writes_during_the_run_is_checked_by_its_header_an
     short.write_bytes(short.read_bytes()[:-4])  # the header says more than the file holds
     assert here.is_done(tid, "h")  # its header is the task's: done, contents not hashed
     assert not here.is_done(stale, "h") and not here.is_done(cut, "h")  # another hash; a cut file
+    odd = "k/s003/plan"  # a tensor mmpl never writes (float16): refused by the header too
+    assert not here.is_done(odd, "h")
+    save_file({"latents": torch.zeros(1, 1, 1, 1), "window": torch.zeros(1, dtype=torch.float16)},
+              str(path.with_name("s003-plan.safetensors")), metadata={"hash": "h"})
+    assert not here.is_done(odd, "h")
     assert here.load(tid, "h") is None and "checksum mismatch" in warned[-1]  # read: verified whole
     assert not here.is_done(tid, "h")  # and from then on known to be damaged
     assert not RenderStore(tmp_path).is_done(tid, "h")  # a worker that finds the file there verifies it whole
