@@ -10,11 +10,9 @@ processes it starts is launch.py's business.
 from __future__ import annotations
 
 import contextlib
-import heapq
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +30,7 @@ from mmpl_cli.store import RenderStore
 from mmpl_cli.storyboard import write_when_planned
 from mmpl_cli.terms import Kind
 from mmpl_cli.weights import entry_identity
+from mmpl_cli.worklist import HeldResults, LostResult, ReadyTasks
 
 if TYPE_CHECKING:
     from mmpl_cli.render import ShotRunner
@@ -82,58 +81,6 @@ def _manifest(request, shot_list, profile, root, fingerprint, plans, hashes) -> 
 # and reads the shot's claims (round trips on NFS), and W workers walking one priority order would ask for
 # the W - 1 tasks the others hold at every pick. A takeover (after `claim_timeout`) is late by at most this.
 LOOK_AGAIN = 1.0
-
-HELD_RESULTS = 16  # results a worker keeps in memory at most: enough for the tasks it runs next
-
-
-class _Results(Mapping):
-    """Results by task id, for the tasks a worker runs: what it computed, or else what the store
-    holds for the task's hash (read, and verified, when first needed). It keeps in memory only
-    results that a task not yet done reads, and of those the HELD_RESULTS used last: a batch of a
-    thousand shots whose planning chains all run first does not pile their latents up in every
-    worker (a dropped result that is needed again is read again from the folder, the same bits)."""
-
-    def __init__(self, store: RenderStore, hashes: dict[str, str], graph: _ReadyTasks, limit: int = HELD_RESULTS):
-        self.store, self.hashes, self.graph, self.limit = store, hashes, graph, limit
-        self.held: OrderedDict[str, Result] = OrderedDict()
-
-    def _read_later(self, task_id: str) -> bool:
-        """Whether a task not yet done reads it (the graph's done set says which are)."""
-        return any(reader not in self.graph.done for reader in self.graph.readers[task_id])
-
-    def __getitem__(self, task_id: str) -> Result:
-        if task_id in self.held:
-            self.held.move_to_end(task_id)
-            return self.held[task_id]
-        found = self.store.load(task_id, self.hashes[task_id])
-        if found is None:
-            raise MMPLError(f"{task_id} is needed but its result is gone from the render folder or damaged; run again")
-        self.keep(task_id, found)
-        return found
-
-    def __iter__(self):
-        return iter(self.held)
-
-    def __len__(self) -> int:
-        return len(self.held)
-
-    def keep(self, task_id: str, result: Result) -> None:
-        if self._read_later(task_id):
-            self.held[task_id] = result
-            self.held.move_to_end(task_id)
-            while len(self.held) > self.limit:
-                self.held.popitem(last=False)
-
-    def finished(self, task: Task) -> None:
-        """`task` is done (here or elsewhere; the graph knows already): what it read is dropped once
-        nothing left to run reads it."""
-        for dep in task.deps:
-            if not self._read_later(dep):
-                self.held.pop(dep, None)
-
-    def latents_held(self) -> int:
-        return sum(isinstance(r, Latents) for r in self.held.values())
-
 
 class _Heartbeat:
     """One background thread for the worker's whole run that touches the claim the worker holds, every
@@ -268,8 +215,8 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
         # 3. Take ready tasks in priority order until every task is done, by us or by another worker
         plan_of = {t.id: plan for plan in plans for t in plan.tasks}
         task_of = {t.id: t for plan in plans for t in plan.tasks}
-        ready = _ReadyTasks(task_of, tuned_priorities(plans, worker.team))
-        results = _Results(store, hashes, ready)
+        ready = ReadyTasks(task_of, tuned_priorities(plans, worker.team))
+        results = HeldResults(store, hashes, ready)
         runners: dict[str, ShotRunner] = {}
         held_elsewhere: dict[str, float] = {}  # task -> when to ask for its claim again
         backend = None
@@ -325,8 +272,12 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
                     progress.task_started(task, len(ready.done), total)
                     store.log("started", task_id, hashes[task_id], worker=worker.name)
                     started = time.perf_counter()
-                    with _peak_memory(device) as peak:
-                        result = runner.run(task, results)
+                    try:
+                        with _peak_memory(device) as peak:
+                            result = runner.run(task, results)
+                    except LostResult as lost:  # counted done, damaged when read (the store said so): again
+                        ready.reopen(lost.task_id)
+                        continue
                     _check_finite(task, result, plan)
                     if not claims.holds(claim, task_id):
                         progress.message(f"{task_id} was taken over by another worker; dropping ours")
@@ -354,48 +305,6 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
                 if has_plan and not store.storyboard(plan.shot.id).exists():
                     write_when_planned(runner_of(plan), results, store, ready.done, progress)
     return [store.shot_video(plan.shot.id) for plan in plans]
-
-
-class _ReadyTasks:
-    """The task graph as one worker sees it: which tasks are done and which are ready (every input
-    done, not done themselves), in priority order. Picking a task looks at ready tasks only, so its
-    cost does not grow with the batch; a task another worker finishes is learnt when it is looked at."""
-
-    def __init__(self, tasks: dict[str, Task], keys: dict[str, tuple]):
-        self.keys = keys
-        self.done: set[str] = set()
-        self.waiting = {tid: len(t.deps) for tid, t in tasks.items()}  # inputs not done yet
-        self.readers: dict[str, list[str]] = {tid: [] for tid in tasks}
-        for tid, task in tasks.items():
-            for dep in task.deps:
-                self.readers[dep].append(tid)
-        self.heap = [(keys[tid], tid) for tid, n in self.waiting.items() if n == 0]
-        heapq.heapify(self.heap)
-
-    def in_order(self):
-        """Ready tasks, best first, including any that become ready while the caller looks; each is
-        offered once per call (a skipped one goes back)."""
-        skipped = []
-        try:
-            while self.heap:
-                item = heapq.heappop(self.heap)
-                if item[1] in self.done:
-                    continue
-                skipped.append(item)
-                yield item[1]
-        finally:
-            for item in skipped:
-                if item[1] not in self.done:
-                    heapq.heappush(self.heap, item)
-
-    def finished(self, task_id: str) -> None:
-        if task_id in self.done:
-            return
-        self.done.add(task_id)
-        for reader in self.readers[task_id]:
-            self.waiting[reader] -= 1
-            if self.waiting[reader] == 0 and reader not in self.done:
-                heapq.heappush(self.heap, (self.keys[reader], reader))
 
 
 def _check_finite(task: Task, made: Made, plan) -> None:

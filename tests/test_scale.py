@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, events, run_cli, videos
-from mmpl_cli.runtime import HELD_RESULTS
+from mmpl_cli.worklist import HELD_RESULTS
 
 LONG = """version: 1
 defaults: {steps: 1, seed: 4}
@@ -139,13 +139,13 @@ def test_weights_rewritten_in_place_invalidate_tasks_and_touching_does_not(shots
 
 def test_ready_tasks_offers_ready_tasks_best_first_and_keeps_the_skipped_ones():
     from mmpl_cli.plan import Task
-    from mmpl_cli.runtime import _ReadyTasks
+    from mmpl_cli.worklist import ReadyTasks
 
     def task(tid, *deps):
         return Task(tid, "s", "plan", 0, deps)
 
     tasks = {t.id: t for t in (task("a"), task("b", "a"), task("c", "a"), task("d", "b", "c"), task("e"))}
-    ready = _ReadyTasks(tasks, {"a": (0,), "b": (2,), "c": (1,), "d": (0, 1), "e": (3,)})
+    ready = ReadyTasks(tasks, {"a": (0,), "b": (2,), "c": (1,), "d": (0, 1), "e": (3,)})
     looking = ready.in_order()
     assert [next(looking), next(looking)] == ["a", "e"]
     looking.close()  # both skipped (another worker holds them): they stay ready
@@ -159,6 +159,11 @@ def test_ready_tasks_offers_ready_tasks_best_first_and_keeps_the_skipped_ones():
     ready.finished("c")
     assert list(ready.in_order()) == ["b", "e"]  # d waits for b
     ready.finished("b")
+    looking = ready.in_order()
+    assert next(looking) == "d"
+    ready.reopen("c")  # d read c and found it damaged: c runs again, and d waits for it again
+    assert list(looking) == ["c", "e"] and list(ready.in_order()) == ["c", "e"]
+    ready.finished("c")
     assert list(ready.in_order()) == ["d", "e"]
     ready.finished("d"), ready.finished("e")
     assert list(ready.in_order()) == [] and ready.done == set(tasks)
@@ -169,15 +174,15 @@ def test_results_keep_what_pending_tasks_read_and_only_the_latest(tmp_path):
 
     from mmpl_cli.plan import Task
     from mmpl_cli.results import Latents
-    from mmpl_cli.runtime import _ReadyTasks, _Results
+    from mmpl_cli.worklist import HeldResults, ReadyTasks
     from mmpl_cli.store import RenderStore
 
     store = RenderStore(tmp_path)
     made = [f"k/s000/t{i}" for i in range(4)]
     tasks = {tid: Task(tid, "k", "plan", 0, ()) for tid in made}
     tasks["k/s000/decode"] = Task("k/s000/decode", "k", "decode", 0, tuple(made))  # reads all four
-    graph = _ReadyTasks(tasks, dict.fromkeys(tasks, (0,)))
-    results = _Results(store, dict.fromkeys(tasks, "h"), graph, limit=2)
+    graph = ReadyTasks(tasks, dict.fromkeys(tasks, (0,)))
+    results = HeldResults(store, dict.fromkeys(tasks, "h"), graph, limit=2)
     for i, tid in enumerate(made):
         results.keep(tid, store.save(tid, "h", Latents(torch.full((1, 1, 1, 1), float(i)))))
     assert list(results) == made[2:]  # the two used last

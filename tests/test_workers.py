@@ -340,3 +340,51 @@ def test_a_task_another_live_worker_holds_is_asked_for_once_a_second(tiny_model_
     runtime.render(checked, Progress(), StopFlag(), Worker(name="w", poll=0.05))
     assert released.is_set() and (out / "k.mp4").exists()
     assert 2 <= asked.count("k/stitch") <= 6  # about one ask a second for 3.5 s, and the one that wins; every poll: 70
+
+
+def test_a_result_another_worker_wrote_damaged_is_computed_again_in_the_run(shots_file, tiny_model_dir, reference_dir,
+                                                                            tmp_path, monkeypatch):
+    """Another worker (here: a thread, through a real claim) finishes the first task with a file whose
+    header is right and whose contents are not. This worker counts it done from its header, finds it
+    damaged when the next task reads it, computes it again and finishes: the same videos as a clean
+    render, nothing stopped."""
+    import threading
+
+    from safetensors.torch import save_file
+
+    from mmpl_cli import runtime
+    from mmpl_cli.control import StopFlag, Worker
+    from mmpl_cli.progress import Progress
+    from mmpl_cli.request import RenderRequest, check
+
+    out, first = tmp_path / "out", "k/s000/initial"
+    held = Claims(RenderStore(out).claims_folder).try_claim(first, "other", timeout=120)  # our pid: alive
+    asked: list[str] = []
+    original = RenderStore.is_done
+    monkeypatch.setattr(RenderStore, "is_done", lambda self, tid, h: asked.append(tid) or original(self, tid, h))
+
+    def other_worker() -> None:  # once this worker has looked at the task, "finish" it damaged
+        while first not in asked:
+            time.sleep(0.01)
+        manifest = json.loads((out / ".mmpl/manifest.json").read_text())
+        task_hash = next(t["hash"] for s in manifest["shots"] for t in s["tasks"] if t["id"] == first)
+        import torch
+
+        (out / ".mmpl/tasks/k").mkdir(parents=True, exist_ok=True)
+        save_file({"latents": torch.zeros(16, 2, 8, 12)}, str(out / ".mmpl/tasks/k/s000-initial.safetensors"),
+                  metadata={"task": first, "hash": task_hash, "checksum": "0" * 64})
+        held.unlink()
+
+    said: list[str] = []
+    progress = Progress()
+    progress.message = said.append
+    thread = threading.Thread(target=other_worker, daemon=True)
+    thread.start()
+    checked = check(RenderRequest(shots=shots_file, out=out, model_path=str(tiny_model_dir), device="cpu"))
+    runtime.render(checked, progress, StopFlag(), Worker(name="w", poll=0.05, claim_timeout=30))
+    assert not thread.is_alive() and any(f"{first}: task file altered (checksum mismatch)" in m for m in said), said
+    assert videos(out) == videos(reference_dir)
+    started = [e["task"] for e in events(out) if e["event"] == "started"]
+    finished = [e["task"] for e in events(out) if e["event"] == "finished"]
+    assert started[:2] == ["k/s000/plan", first] and started.count("k/s000/plan") == 2  # the plan stopped, went again
+    assert finished.count(first) == 1 and finished.index(first) < finished.index("k/s000/plan")
