@@ -13,10 +13,9 @@ encodes videos into the temporary paths this module hands out.
     <out>/.mmpl/events/<host>-<pid>-<worker>.jsonl    started / finished events, one file per process
     <out>/.mmpl/claims/, seeding.json, numerics.json  claims and decisions (claims.py)
 
-Every file is written atomically (files.py): a crash leaves either the old file or the new one,
-never half of one. A task file is used only if its input hash equals the task's current hash and its
-content checksum verifies; anything else is treated as absent (with a warning) and the task is
-computed again (one a peer wrote during the run is checked by its header until it is read: is_done).
+Every file is written atomically (files.py): a crash leaves the old file or the new one, never half
+of one. A task file is used only if its hash is the task's and its checksums verify (a peer's file is
+checked by its header until read: is_done); anything else is absent (warned) and computed again.
 """
 
 from __future__ import annotations
@@ -58,6 +57,7 @@ class RenderStore:
         # worker's memory does not grow with the folder (a result is read again when it is needed)
         self._verified: dict[str, tuple] = {}
         self._absent: set[str] = set()  # tasks this worker looked at before their files existed
+        self._seen_folders: set[str] | None = None  # during a report: paths found not to be symlinks
         # this process's own event log: one writer per file, since appends are not atomic over NFS
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", worker)[:64]
         self._events = self.meta / "events" / f"{HOST}-{os.getpid()}-{name}.jsonl"
@@ -108,8 +108,7 @@ class RenderStore:
         write_atomic(self._confined(self.manifest_path), json.dumps({**manifest, "store_version": STORE_VERSION},
                                                                     sort_keys=True).encode())
 
-    def clean_temporary_files(self, older_than: float = 0.0) -> None:
-        """Remove what interrupted writes left in the folder (files.clean_temporary_files)."""
+    def clean_temporary_files(self, older_than: float = 0.0) -> None:  # what interrupted writes left
         clean_temporary_files(self.root, older_than)
 
     def decision(self, name: str) -> Path:
@@ -134,11 +133,8 @@ class RenderStore:
 
     # -- tasks -----------------------------------------------------------------------------
 
-    def _task_file(self, task_id: str, suffix: str) -> Path:
-        return Path(self._task_path(task_id, suffix))
-
     def _task_path(self, task_id: str, suffix: str) -> str:
-        """_task_file as a string: the paths status and polling workers check, thousands at a time."""
+        """A task file's path as a string: status and polling workers check thousands at a time."""
         shot, _, rest = task_id.partition("/")
         return f"{self.meta}/tasks/{shot}/{rest.replace('/', '-')}{suffix}"
 
@@ -152,9 +148,8 @@ class RenderStore:
         return self.root / f"{shot_id}.storyboard.png"
 
     def write_storyboard(self, shot_id: str, png: bytes) -> Path:
-        path = self.storyboard(shot_id)
-        write_atomic(self._confined(path), png)
-        return path
+        write_atomic(self._confined(self.storyboard(shot_id)), png)
+        return self.storyboard(shot_id)
 
     def state(self, task_id: str, task_hash: str) -> str:
         """done / missing / invalid (unreadable or altered) / stale (made from other inputs)."""
@@ -286,11 +281,14 @@ class RenderStore:
         parts = [p for p in relative.split(os.sep) if p not in ("", ".")]
         if relative.startswith(os.sep) or ".." in parts:
             return False
-        at = str(self.root)
+        at, seen = str(self.root), self._seen_folders
         for part in parts:
             at = f"{at}{os.sep}{part}"
-            if os.path.islink(at):
-                return False
+            if seen is None or at not in seen:
+                if os.path.islink(at):
+                    return False
+                if seen is not None:
+                    seen.add(at)
         return True
 
     def _confined(self, path: Path, follows_last: bool = False) -> Path:
@@ -317,7 +315,7 @@ class RenderStore:
         if result.candidate:  # a tensor, so the file's checksums cover it
             tensors["candidate"] = torch.tensor([float(result.candidate)])
         meta = {"task": task_id, "hash": task_hash, **{checksum_key(k): tensor_checksum(t) for k, t in tensors.items()}}
-        write_atomic(self._confined(self._task_file(task_id, ".safetensors")), safetensors_bytes(tensors, metadata=meta))
+        write_atomic(self._confined(Path(self._task_path(task_id, ".safetensors"))), safetensors_bytes(tensors, metadata=meta))
         return latents_from(tensors)
 
     @contextmanager
@@ -330,7 +328,7 @@ class RenderStore:
         """Record a video task whose file is in place (written through video_file)."""
         record = {"task": task_id, "hash": task_hash, "file": str(path.relative_to(self.root)),
                   "sha256": sha256_file(path)}
-        write_atomic(self._confined(self._task_file(task_id, ".json")), json.dumps(record, indent=1).encode())
+        write_atomic(self._confined(Path(self._task_path(task_id, ".json"))), json.dumps(record, indent=1).encode())
         return VideoFile(path)
 
     # -- events ----------------------------------------------------------------------------
@@ -351,15 +349,11 @@ class RenderStore:
         """Every event file of the folder: one per worker process (and events.jsonl of folders
         written before that)."""
         folder = self.meta / "events"
-        found = sorted(folder.glob("*.jsonl")) if self._plain_folder(folder) else []
+        found = sorted(folder.glob("*.jsonl")) if self.inside(folder.relative_to(self.root)) and folder.is_dir() else []
         return [self.meta / "events.jsonl", *found]
 
-    def _plain_folder(self, path: Path) -> bool:
-        rel = path.relative_to(self.root)
-        return self.inside(rel) is not None and path.is_dir()
-
-    def events(self) -> list[dict]:
-        """Every worker's events merged in time order; what is not an event is skipped."""
+    def events(self, only: str | None = None) -> list[dict]:
+        """Every worker's events merged in time order (`only`: of that kind); what is not an event is skipped."""
         out, budget = [], MAX_EVENTS_BYTES
         for path in self.event_files():
             if budget <= 0 or not self._plain_file(path, budget):
@@ -370,6 +364,8 @@ class RenderStore:
                 continue
             budget -= len(data)
             for line in data.decode(errors="replace").splitlines():
+                if only and f'"event": "{only}"' not in line:  # as log writes it; parsed below all the same
+                    continue
                 try:
                     event = parse_json(line)
                 except ValueError:
@@ -382,20 +378,22 @@ class RenderStore:
     def computed_counts(self) -> dict[str, int]:
         """How many times each task was computed to the end, over the folder's whole history."""
         counts: dict[str, int] = {}
-        for e in self.events():
+        for e in self.events("finished"):
             if e.get("event") == "finished":
                 counts[e["task"]] = counts.get(e["task"], 0) + 1
         return counts
 
     def report(self) -> dict:
-        """What `mmpl status` shows: per shot, segment and task, what is done, missing, invalid or
-        stale, how often each task was computed, and the command that resumes. A manifest of the
-        wrong shape (the folder is untrusted) is exit 2 naming the file."""
+        """What `mmpl status` shows: per shot, segment and task, done / missing / invalid / stale, how often
+        computed, and the command that resumes. A manifest of the wrong shape is exit 2 naming the file."""
+        self._seen_folders = set()  # a snapshot: each folder on the way is checked for a symlink once
         try:
             return self._report(self.read_manifest())
         except (KeyError, TypeError, AttributeError, IndexError, ValueError) as exc:
             raise InputError(Problem(str(self.manifest_path), None, "",
                                      f"not the manifest mmpl writes ({type(exc).__name__}: {exc})")) from None
+        finally:
+            self._seen_folders = None
 
     def _report(self, manifest: dict) -> dict:
         counts = self.computed_counts()
