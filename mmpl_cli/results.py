@@ -97,17 +97,22 @@ def float32_tensors(raw: bytes) -> tuple[dict, dict[str, tuple[list[int], bytear
     return meta, parts
 
 
-def header_of(path: str) -> tuple[dict, dict[str, str]]:
-    """(metadata, {name: dtype}) of a safetensors file from its header alone, checked by safetensors
-    (the tensors' offsets cover the rest of the file exactly) without reading or hashing the tensors:
-    enough to know that a file another worker has just written is this task's. ValueError otherwise."""
+def header_of(path: str) -> tuple[dict, list[str]]:
+    """(metadata, tensor names) of a safetensors file from its header alone, as float32_tensors
+    accepts it (every tensor float32, the offsets covering the rest of the file exactly, checked by
+    safetensors) without reading or hashing the tensors: enough to know that a file another worker
+    has just written is this task's. ValueError otherwise."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(path, framework="numpy") as found:
-            return found.metadata() or {}, {name: found.get_slice(name).get_dtype() for name in found.keys()}
+            meta, names = found.metadata() or {}, list(found.keys())
+            odd = [name for name in names if found.get_slice(name).get_dtype() != "F32"]
     except (SafetensorError, OSError) as exc:
         raise ValueError(str(exc).split("\n")[0][:120]) from None
+    if odd:
+        raise ValueError(f"{odd[0]} is not float32")
+    return meta, names
 
 
 def candidate_of(parts: dict) -> int:

@@ -148,8 +148,9 @@ class RenderStore:
         return self.root / f"{shot_id}.storyboard.png"
 
     def write_storyboard(self, shot_id: str, png: bytes) -> Path:
-        write_atomic(self._confined(self.storyboard(shot_id)), png)
-        return self.storyboard(shot_id)
+        path = self.storyboard(shot_id)
+        write_atomic(self._confined(path), png)
+        return path
 
     def state(self, task_id: str, task_hash: str) -> str:
         """done / missing / invalid (unreadable or altered) / stale (made from other inputs)."""
@@ -231,8 +232,8 @@ class RenderStore:
             meta, parts = float32_tensors(read_bounded(path, MAX_TASK_FILE_BYTES)) if whole else header_of(path)
         except (OSError, ValueError) as exc:  # any unreadable file is simply not a result
             return self._invalid(task_id, f"unreadable task file ({exc})", quiet)
-        if not whole:  # the header: {name: dtype}
-            if "latents" not in parts or set(parts.values()) != {"F32"}:
+        if not whole:  # the header: tensor names
+            if "latents" not in parts:
                 return self._invalid(task_id, "task file of the wrong shape", quiet)
             return (DONE if meta.get("hash") == task_hash else STALE), None
         if "latents" not in parts or any(meta.get(checksum_key(k)) != hashlib.sha256(v).hexdigest()
@@ -355,6 +356,7 @@ class RenderStore:
     def events(self, only: str | None = None) -> list[dict]:
         """Every worker's events merged in time order (`only`: of that kind); what is not an event is skipped."""
         out, budget = [], MAX_EVENTS_BYTES
+        mark = json.dumps({"event": only})[1:-1] if only else ""  # as `log` encodes it; lines without it skipped
         for path in self.event_files():
             if budget <= 0 or not self._plain_file(path, budget):
                 continue
@@ -364,7 +366,7 @@ class RenderStore:
                 continue
             budget -= len(data)
             for line in data.decode(errors="replace").splitlines():
-                if only and f'"event": "{only}"' not in line:  # as log writes it; parsed below all the same
+                if mark not in line:
                     continue
                 try:
                     event = parse_json(line)
