@@ -1,7 +1,35 @@
-"""What `mmpl status` and `mmpl plan` print: their reports as text lines, and `plan --json`'s
-summary. Pure: the commands gather the facts (store.RenderStore.report, plan, schedule, memory)."""
+"""What `mmpl status` and `mmpl plan` print: their reports as text lines, `status --json`'s report
+and `plan --json`'s summary. The facts come from the store (each task's state, how often it was
+computed), plan, schedule and memory."""
 
 from __future__ import annotations
+
+
+def status_report(store, manifest: dict) -> dict:
+    """Per shot, segment and task: done / missing / invalid / stale, how often computed, what remains
+    (store.RenderStore.report: the manifest's shape is checked there)."""
+    from mmpl_cli.store import DONE
+
+    counts = store.computed_counts()
+    shots, tasks = [], []
+    for shot in manifest["shots"]:
+        states = []
+        for t in shot["tasks"]:
+            state = store.state(t["id"], t["hash"])
+            states.append(state)
+            tasks.append({"id": t["id"], "shot": shot["id"], "kind": t["kind"], "segment": t["segment"],
+                          "state": state, "computed": counts.get(t["id"], 0)})
+        segments: dict[int, dict[str, str]] = {}
+        for t, state in zip(shot["tasks"], states):
+            if t["segment"] is not None:
+                segments.setdefault(t["segment"], {})[t["kind"]] = state
+        shots.append({"id": shot["id"], "done": states.count(DONE), "total": len(states),
+                      "complete": all(s == DONE for s in states),
+                      "video": str(store.shot_video(shot["id"])) if states[-1] == DONE else None,
+                      "segments": [{"index": k, "tasks": v} for k, v in sorted(segments.items())]})
+    return {"folder": str(store.root), "profile": manifest["profile"]["name"],
+            "seeding": manifest["request"]["seeding"], "shots": shots, "tasks": tasks,
+            "remaining": sum(1 for t in tasks if t["state"] != DONE), "resume": manifest.get("resume")}
 
 
 def status_lines(report: dict) -> list[str]:

@@ -388,33 +388,13 @@ class RenderStore:
     def report(self) -> dict:
         """What `mmpl status` shows: per shot, segment and task, done / missing / invalid / stale, how often
         computed, and the command that resumes. A manifest of the wrong shape is exit 2 naming the file."""
+        from mmpl_cli.reports import status_report
+
         self._seen_folders = set()  # a snapshot: each folder on the way is checked for a symlink once
         try:
-            return self._report(self.read_manifest())
+            return status_report(self, self.read_manifest())
         except (KeyError, TypeError, AttributeError, IndexError, ValueError) as exc:
             raise InputError(Problem(str(self.manifest_path), None, "",
                                      f"not the manifest mmpl writes ({type(exc).__name__}: {exc})")) from None
         finally:
             self._seen_folders = None
-
-    def _report(self, manifest: dict) -> dict:
-        counts = self.computed_counts()
-        shots, tasks = [], []
-        for shot in manifest["shots"]:
-            states = []
-            for t in shot["tasks"]:
-                state = self.state(t["id"], t["hash"])
-                states.append(state)
-                tasks.append({"id": t["id"], "shot": shot["id"], "kind": t["kind"], "segment": t["segment"],
-                              "state": state, "computed": counts.get(t["id"], 0)})
-            segments: dict[int, dict[str, str]] = {}
-            for t, state in zip(shot["tasks"], states):
-                if t["segment"] is not None:
-                    segments.setdefault(t["segment"], {})[t["kind"]] = state
-            shots.append({"id": shot["id"], "done": states.count(DONE), "total": len(states),
-                          "complete": all(s == DONE for s in states),
-                          "video": str(self.shot_video(shot["id"])) if states[-1] == DONE else None,
-                          "segments": [{"index": k, "tasks": v} for k, v in sorted(segments.items())]})
-        return {"folder": str(self.root), "profile": manifest["profile"]["name"],
-                "seeding": manifest["request"]["seeding"], "shots": shots, "tasks": tasks,
-                "remaining": sum(1 for t in tasks if t["state"] != DONE), "resume": manifest.get("resume")}
