@@ -202,6 +202,7 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
     for plan in plans:
         hashes.update(task_hashes(plan, fingerprint, digests.get(plan.shot.id)))
     store.clean_temporary_files(older_than=worker.claim_timeout)
+    store.note_absent(hashes)  # what another worker writes from now on is checked by its header until read
     store.write_manifest(_manifest(request, shot_list, profile, root, fingerprint, plans, hashes))
     prompts = {p.shot.id: [s.prompt for s in p.segments] + [p.shot.negative_prompt] for p in plans}
     from mmpl_cli.vocabulary import unknown_prompt_words  # tokenizers only: no diffusers, no transformers

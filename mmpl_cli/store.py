@@ -27,7 +27,8 @@ import re
 import shutil
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -182,12 +183,30 @@ class RenderStore:
         self._verified[task_id] = (task_hash, stamp, state)
         return result
 
+    def note_absent(self, task_ids: Iterable[str]) -> None:
+        """Remember which of these tasks have no file now (one listing of each shot's folder): a file
+        that appears for one of them later was written in this run, by another worker (is_done)."""
+        listed: dict[str, set[str] | None] = {}
+        for task_id in task_ids:
+            folder, stem = os.path.split(self._task_path(task_id, ""))
+            if folder not in listed:
+                try:
+                    listed[folder] = set(os.listdir(folder))
+                except FileNotFoundError:
+                    listed[folder] = set()
+                except OSError:  # cannot tell: its files are verified whole when found
+                    listed[folder] = None
+            names = listed[folder]
+            if names is not None and f"{stem}.safetensors" not in names and f"{stem}.json" not in names:
+                self._absent.add(task_id)
+
     def is_done(self, task_id: str, task_hash: str) -> bool:
         """Whether the task has a usable result: checked once per version of its files (size, mtime,
-        inode), then answered from two stats. A file there at this worker's first look (a resume) is
-        verified whole; one that appeared later was written in this run by another worker: its header
-        is checked (hash, extent) and its contents when this worker reads it (`load`), so workers do
-        not each read and hash every file the others write."""
+        inode), then answered from two stats. A file there when this worker first looked (note_absent
+        at its start, or an earlier is_done) is verified whole, as on a resume; one that appeared later
+        was written in this run by another worker: its header is checked (hash, extent) and its
+        contents when this worker reads it (`load`), so workers do not each read and hash every file
+        the others write."""
         stamp = self._stamp(task_id)
         if not stamp:
             if stamp is None:
@@ -379,11 +398,7 @@ class RenderStore:
 
     def computed_counts(self) -> dict[str, int]:
         """How many times each task was computed to the end, over the folder's whole history."""
-        counts: dict[str, int] = {}
-        for e in self.events("finished"):
-            if e.get("event") == "finished":
-                counts[e["task"]] = counts.get(e["task"], 0) + 1
-        return counts
+        return dict(Counter(e["task"] for e in self.events("finished") if e.get("event") == "finished"))
 
     def report(self) -> dict:
         """What `mmpl status` shows: per shot, segment and task, done / missing / invalid / stale, how often

@@ -195,8 +195,8 @@ def test_results_keep_what_pending_tasks_read_and_only_the_latest(tmp_path):
 
 def test_a_file_another_worker_writes_during_the_run_is_checked_by_its_header_and_verified_when_read(tmp_path):
     """A worker does not read and hash every file its peers write: a task file that appears after the
-    worker's first look is checked from its header, its contents when the worker reads it; one that
-    was there at the first look (a resume) is verified whole, as before."""
+    worker's first look (its start, or an earlier is_done) is checked from its header, its contents
+    when the worker reads it; one that was there at the first look (a resume) is verified whole."""
     import torch
     from safetensors.torch import save_file
 
@@ -206,7 +206,7 @@ def test_a_file_another_worker_writes_during_the_run_is_checked_by_its_header_an
     warned: list[str] = []
     here, peer = RenderStore(tmp_path, warn=warned.append), RenderStore(tmp_path, worker="peer")
     tid, stale, cut = "k/s000/plan", "k/s001/plan", "k/s002/plan"
-    assert not any(here.is_done(t, "h") for t in (tid, stale, cut))  # first looks: nothing there yet
+    here.note_absent([tid, stale, cut])  # the worker's start: nothing there yet
     for t in (tid, stale, cut):
         peer.save(t, "h" if t != stale else "other inputs", Latents(torch.arange(24.0).reshape(1, 2, 3, 4)))
     path = tmp_path / ".mmpl" / "tasks" / "k" / "s000-plan.safetensors"
@@ -224,7 +224,9 @@ def test_a_file_another_worker_writes_during_the_run_is_checked_by_its_header_an
     assert not here.is_done(odd, "h")
     assert here.load(tid, "h") is None and "checksum mismatch" in warned[-1]  # read: verified whole
     assert not here.is_done(tid, "h")  # and from then on known to be damaged
-    assert not RenderStore(tmp_path).is_done(tid, "h")  # a worker that finds the file there verifies it whole
+    started = RenderStore(tmp_path)
+    started.note_absent([tid])  # a worker that finds the file there at its start verifies it whole
+    assert not started.is_done(tid, "h") and not RenderStore(tmp_path).is_done(tid, "h")
     assert RenderStore(tmp_path).is_done(stale, "other inputs")
     video = tmp_path / "segments" / "k" / "s000.mp4"  # a video task: its record is read, the video hashed on use
     video.parent.mkdir(parents=True)
