@@ -91,17 +91,22 @@ class NullRunner:
 
 
 def worker(args) -> None:
-    """One worker process: check the request as `mmpl render` does, then run the runtime."""
+    """One worker process, as `mmpl render --as-worker` runs (cli.render, launch.run): check the
+    request (before torch is imported), then run the runtime with the collector frozen."""
+    import gc
+
+    from mmpl_cli.request import RenderRequest, check
+
+    checked = check(RenderRequest(shots=Path(args.shots_file), out=Path(args.out), seeding="terminal", device="cpu"))
     from mmpl_cli.control import StopFlag, Worker
     from mmpl_cli.progress import Progress
-    from mmpl_cli.request import RenderRequest, check
     from mmpl_cli.runtime import render
     from mmpl_cli.store import RenderStore
 
     stats = {"launched": args.launched, "ran": 0, "overhead_s": [], "overhead_cpu_s": [], "kinds": [], "last_end": 0.0,
              "first_only": args.first_only, "path": args.stats}
-    checked = check(RenderRequest(shots=Path(args.shots_file), out=Path(args.out), seeding="terminal", device="cpu"))
     store = RenderStore(checked.out)
+    gc.freeze()  # as launch.run does before render
     render(checked, Progress(), StopFlag(), Worker(name=f"w{args.worker}", team=args.team, poll=0.05),
            make_runner=lambda plan: NullRunner(plan, store, stats, args.latent_size))
     usage = resource.getrusage(resource.RUSAGE_SELF)
