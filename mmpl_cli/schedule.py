@@ -204,9 +204,9 @@ def tuned_priorities(plans: list[ShotPlan], devices: int, budget: int = 300_000)
     """The rule's priorities, improved for `devices` devices by moving one non-chain task at a time
     to another place in the order, keeping a move whenever the simulated makespan gets shorter,
     until no single move helps, the makespan is within 0.1% of the lower bound (searching on would
-    cost every worker time for nothing) or `budget` task placements are spent (0.36 s for a hundred
-    9-s shots on the tiny profile, 2-core CPU). Deterministic: the same plans and device count give
-    the same order."""
+    cost every worker time for nothing) or `budget` task placements are spent (0.3-0.4 s of CPU on
+    the 2-core machine). Not searched when the budget cannot try every place of even one task
+    (above about 550 tasks). Deterministic: the same plans and device count give the same order."""
     keys = priorities(plans)
     if devices < 2:
         return keys  # one device never waits: every order takes the same time
@@ -217,6 +217,8 @@ def tuned_priorities(plans: list[ShotPlan], devices: int, budget: int = 300_000)
         tuned.update({tid: (1, rank) for rank, tid in enumerate(order)})
         return tuned
 
+    if budget // len(keys) < len(free):  # cannot try every place of even one task: measured, such a search
+        return ordered(free)  # never shortened a batch this large, and cost each worker 0.35-0.44 s (dev/LOG.md)
     graph = _graph(plans)  # the same for every trial: only the order changes
     best = _list_schedule(graph, devices, keys)
     bound = max(graph.total_work_s / devices, graph.critical_path_s) * 1.001 + 1e-6

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -61,6 +62,22 @@ def test_tuned_order_beats_the_rule_and_is_deterministic():
     assert len(plan13.segments) == 13
     two = simulate([plan13], 2)
     assert two.makespan_s <= 1.03 * two.lower_bound_s
+
+
+def test_a_batch_too_large_for_the_search_budget_is_not_searched(monkeypatch):
+    """Where the budget cannot try every place of even one task the search is a lottery (it never
+    shortened such a batch: dev/LOG.md), so no worker spends its start on it: the rule's order, no
+    simulation at all. A smaller batch is searched."""
+    import mmpl_cli.schedule as schedule
+
+    plans = [plan_shot(dataclasses.replace(shot(TWELVE_SEGMENTS_S), id=f"s{i}"), BIG, "terminal") for i in range(20)]
+    simulated: list[int] = []
+    real = schedule._list_schedule
+    monkeypatch.setattr(schedule, "_list_schedule", lambda *a, **k: simulated.append(1) or real(*a, **k))
+    keys, tuned = priorities(plans), tuned_priorities(plans, 8)  # 1,320 tasks, 800 of them movable
+    assert not simulated and sorted(tuned, key=tuned.__getitem__) == sorted(keys, key=keys.__getitem__)
+    tuned_priorities(plans[:3], 8)  # 198 tasks: searched
+    assert simulated
 
 
 def test_plan_json_reports_segments_and_schedule(tmp_path):
