@@ -210,4 +210,5 @@ def run(checked, role: Role, restart: bool, claim_timeout: float, threads: int) 
     try:
         return render(checked, progress, STOP, Worker(name=role.name, claim_timeout=claim_timeout, team=role.team))
     finally:
+        gc.unfreeze()  # a caller that renders again in this process gets a collector that sees everything
         progress.close()

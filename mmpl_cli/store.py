@@ -57,7 +57,7 @@ class RenderStore:
         # task id -> (hash, file stamps, state): what a file was found to be, never its tensors, so a
         # worker's memory does not grow with the folder (a result is read again when it is needed)
         self._verified: dict[str, tuple] = {}
-        self._absent: set[str] = set()  # tasks this worker looked at before their files existed
+        self._absent: set[str] = set()  # tasks with no file at this worker's start (note_absent) or first look
         self._seen_folders: set[str] | None = None  # during a report: paths found not to be symlinks
         # this process's own event log: one writer per file, since appends are not atomic over NFS
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", worker)[:64]
