@@ -92,9 +92,7 @@ class NullRunner:
 
 def worker(args) -> None:
     """One worker process, as `mmpl render --as-worker` runs (cli.render, launch.run): check the
-    request (before torch is imported), then run the runtime with the collector frozen."""
-    import gc
-
+    request (before torch is imported), then run the runtime."""
     from mmpl_cli.request import RenderRequest, check
 
     checked = check(RenderRequest(shots=Path(args.shots_file), out=Path(args.out), seeding="terminal", device="cpu"))
@@ -106,7 +104,6 @@ def worker(args) -> None:
     stats = {"launched": args.launched, "ran": 0, "overhead_s": [], "overhead_cpu_s": [], "kinds": [], "last_end": 0.0,
              "first_only": args.first_only, "path": args.stats}
     store = RenderStore(checked.out)
-    gc.freeze()  # as launch.run does before render
     render(checked, Progress(), StopFlag(), Worker(name=f"w{args.worker}", team=args.team, poll=0.05),
            make_runner=lambda plan: NullRunner(plan, store, stats, args.latent_size))
     usage = resource.getrusage(resource.RUSAGE_SELF)

@@ -15,7 +15,6 @@ Every worker runs the same render against the same folder; they cooperate throug
 from __future__ import annotations
 
 import dataclasses
-import gc
 import os
 import signal
 import socket
@@ -203,12 +202,7 @@ def run(checked, role: Role, restart: bool, claim_timeout: float, threads: int) 
     if role.device != checked.request.device:  # a worker's own GPU
         checked = dataclasses.replace(checked, request=dataclasses.replace(checked.request, device=role.device))
     progress = render_progress(role.log_prefix)
-    # this process renders once: what exists now (torch's modules, a batch's checked plans) lives to its
-    # end, so the cyclic collector need not walk it at every full collection (two in a 1,000-shot
-    # worker's start, 0.2 s of its CPU)
-    gc.freeze()
     try:
         return render(checked, progress, STOP, Worker(name=role.name, claim_timeout=claim_timeout, team=role.team))
     finally:
-        gc.unfreeze()  # a caller that renders again in this process gets a collector that sees everything
         progress.close()

@@ -107,11 +107,11 @@ def header_of(path: str) -> tuple[dict, list[str]]:
     try:
         with safe_open(path, framework="numpy") as found:
             meta, names = found.metadata() or {}, list(found.keys())
-            odd = [name for name in names if found.get_slice(name).get_dtype() != "F32"]
+            odd = next((name for name in names if found.get_slice(name).get_dtype() != "F32"), None)
     except (SafetensorError, OSError) as exc:
         raise ValueError(str(exc).split("\n")[0][:120]) from None
-    if odd:
-        raise ValueError(f"{odd[0]} is not float32")
+    if odd is not None:
+        raise ValueError(f"{odd} is not float32")
     return meta, names
 
 

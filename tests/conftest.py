@@ -131,6 +131,19 @@ shots:
 """
 
 
+def render_here(shots: Path, out: Path, model_dir: Path, device: str = "cpu", progress=None, storyboard=False,
+                **worker) -> list[Path]:
+    """One worker rendering in this process (so a test can watch its calls, or give it a stand-in
+    device), as `mmpl render` would; returns the videos."""
+    from mmpl_cli import runtime
+    from mmpl_cli.control import StopFlag, Worker
+    from mmpl_cli.progress import Progress
+    from mmpl_cli.request import RenderRequest, check
+
+    checked = check(RenderRequest(shots=shots, out=out, model_path=str(model_dir), device=device, storyboard=storyboard))
+    return runtime.render(checked, progress or Progress(), StopFlag(), Worker(poll=0.05, **worker))
+
+
 def events(out: Path) -> list[dict]:
     """Every worker's events of a render folder, merged in time order (one file per process)."""
     from mmpl_cli.store import RenderStore

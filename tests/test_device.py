@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import render_here
 from mmpl_cli.profiles import Sampler
 from standin import OnDevice, StandInDevice
 
@@ -33,14 +34,6 @@ def _latents(out):
     return {str(p.relative_to(out)): load_file(p) for p in sorted((out / ".mmpl" / "tasks").rglob("*.safetensors"))}
 
 
-def _render(shots, out, model, device):
-    from mmpl_cli.runtime import render
-    from mmpl_cli.request import RenderRequest, check
-
-    checked = check(RenderRequest(shots=shots, out=out, model_path=str(model), device=device, storyboard=True))
-    return render(checked)
-
-
 @pytest.fixture(scope="module")
 def shots(tmp_path_factory):
     folder = tmp_path_factory.mktemp("device-shots")
@@ -55,10 +48,10 @@ def test_a_render_on_another_device_than_the_cpu(shots, tiny_model_dir, tmp_path
     decode, the storyboard and stitching, with the model on the stand-in device; the results are the
     CPU's, bit for bit (the stand-in computes with the CPU's kernels)."""
     with StandInDevice() as device:
-        videos = _render(shots, tmp_path / "dev", tiny_model_dir, str(device))
+        videos = render_here(shots, tmp_path / "dev", tiny_model_dir, str(device), storyboard=True)
     assert all(v.exists() for v in videos) and len(videos) == 6
     cpu = tmp_path / "cpu"
-    _render(shots, cpu, tiny_model_dir, "cpu")
+    render_here(shots, cpu, tiny_model_dir, storyboard=True)
     on_device, on_cpu = _latents(tmp_path / "dev"), _latents(cpu)
     assert on_device.keys() == on_cpu.keys() and len(on_cpu) == 18  # m 8, i 4, f 1, w 2, p 2, c 1 latent task files
     for name, tensors in on_cpu.items():

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import REPO, events, run_cli, videos
+from conftest import REPO, events, render_here, run_cli, videos
 from mmpl_cli.claims import Claims
 from mmpl_cli.store import RenderStore
 from test_resume import status, wait_for_start
@@ -309,17 +309,6 @@ def test_a_heartbeat_that_fails_says_so_once_per_outage(tmp_path):
     assert said[2] == said[0] and len(said) == 3
 
 
-def _render_here(shots: Path, out: Path, model_dir: Path, progress=None, **worker) -> None:
-    """One worker rendering in this process (so a test can watch its calls), as `mmpl render` would."""
-    from mmpl_cli import runtime
-    from mmpl_cli.control import StopFlag, Worker
-    from mmpl_cli.progress import Progress
-    from mmpl_cli.request import RenderRequest, check
-
-    checked = check(RenderRequest(shots=shots, out=out, model_path=str(model_dir), device="cpu"))
-    runtime.render(checked, progress or Progress(), StopFlag(), Worker(name="w", poll=0.05, **worker))
-
-
 def test_a_task_another_live_worker_holds_is_asked_for_once_a_second(tiny_model_dir, tmp_path, monkeypatch):
     """runtime.LOOK_AGAIN: while another worker's live claim holds the shot's last task, this worker
     polls the folder every 0.05 s but asks for that claim only once a second (each ask lists and reads
@@ -342,7 +331,7 @@ def test_a_task_another_live_worker_holds_is_asked_for_once_a_second(tiny_model_
         released.set()
 
     threading.Thread(target=release_when_waited, daemon=True).start()
-    _render_here(shots, out, tiny_model_dir)
+    render_here(shots, out, tiny_model_dir)
     assert released.is_set() and (out / "k.mp4").exists()
     assert 2 <= asked.count("k/stitch") <= 6  # about one a second for 3.5 s, and the one that wins (41 with LOOK_AGAIN = 0)
 
@@ -382,7 +371,7 @@ def test_a_result_another_worker_wrote_damaged_is_computed_again_in_the_run(shot
     progress.message = said.append
     thread = threading.Thread(target=other_worker, daemon=True)
     thread.start()
-    _render_here(shots_file, out, tiny_model_dir, progress, claim_timeout=30)
+    render_here(shots_file, out, tiny_model_dir, progress=progress, claim_timeout=30)
     assert not thread.is_alive() and any(f"{first}: task file altered (checksum mismatch)" in m for m in said), said
     assert videos(out) == videos(reference_dir)
     started = [e["task"] for e in events(out) if e["event"] == "started"]
