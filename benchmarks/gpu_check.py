@@ -79,7 +79,7 @@ def render(shots: Path, profile: Path, out: Path, seeding: str, device: str) -> 
         raise SystemExit(f"render with {profile.name}, {seeding} seeding failed (exit {proc.returncode})")
     from mmpl_cli.store import RenderStore
 
-    events = RenderStore(out).events()  # every worker's event file, merged
+    events = RenderStore(out).event_log.read()  # every worker's event file, merged
     task_s = sum(e["seconds"] for e in events if e["event"] == "finished")
     kinds: dict[str, dict[str, list[float]]] = {}
     for e in events:

@@ -10,7 +10,7 @@ def status_report(store, manifest: dict) -> dict:
     (store.RenderStore.report: the manifest's shape is checked there)."""
     from mmpl_cli.store import DONE
 
-    counts = store.computed_counts()
+    counts = store.event_log.computed_counts()
     shots, tasks = [], []
     for shot in manifest["shots"]:
         states = []

@@ -282,7 +282,7 @@ def _render(checked: Checked, progress: Progress, stop: StopFlag, worker: Worker
                     plan = plan_of[task_id]
                     runner = runner_of(plan)
                     progress.task_started(task, len(ready.done), total)
-                    store.log("started", task_id, hashes[task_id], worker=worker.name)
+                    store.event_log.log("started", task_id, hashes[task_id], worker=worker.name)
                     started = time.perf_counter()
                     try:
                         with _peak_memory(device) as peak:
@@ -297,7 +297,7 @@ def _render(checked: Checked, progress: Progress, stop: StopFlag, worker: Worker
                     results.keep(task_id, _save(store, task, hashes[task_id], result, plan.fps))
                     del result
                     finished(task_id)
-                    store.log("finished", task_id, hashes[task_id], worker=worker.name,
+                    store.event_log.log("finished", task_id, hashes[task_id], worker=worker.name,
                               seconds=round(time.perf_counter() - started, 3),
                               threads=torch.get_num_threads(), held=results.latents_held(), **peak)
                     progress.task_finished(task, time.perf_counter() - started)

@@ -10,7 +10,7 @@ encodes videos into the temporary paths this module hands out.
     <out>/.mmpl/manifest.json                         what was asked: resolved shots, profile, hashes, versions
     <out>/.mmpl/tasks/<shot>/s000-plan.safetensors    latents of a finished task (+ metadata)
     <out>/.mmpl/tasks/<shot>/s000-decode.json         record of a finished video task (file + sha256)
-    <out>/.mmpl/events/<host>-<pid>-<worker>.jsonl    started / finished events, one file per process
+    <out>/.mmpl/events/<host>-<pid>-<worker>.jsonl    started / finished events, one file per process (events.py)
     <out>/.mmpl/claims/, seeding.json, numerics.json  claims and decisions (claims.py)
 
 Every file is written atomically (files.py): a crash leaves the old file or the new one, never half
@@ -23,27 +23,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import stat
-import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from mmpl_cli.errors import InputError, Problem
+from mmpl_cli.events import EventLog
 from mmpl_cli.results import (Latents, Result, VideoFile, candidate_of, checksum_key, float32_tensors, header_of,
                               latents_from, tensor_checksum, tensors_from)
-from mmpl_cli.files import (HOST, MAX_RECORD_BYTES, StoreError, atomic_path, clean_temporary_files,  # noqa: F401
-                            disk_errors, load_json, parse_json, read_bounded, sha256_file, write_atomic)
+from mmpl_cli.files import (MAX_RECORD_BYTES, atomic_path, clean_temporary_files, disk_errors, load_json, read_bounded,
+                            sha256_file, write_atomic)
 
 STORE_VERSION = 1
 META = ".mmpl"
 
 DONE, MISSING, INVALID, STALE = "done", "missing", "invalid", "stale"
 MAX_MANIFEST_BYTES = 256 << 20
-MAX_EVENTS_BYTES = 1 << 30  # all event files together; what lies beyond is not read
 MAX_TASK_FILE_BYTES = 1 << 30  # a task's latents: tens of MB at the largest sizes
 DECISIONS = ("owner", "seeding", "numerics")  # .mmpl/<name>.json: what the first worker decided (claims.py)
 
@@ -59,9 +56,7 @@ class RenderStore:
         self._verified: dict[str, tuple] = {}
         self._absent: set[str] = set()  # tasks with no file at this worker's start (note_absent) or first look
         self._seen_folders: set[str] | None = None  # during a report: paths found not to be symlinks
-        # this process's own event log: one writer per file, since appends are not atomic over NFS
-        name = re.sub(r"[^A-Za-z0-9_.-]", "_", worker)[:64]
-        self._events = self.meta / "events" / f"{HOST}-{os.getpid()}-{name}.jsonl"
+        self.event_log = EventLog(self, worker)  # this process's own event file, and its peers'
 
     # -- the folder ------------------------------------------------------------------------
 
@@ -350,55 +345,6 @@ class RenderStore:
                   "sha256": sha256_file(path)}
         write_atomic(self._confined(Path(self._task_path(task_id, ".json"))), json.dumps(record, indent=1).encode())
         return VideoFile(path)
-
-    # -- events ----------------------------------------------------------------------------
-
-    def log(self, event: str, task_id: str, task_hash: str, **extra) -> None:
-        """Append one line to this process's event file (only this process writes it, so no line
-        of another worker's can interleave, whatever the file system); a line cut short by a crash
-        is skipped when read."""
-        line = json.dumps({"event": event, "task": task_id, "hash": task_hash, "pid": os.getpid(),
-                           "time": round(time.time(), 3), **extra}) + "\n"
-        path = self._events
-        with disk_errors(path):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self._confined(path, follows_last=True), "a") as fh:
-                fh.write(line)
-
-    def event_files(self) -> list[Path]:
-        """Every event file of the folder: one per worker process (and events.jsonl of folders
-        written before that)."""
-        folder = self.meta / "events"
-        found = sorted(folder.glob("*.jsonl")) if self.inside(folder.relative_to(self.root)) and folder.is_dir() else []
-        return [self.meta / "events.jsonl", *found]
-
-    def events(self, only: str | None = None) -> list[dict]:
-        """Every worker's events merged in time order (`only`: of that kind); what is not an event is skipped."""
-        out, budget = [], MAX_EVENTS_BYTES
-        mark = json.dumps({"event": only})[1:-1] if only else ""  # as `log` encodes it; lines without it skipped
-        for path in self.event_files():
-            if budget <= 0 or not self._plain_file(path, budget):
-                continue
-            try:
-                data = read_bounded(path, budget)
-            except (OSError, ValueError):
-                continue
-            budget -= len(data)
-            for line in data.decode(errors="replace").splitlines():
-                if mark not in line:
-                    continue
-                try:
-                    event = parse_json(line)
-                except ValueError:
-                    continue
-                if isinstance(event, dict) and isinstance(event.get("task"), str):
-                    out.append(event)
-        out.sort(key=lambda e: e["time"] if isinstance(e.get("time"), (int, float)) else 0.0)
-        return out
-
-    def computed_counts(self) -> dict[str, int]:
-        """How many times each task was computed to the end, over the folder's whole history."""
-        return dict(Counter(e["task"] for e in self.events("finished") if e.get("event") == "finished"))
 
     def report(self) -> dict:
         """What `mmpl status` shows: per shot, segment and task, done / missing / invalid / stale, how often

@@ -148,7 +148,7 @@ def events(out: Path) -> list[dict]:
     """Every worker's events of a render folder, merged in time order (one file per process)."""
     from mmpl_cli.store import RenderStore
 
-    return RenderStore(out).events()
+    return RenderStore(out).event_log.read()
 
 
 def videos(out: Path) -> dict[str, bytes]:

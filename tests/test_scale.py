@@ -79,7 +79,7 @@ while not Path({str(go)!r}).exists():
     time.sleep(0.001)
 pad = "x" * 6000  # longer than PIPE_BUF: one shared O_APPEND file could tear such lines on NFS
 for i in range({count}):
-    store.log("finished", f"{worker}/t{{i:05d}}", "h", worker={worker!r}, pad=pad, i=i)
+    store.event_log.log("finished", f"{worker}/t{{i:05d}}", "h", worker={worker!r}, pad=pad, i=i)
 """
     return subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
 
@@ -95,13 +95,13 @@ def test_two_workers_writing_events_at_once_lose_and_tear_nothing(tmp_path):
 
     store = RenderStore(folder)
     assert len(list((folder / ".mmpl/events").glob("*.jsonl"))) == 2  # one file per process
-    logged = store.events()
+    logged = store.event_log.read()
     assert len(logged) == 2 * count
     for name in ("w0", "w1"):
         mine = [e for e in logged if e["worker"] == name]
         assert sorted(e["i"] for e in mine) == list(range(count))
         assert all(e["pad"] == "x" * 6000 and e["task"] == f"{name}/t{e['i']:05d}" for e in mine)
-    assert store.computed_counts() == {f"{n}/t{i:05d}": 1 for n in ("w0", "w1") for i in range(count)}
+    assert store.event_log.computed_counts() == {f"{n}/t{i:05d}": 1 for n in ("w0", "w1") for i in range(count)}
 
 
 @pytest.mark.slow
