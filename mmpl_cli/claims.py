@@ -1,10 +1,14 @@
 """Which worker runs which task, and the decisions the first worker makes for a render folder.
 
-A claim is a file `<claims>/<shot>/<task>.claim.<generation>` created with O_EXCL, so one worker
-wins it. Its holder touches it while the task runs (a heartbeat). A claim not touched for `timeout`
-seconds, or whose process is gone from this machine, belongs to a dead worker: another worker takes
-it over by creating the next generation, which again only one can do. Claims live in the render
-folder, so this works across processes, machines and SLURM array tasks on a shared filesystem.
+A claim is a file `<claims>/<shot>/<task>.claim.<generation>` made by a hard link, which fails if the
+name exists (as O_EXCL would), so one worker wins it. What it links is the claiming process's own
+record (worker, pid, host), written whole once under a temporary name in <claims>: a claim costs a
+link and its release an unlink, and no file is created or freed per task. Its holder touches it
+while the task runs (a heartbeat: the touch is the record's, which is also touched when linked). A
+claim not touched for `timeout` seconds, or whose process is gone from this machine, belongs to a
+dead worker: another worker takes it over by creating the next generation, which again only one can
+do. Claims live in the render folder, so this works across processes, machines and SLURM array
+tasks on a shared filesystem.
 
 A decision (`.mmpl/seeding.json`, `.mmpl/numerics.json`) is first-writer-wins: written whole under a
 temporary name and hard-linked into place, which fails if the name exists, so every worker and
@@ -32,6 +36,35 @@ class Claims:
     def __init__(self, folder: Path, warn: Callable[[str], None] | None = None):
         self.folder = Path(folder)  # the render folder's claims (RenderStore.claims_folder)
         self.warn = warn or (lambda text: None)
+        self._records: dict[str, Path] = {}  # worker -> this process's record, which its claims link
+
+    def _record(self, worker: str, claim: Path) -> Path:
+        """This process's record for `worker`, written whole once (a temporary name, so a dead
+        process's record is cleaned like any temporary file) and touched: a claim linked to it is fresh."""
+        record = self._records.get(worker)
+        if record is not None:
+            try:
+                os.utime(record)
+                return record
+            except FileNotFoundError:  # cleaned away by another worker's start (untouched for the claim timeout)
+                pass
+        with disk_errors(claim):
+            self.folder.mkdir(parents=True, exist_ok=True)
+            record = temporary_name(self.folder / "worker.claim")
+            try:
+                record.write_text(json.dumps({"worker": worker, "pid": os.getpid(), "host": os.uname().nodename,
+                                              "time": time.time()}))
+            except BaseException:  # a full disk leaves no empty record behind
+                record.unlink(missing_ok=True)
+                raise
+        self._records[worker] = record
+        return record
+
+    def close(self) -> None:
+        """Remove this process's records (its claims are released already)."""
+        for record in self._records.values():
+            record.unlink(missing_ok=True)
+        self._records.clear()
 
     def _base(self, task_id: str) -> Path:
         shot, *rest = task_id.split("/")
@@ -85,19 +118,19 @@ class Claims:
             generation = 0
         base = self._base(task_id)
         path = base.with_name(f"{base.name}.{generation}")
-        # written whole under a temporary name and linked into place (which fails if the name exists, as
-        # O_EXCL would): a full disk leaves no empty claim behind
+        record = self._record(worker, path)
         with disk_errors(path):
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = temporary_name(path)
             try:
-                tmp.write_text(json.dumps({"worker": worker, "pid": os.getpid(), "host": os.uname().nodename,
-                                           "time": time.time()}))
-                os.link(tmp, path)
+                os.link(record, path)
             except FileExistsError:
                 return None
-            finally:
-                tmp.unlink(missing_ok=True)
+            except FileNotFoundError:  # the record was cleaned away just now: written again
+                self._records.pop(worker, None)
+                try:
+                    os.link(self._record(worker, path), path)
+                except FileExistsError:
+                    return None
         return path
 
     def holds(self, claim: Path, task_id: str) -> bool:

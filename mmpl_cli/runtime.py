@@ -105,6 +105,7 @@ class _Heartbeat:
     def __exit__(self, *exc) -> None:
         self.stopped.set()
         self.thread.join()
+        self.claims.close()  # the worker's record, which its claims linked
 
     def _beat(self) -> None:
         while not self.stopped.wait(self.interval):  # a new claim is fresh: at most `interval` old when touched
