@@ -97,9 +97,11 @@ def worker(args) -> None:
 
     checked = check(RenderRequest(shots=Path(args.shots_file), out=Path(args.out), seeding="terminal", device="cpu"))
     from mmpl_cli.control import StopFlag, Worker
+    from mmpl_cli.launch import import_render
     from mmpl_cli.progress import Progress
-    from mmpl_cli.runtime import render
     from mmpl_cli.store import RenderStore
+
+    render = import_render()  # as launch.run imports it
 
     stats = {"launched": args.launched, "ran": 0, "overhead_s": [], "overhead_cpu_s": [], "kinds": [], "last_end": 0.0,
              "first_only": args.first_only, "path": args.stats}
