@@ -117,6 +117,9 @@ def worker(args) -> None:
         "rss_500_mb": stats.get("rss_500_mb"),
         "peak_rss_mb": _rss_mb("VmHWM"), "cpu_s": usage.ru_utime + usage.ru_stime,
         "overhead_s": stats["overhead_s"], "overhead_cpu_s": stats["overhead_cpu_s"], "kinds": kinds}))
+    from mmpl_cli.launch import exiting
+
+    exiting()  # as the CLI ends a process
 
 
 def write_shots(path: Path, shots: int) -> Path:

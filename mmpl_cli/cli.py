@@ -315,5 +315,5 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         app()
-    finally:  # exiting: Python drops its handlers while it shuts down, so a late signal is ignored instead
-        launch.ignore_signals()
+    finally:
+        launch.exiting()
