@@ -211,6 +211,33 @@ def test_stale_claims_are_taken_over_and_live_ones_respected(tmp_path):
     assert store.try_claim("s/s000/plan", "c", timeout=60) is not None
 
 
+def test_a_claim_links_its_workers_record_which_is_touched_when_linked_and_written_again_if_cleaned(tmp_path):
+    """Claiming creates no file per task: every claim of a worker is a hard link to its one record
+    (worker, pid, host). An idle worker's record may be older than the claim timeout; linking touches
+    it, so a new claim never looks abandoned; a record removed meanwhile (another worker's start
+    cleans temporary names untouched for the claim timeout) is written again."""
+    claims = Claims(RenderStore(tmp_path).claims_folder)
+    first, second = (claims.try_claim(f"s/s00{i}/plan", "a", timeout=60) for i in (0, 1))
+    [record] = [p for p in claims.folder.iterdir() if p.is_file()]
+    assert os.stat(first).st_ino == os.stat(second).st_ino == os.stat(record).st_ino
+    assert json.loads(first.read_text()) | {"time": 0} == {"worker": "a", "pid": os.getpid(), "host": os.uname().nodename,
+                                                           "time": 0}
+    claims.release("s/s000/plan")
+    claims.release("s/s001/plan")
+    assert record.exists() and not first.exists() and not second.exists()  # a release frees no file
+    old = time.time() - 1000
+    os.utime(record, (old, old))  # idle far longer than the timeout
+    third = claims.try_claim("s/s002/plan", "a", timeout=60)
+    assert Claims(claims.folder).try_claim("s/s002/plan", "b", timeout=60) is None  # fresh, not taken over
+    claims.release("s/s002/plan")
+    record.unlink()  # cleaned away while the worker was idle
+    fourth = claims.try_claim("s/s003/plan", "a", timeout=60)
+    assert third.name == "s002-plan.claim.0" and fourth is not None and json.loads(fourth.read_text())["worker"] == "a"
+    claims.release("s/s003/plan")
+    claims.close()
+    assert [p for p in claims.folder.rglob("*") if p.is_file()] == []
+
+
 def test_names_in_the_claims_folder_that_are_not_claims_are_ignored(tmp_path):
     """A render folder's contents are untrusted: '²' is a digit to str.isdigit but not to int()."""
     store = Claims(RenderStore(tmp_path).claims_folder)
