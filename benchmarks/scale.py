@@ -20,6 +20,10 @@ a stitch joins them with ffmpeg. So what is measured is mmpl's overhead, not a m
     python benchmarks/scale.py                         # 100 and 1000 shots (1,100 and 11,000 tasks)
     python benchmarks/scale.py --shots 1000 --workers 8 --json benchmarks/results/scale.json
     python benchmarks/scale.py --shots 40 --latent-size 832x480   # task files of Wan's size (8 MB a segment)
+
+Runs started back to back slow each other on ext4: the last one's files are removed as it ends, and
+for some minutes after, creating a file scans past the inodes they freed (the kernel's
+recently_deleted). Leave five minutes between runs whose figures are compared.
 """
 
 from __future__ import annotations
@@ -203,16 +207,19 @@ def main() -> None:
         return worker(args)
     os.environ.setdefault("MMPL_CACHE_DIR", tempfile.mkdtemp(prefix="mmpl-cache-"))
     rows = []
-    for shots in args.shots:
-        if args.keep:
-            Path(args.keep).mkdir(parents=True)
-            row = run_batch(shots, args.workers, Path(args.keep), args.latent_size)
-        else:
-            with tempfile.TemporaryDirectory(prefix="mmpl-scale-") as tmp:
-                row = run_batch(shots, args.workers, Path(tmp), args.latent_size)
-                row["start_s"]["alone"] = start_alone(shots, Path(tmp))
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    # every run's folder is removed at the end, not between runs: ext4 skips inodes freed within the
+    # last minutes when it allocates new ones, so removing a run's 30,000 files slows the run after it
+    with tempfile.TemporaryDirectory(prefix="mmpl-scale-") as tmp:
+        for shots in args.shots:
+            if args.keep:
+                Path(args.keep).mkdir(parents=True)
+                row = run_batch(shots, args.workers, Path(args.keep), args.latent_size)
+            else:
+                (folder := Path(tmp) / f"shots-{shots}").mkdir()
+                row = run_batch(shots, args.workers, folder, args.latent_size)
+                row["start_s"]["alone"] = start_alone(shots, folder)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     print("\n| shots | tasks | workers | overhead median ms (latent / video tasks) | p90 ms | overhead CPU ms median "
           "| start s: first, last worker; one alone (CPU s) | RSS peak over RSS after 500 tasks | status s | wall s |\n"
           "|---|---|---|---|---|---|---|---|---|---|")

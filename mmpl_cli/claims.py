@@ -2,8 +2,8 @@
 
 A claim is a file `<claims>/<shot>/<task>.claim.<generation>` made by a hard link, which fails if the
 name exists (as O_EXCL would), so one worker wins it. What it links is the claiming process's own
-record (worker, pid, host), written whole once under a temporary name in <claims>: a claim costs a
-link and its release an unlink, and no file is created or freed per task. Its holder touches it
+record (worker, pid, host), written whole once per shot folder under a temporary name there: a
+claim costs a link and its release an unlink, and no file is created or freed per task. Its holder touches it
 while the task runs (a heartbeat: the touch is the record's, which is also touched when linked). A
 claim not touched for `timeout` seconds, or whose process is gone from this machine, belongs to a
 dead worker: another worker takes it over by creating the next generation, which again only one can
@@ -24,8 +24,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from mmpl_cli.files import (MAX_RECORD_BYTES, alive, disk_errors, fsync_dir, load_json, parse_json, sha256_file,
-                            temporary_name)
+from mmpl_cli.files import (MAX_RECORD_BYTES, alive, clean_temporary_files, disk_errors, fsync_dir, load_json, parse_json,
+                            sha256_file, temporary_name)
 from mmpl_cli.numerics import check_record
 from mmpl_cli.terms import SEEDINGS
 
@@ -36,35 +36,39 @@ class Claims:
     def __init__(self, folder: Path, warn: Callable[[str], None] | None = None):
         self.folder = Path(folder)  # the render folder's claims (RenderStore.claims_folder)
         self.warn = warn or (lambda text: None)
-        self._records: dict[str, Path] = {}  # worker -> this process's record, which its claims link
+        self._records: dict[tuple[str, str], Path] = {}  # (worker, shot folder) -> the record its claims there link
 
     def _record(self, worker: str, claim: Path) -> Path:
-        """This process's record for `worker`, written whole once (a temporary name, so a dead
-        process's record is cleaned like any temporary file) and touched: a claim linked to it is fresh."""
-        record = self._records.get(worker)
+        """This process's record for `worker` in the claim's folder (a link stays within one folder:
+        BeeGFS before 7.4 and AFS refuse others), written whole once under a temporary name (a dead
+        process's is cleaned like any temporary file) and touched, so a claim linked to it is fresh."""
+        key = (worker, str(claim.parent))
+        record = self._records.get(key)
         if record is not None:
             try:
                 os.utime(record)
                 return record
-            except FileNotFoundError:  # cleaned away by another worker's start (untouched for the claim timeout)
-                pass
+            except OSError:  # cleaned away by another worker's start (untouched for the claim timeout): again
+                self._records.pop(key)
         with disk_errors(claim):
-            self.folder.mkdir(parents=True, exist_ok=True)
-            record = temporary_name(self.folder / "worker.claim")
+            claim.parent.mkdir(parents=True, exist_ok=True)
+            record = temporary_name(claim.parent / "worker.claim")
             try:
                 record.write_text(json.dumps({"worker": worker, "pid": os.getpid(), "host": os.uname().nodename,
                                               "time": time.time()}))
             except BaseException:  # a full disk leaves no empty record behind
                 record.unlink(missing_ok=True)
                 raise
-        self._records[worker] = record
+        self._records[key] = record
         return record
 
     def close(self) -> None:
-        """Remove this process's records (its claims are released already)."""
+        """Remove this process's records (its claims are released already), and those of processes
+        of this machine that are gone (a killed worker's)."""
         for record in self._records.values():
             record.unlink(missing_ok=True)
         self._records.clear()
+        clean_temporary_files(self.folder, older_than=float("inf"))
 
     def _base(self, task_id: str) -> Path:
         shot, *rest = task_id.split("/")
@@ -118,20 +122,19 @@ class Claims:
             generation = 0
         base = self._base(task_id)
         path = base.with_name(f"{base.name}.{generation}")
-        record = self._record(worker, path)
         with disk_errors(path):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(record, path)
-            except FileExistsError:
-                return None
-            except FileNotFoundError:  # the record was cleaned away just now: written again
-                self._records.pop(worker, None)
+            for attempt in (1, 2):
+                record = self._record(worker, path)
                 try:
-                    os.link(self._record(worker, path), path)
+                    os.link(record, path)
+                    return path
                 except FileExistsError:
                     return None
-        return path
+                except FileNotFoundError:  # the record was cleaned away just now: written again, once
+                    if attempt == 2 or os.path.lexists(record):
+                        raise
+                    self._records.pop((worker, str(path.parent)), None)
+        return None
 
     def holds(self, claim: Path, task_id: str) -> bool:
         """Whether this claim is still the newest one (nobody took the task over)."""

@@ -171,7 +171,8 @@ def test_killed_worker_task_is_taken_over(shots_file, tiny_model_dir, reference_
     report = status(out)
     assert report["remaining"] == 0
     assert all(t["computed"] == 1 for t in report["tasks"])
-    assert not list((out / ".mmpl" / "claims").rglob("*.claim.*"))
+    # no claim and no worker's record is left: the survivor removes its own and the killed one's
+    assert [p for p in (out / ".mmpl" / "claims").rglob("*") if not p.is_dir()] == []
 
 
 @pytest.mark.slow
@@ -212,18 +213,22 @@ def test_stale_claims_are_taken_over_and_live_ones_respected(tmp_path):
 
 
 def test_a_claim_links_its_workers_record_which_is_touched_when_linked_and_written_again_if_cleaned(tmp_path):
-    """Claiming creates no file per task: every claim of a worker is a hard link to its one record
-    (worker, pid, host). An idle worker's record may be older than the claim timeout; linking touches
-    it, so a new claim never looks abandoned; a record removed meanwhile (another worker's start
-    cleans temporary names untouched for the claim timeout) is written again."""
+    """Claiming creates no file per task: every claim of a worker in a shot's folder is a hard link
+    to its one record there (worker, pid, host; links stay within a folder). An idle worker's record
+    may be older than the claim timeout; linking touches it, so a new claim never looks abandoned; a
+    record removed meanwhile (another worker's start cleans temporary names untouched for the claim
+    timeout) is written again."""
     claims = Claims(RenderStore(tmp_path).claims_folder)
     first, second = (claims.try_claim(f"s/s00{i}/plan", "a", timeout=60) for i in (0, 1))
-    [record] = [p for p in claims.folder.iterdir() if p.is_file()]
-    assert os.stat(first).st_ino == os.stat(second).st_ino == os.stat(record).st_ino
+    other = claims.try_claim("t/s000/plan", "a", timeout=60)
+    records = lambda folder: [p for p in folder.iterdir() if p.name.startswith(".worker")]  # noqa: E731
+    [record], [record_t] = records(first.parent), records(other.parent)
+    assert os.stat(first).st_ino == os.stat(second).st_ino == os.stat(record).st_ino != os.stat(record_t).st_ino
+    assert os.stat(other).st_ino == os.stat(record_t).st_ino
     assert json.loads(first.read_text()) | {"time": 0} == {"worker": "a", "pid": os.getpid(), "host": os.uname().nodename,
                                                            "time": 0}
-    claims.release("s/s000/plan")
-    claims.release("s/s001/plan")
+    for task in ("s/s000/plan", "s/s001/plan", "t/s000/plan"):
+        claims.release(task)
     assert record.exists() and not first.exists() and not second.exists()  # a release frees no file
     old = time.time() - 1000
     os.utime(record, (old, old))  # idle far longer than the timeout
