@@ -3,12 +3,12 @@
 A claim is a file `<claims>/<shot>/<task>.claim.<generation>` made by a hard link, which fails if the
 name exists (as O_EXCL would), so one worker wins it. What it links is the claiming process's own
 record (worker, pid, host), written whole once per shot folder under a temporary name there: a
-claim costs a link and its release an unlink, and no file is created or freed per task. Its holder touches it
-while the task runs (a heartbeat: the touch is the record's, which is also touched when linked). A
-claim not touched for `timeout` seconds, or whose process is gone from this machine, belongs to a
-dead worker: another worker takes it over by creating the next generation, which again only one can
-do. Claims live in the render folder, so this works across processes, machines and SLURM array
-tasks on a shared filesystem.
+claim costs a link and its release an unlink, and no file is created or freed per task. Its holder
+touches it while the task runs (a heartbeat: the touch is the record's, which is also touched when
+linked). A claim not touched for `timeout` seconds, or whose process is gone from this machine,
+belongs to a dead worker: another worker takes it over by creating the next generation, which again
+only one can do. Claims live in the render folder, so this works across processes, machines and
+SLURM array tasks on a shared filesystem.
 
 A decision (`.mmpl/seeding.json`, `.mmpl/numerics.json`) is first-writer-wins: written whole under a
 temporary name and hard-linked into place, which fails if the name exists, so every worker and
@@ -68,7 +68,10 @@ class Claims:
         for record in self._records.values():
             record.unlink(missing_ok=True)
         self._records.clear()
-        clean_temporary_files(self.folder, older_than=float("inf"))
+        try:
+            clean_temporary_files(self.folder, older_than=float("inf"))
+        except OSError:  # an unreadable folder: what is left there is cleaned by a later start
+            pass
 
     def _base(self, task_id: str) -> Path:
         shot, *rest = task_id.split("/")
