@@ -10,7 +10,6 @@ processes it starts is launch.py's business.
 from __future__ import annotations
 
 import contextlib
-import gc
 import threading
 import time
 from collections.abc import Callable
@@ -168,15 +167,9 @@ def render(checked: Checked, progress: Progress | None = None, stop: StopFlag | 
     the folder's CPU thread count (numerics.py), so their bits do not depend on the launcher.
     `make_runner(plan)` gives what runs a shot's tasks (default: a ShotRunner on the profile's model,
     loaded when the first task needs it; benchmarks/scale.py passes one that computes nothing).
-    The cyclic collector is frozen meanwhile: what exists when a render starts (torch's modules, a
-    batch's checked plans) lives to its end, and a full collection walked it in a 1,000-shot
-    worker's start (0.12 s of its CPU, dev/LOG.md); unfrozen after, for a caller that goes on.
+    (The CLI imports this module through launch.import_render, which freezes the collector's heap.)
     """
-    gc.freeze()
-    try:
-        return _render(checked, progress or Progress(), stop or StopFlag(), worker, make_runner)
-    finally:
-        gc.unfreeze()
+    return _render(checked, progress or Progress(), stop or StopFlag(), worker, make_runner)
 
 
 def _render(checked: Checked, progress: Progress, stop: StopFlag, worker: Worker,

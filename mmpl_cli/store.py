@@ -56,7 +56,7 @@ class RenderStore:
         self._verified: dict[str, tuple] = {}
         self._absent: set[str] = set()  # tasks with no file at this worker's start (note_absent) or first look
         self._seen_folders: set[str] | None = None  # during a report: paths found not to be symlinks
-        self.event_log = EventLog(self, worker)  # this process's own event file, and its peers'
+        self.event_log = EventLog(self, worker)  # this process's own event file; every worker's, read
 
     # -- the folder ------------------------------------------------------------------------
 
