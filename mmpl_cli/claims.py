@@ -37,6 +37,7 @@ class Claims:
         self.folder = Path(folder)  # the render folder's claims (RenderStore.claims_folder)
         self.warn = warn or (lambda text: None)
         self._records: dict[tuple[str, str], Path] = {}  # (worker, shot folder) -> the record its claims there link
+        self._held: dict[Path, tuple[int, int]] = {}  # a claim this process made -> (device, inode) it linked
 
     def _record(self, worker: str, claim: Path) -> Path:
         """This process's record for `worker` in the claim's folder (a link stays within one folder:
@@ -130,6 +131,8 @@ class Claims:
                 record = self._record(worker, path)
                 try:
                     os.link(record, path)
+                    info = os.lstat(path)
+                    self._held[path] = (info.st_dev, info.st_ino)
                     return path
                 except FileExistsError:
                     return None
@@ -139,10 +142,19 @@ class Claims:
                     self._records.pop((worker, str(path.parent)), None)
         return None
 
+    def _still_mine(self, claim: Path) -> bool:
+        """Whether `claim` is still the file this process linked: a name can be made again by
+        another worker once every claim of its task was released."""
+        try:
+            info = os.lstat(claim)
+        except OSError:
+            return False
+        return self._held.get(claim) == (info.st_dev, info.st_ino)
+
     def holds(self, claim: Path, task_id: str) -> bool:
         """Whether this claim is still the newest one (nobody took the task over)."""
         claims = self._claims(task_id)
-        return bool(claims) and claims[-1][1] == claim
+        return bool(claims) and claims[-1][1] == claim and self._still_mine(claim)
 
     @staticmethod
     def heartbeat(claim: Path) -> None:
@@ -151,8 +163,18 @@ class Claims:
         except FileNotFoundError:
             pass
 
-    def release(self, task_id: str) -> None:
-        for _, path in self._claims(task_id):
+    def release(self, claim: Path, task_id: str) -> None:
+        """Remove this process's claim and the older generations it took over from. A newer one is
+        another worker's, which took the task over from a stalled holder: it stays, or a third
+        worker would claim the task and compute it again."""
+        mine = self._still_mine(claim)
+        self._held.pop(claim, None)
+        if not mine:  # taken over and released by its new holder already (maybe claimed afresh since)
+            return
+        generation = int(claim.name.rsplit(".", 1)[1])
+        for older, path in self._claims(task_id):
+            if older > generation:
+                break
             try:
                 path.unlink()
             except (FileNotFoundError, IsADirectoryError):  # gone already; a planted folder stays where it is
