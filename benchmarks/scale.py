@@ -11,7 +11,11 @@ a stitch joins them with ffmpeg. So what is measured is mmpl's overhead, not a m
                       next: an input dropped from memory is read again from the folder), median
                       and p90 over all workers, in wall-clock seconds and in the worker's own CPU
                       seconds (eight workers and their ffmpeg children share two cores here, so
-                      the wall-clock figure is mostly waiting for a core)
+                      the wall-clock figure is mostly waiting for a core); also its median
+                      without reading the inputs: claim + pick + save + log alone
+  where it goes       for denoising tasks, the mean of the same gap split by the kernel's own count
+                      of the worker's main thread (/proc/thread-self/schedstat): on a core, waiting
+                      in the run queue for one, and the rest (blocked: fsync, reads)
   memory              each worker's resident memory after its 500th task and its peak at the end
   status              `mmpl status --json` on the finished folder, wall seconds
   start-up            from a worker's launch to its first task (imports, plans, priorities, hashes):
@@ -42,6 +46,16 @@ from pathlib import Path
 SHOT_SECONDS = 9  # two segments at the tiny profile's 16 fps: 11 tasks per shot
 
 
+def _schedstat() -> tuple[int, int] | None:
+    """Nanoseconds this thread has run on a core, and waited in a run queue for one (Linux)."""
+    try:
+        with open("/proc/thread-self/schedstat") as fh:
+            ran, waited, _ = fh.read().split()
+        return int(ran), int(waited)
+    except (OSError, ValueError):
+        return None
+
+
 def _rss_mb(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -66,7 +80,9 @@ class NullRunner:
         from mmpl_cli.results import Frames, Latents, Parts
         from mmpl_cli.terms import Kind
 
+        before_inputs = time.perf_counter()
         inputs = [results[dep] for dep in task.deps]  # as a real task reads them: mmpl's cost, counted
+        sched = _schedstat()
         stats, now, cpu = self.stats, time.perf_counter(), time.process_time()
         if stats["ran"] == 0:
             stats["first_task_s"] = time.time() - stats["launched"]
@@ -76,7 +92,10 @@ class NullRunner:
                 os._exit(0)
         else:
             stats["overhead_s"].append(now - stats["last_end"])
+            stats["inputs_s"].append(now - before_inputs)
             stats["overhead_cpu_s"].append(cpu - stats["last_cpu"])
+            if sched and stats["last_sched"]:
+                stats["overhead_sched_s"].append([(a - b) / 1e9 for a, b in zip(sched, stats["last_sched"])])
         if task.kind == Kind.STITCH:
             made = Parts([r.path for r in inputs], self.store.shot_video(self.plan.shot.id))
         elif task.kind == Kind.DECODE:
@@ -91,6 +110,7 @@ class NullRunner:
         if stats["ran"] == 500:
             stats["rss_500_mb"] = _rss_mb("VmRSS")
         stats["last_end"], stats["last_cpu"] = time.perf_counter(), time.process_time()
+        stats["last_sched"] = _schedstat()
         return made
 
 
@@ -107,7 +127,8 @@ def worker(args) -> None:
 
     render = import_render()  # as launch.run imports it
 
-    stats = {"launched": args.launched, "ran": 0, "overhead_s": [], "overhead_cpu_s": [], "kinds": [], "last_end": 0.0,
+    stats = {"launched": args.launched, "ran": 0, "overhead_s": [], "overhead_cpu_s": [], "overhead_sched_s": [], "inputs_s": [],
+             "kinds": [], "last_end": 0.0,
              "first_only": args.first_only, "path": args.stats}
     store = RenderStore(checked.out)
     render(checked, Progress(), StopFlag(), Worker(name=f"w{args.worker}", team=args.team, poll=0.05),
@@ -120,7 +141,8 @@ def worker(args) -> None:
         "tasks": stats["ran"], "first_task_s": stats.get("first_task_s"), "first_task_cpu_s": stats.get("first_task_cpu_s"),
         "rss_500_mb": stats.get("rss_500_mb"),
         "peak_rss_mb": _rss_mb("VmHWM"), "cpu_s": usage.ru_utime + usage.ru_stime,
-        "overhead_s": stats["overhead_s"], "overhead_cpu_s": stats["overhead_cpu_s"], "kinds": kinds}))
+        "overhead_s": stats["overhead_s"], "overhead_cpu_s": stats["overhead_cpu_s"],
+        "overhead_sched_s": stats["overhead_sched_s"], "inputs_s": stats["inputs_s"], "kinds": kinds}))
     from mmpl_cli.launch import exiting
 
     exiting()  # as the CLI ends a process
@@ -166,16 +188,24 @@ def run_batch(shots: int, workers: int, folder: Path, latent_size: tuple[int, in
     tasks = len(report["tasks"])
     computed = [t["computed"] for t in report["tasks"]]
     overhead = sorted(o for w in per for o in w["overhead_s"])
+    without_inputs = sorted(o - i for w in per for o, i in zip(w["overhead_s"], w["inputs_s"]))
     overhead_cpu = sorted(o for w in per for o in w["overhead_cpu_s"])
     latent = sorted(o for w in per for o, k in zip(w["overhead_s"], w["kinds"]) if k not in ("decode", "stitch"))
     video = sorted(o for w in per for o, k in zip(w["overhead_s"], w["kinds"]) if k in ("decode", "stitch"))
+    # the denoising tasks' gaps, split: on a core, waiting for one, the rest (means, so the parts add up)
+    split = [(o, *s) for w in per for o, k, s in zip(w["overhead_s"], w["kinds"], w["overhead_sched_s"])
+             if k not in ("decode", "stitch")]
+    mean = lambda i: round(1000 * sum(r[i] for r in split) / len(split), 1) if split else None  # noqa: E731
     q = lambda xs, f: round(1000 * xs[min(len(xs) - 1, int(f * len(xs)))], 1) if xs else None  # noqa: E731
     return {
         "shots": shots, "workers": workers, "tasks": tasks, "latent_size": latent_size, "wall_s": round(wall, 1),
         "remaining": report["remaining"], "computed_once": computed.count(1),
         "computed_twice_or_more": sum(c > 1 for c in computed),
         "overhead_ms": {"median": q(overhead, 0.5), "p90": q(overhead, 0.9),
-                        "median_latent_tasks": q(latent, 0.5), "median_video_tasks": q(video, 0.5)},
+                        "median_latent_tasks": q(latent, 0.5), "median_video_tasks": q(video, 0.5),
+                        "median_without_reading_inputs": q(without_inputs, 0.5)},
+        "latent_tasks_mean_ms": {"wall": mean(0), "on_a_core": mean(1), "waiting_for_a_core": mean(2),
+                                 "blocked": split and round(mean(0) - mean(1) - mean(2), 1)},
         "overhead_cpu_ms": {"median": q(overhead_cpu, 0.5), "p90": q(overhead_cpu, 0.9)},
         "cpu_ms_per_task": round(1000 * sum(w["cpu_s"] for w in per) / max(1, sum(w["tasks"] for w in per)), 1),
         "tasks_per_worker": [w["tasks"] for w in per],
@@ -221,14 +251,17 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     print("\n| shots | tasks | workers | overhead median ms (latent / video tasks) | p90 ms | overhead CPU ms median "
+          "| denoising tasks, mean ms: on a core / waiting for one / blocked "
           "| start s: first, last worker; one alone (CPU s) | RSS peak over RSS after 500 tasks | status s | wall s |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")
+          "|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         grown = [m["peak"] / m["after_500"] - 1 for m in r["rss_mb"] if m["after_500"]]
         rss = f"{max(grown):+.1%} most" if grown else "fewer than 500 tasks each"
-        o, s = r["overhead_ms"], r["start_s"]
+        o, s, m = r["overhead_ms"], r["start_s"], r["latent_tasks_mean_ms"]
         print(f"| {r['shots']} | {r['tasks']} | {r['workers']} | {o['median']} ({o['median_latent_tasks']} / "
-              f"{o['median_video_tasks']}) | {o['p90']} | {r['overhead_cpu_ms']['median']} | "
+              f"{o['median_video_tasks']}; {o['median_without_reading_inputs']}) | "
+              f"{o['p90']} | {r['overhead_cpu_ms']['median']} | "
+              f"{m['on_a_core']} / {m['waiting_for_a_core']} / {m['blocked']} | "
               f"{s['first']}, {s['last']}; {s.get('alone', {}).get('s')} ({s.get('alone', {}).get('cpu_s')}) | {rss} | "
               f"{r['status_s']} | {r['wall_s']} |")
     if args.json:
