@@ -7,7 +7,9 @@ claim costs a link and its release an unlink, and no file is created or freed pe
 touches it while the task runs (a heartbeat: the touch is the record's, which is also touched when
 linked). A claim not touched for `timeout` seconds, or whose process is gone from this machine,
 belongs to a dead worker: another worker takes it over by creating the next generation, which again
-only one can do. Claims live in the render folder, so this works across processes, machines and
+only one can do, and removes the claims it took over. A release removes the worker's own claim
+only, checked by its inode and the record in it: a stalled worker that was taken over never removes
+its successor's. Claims live in the render folder, so this works across processes, machines and
 SLURM array tasks on a shared filesystem.
 
 A decision (`.mmpl/seeding.json`, `.mmpl/numerics.json`) is first-writer-wins: written whole under a
@@ -17,6 +19,7 @@ every resume reads the one record the first worker made, never half of one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -37,7 +40,7 @@ class Claims:
         self.folder = Path(folder)  # the render folder's claims (RenderStore.claims_folder)
         self.warn = warn or (lambda text: None)
         self._records: dict[tuple[str, str], Path] = {}  # (worker, shot folder) -> the record its claims there link
-        self._held: dict[Path, tuple[int, int]] = {}  # a claim this process made -> (device, inode) it linked
+        self._held: dict[Path, tuple[int, int, str]] = {}  # a claim this process made -> its record's (device, inode, name)
 
     def _record(self, worker: str, claim: Path) -> Path:
         """This process's record for `worker` in the claim's folder (a link stays within one folder:
@@ -56,7 +59,7 @@ class Claims:
             record = temporary_name(claim.parent / "worker.claim")
             try:
                 record.write_text(json.dumps({"worker": worker, "pid": os.getpid(), "host": os.uname().nodename,
-                                              "time": time.time()}))
+                                              "time": time.time(), "record": record.name}))
             except BaseException:  # a full disk leaves no empty record behind
                 record.unlink(missing_ok=True)
                 raise
@@ -132,7 +135,10 @@ class Claims:
                 try:
                     os.link(record, path)
                     info = os.lstat(path)
-                    self._held[path] = (info.st_dev, info.st_ino)
+                    self._held[path] = (info.st_dev, info.st_ino, record.name)
+                    for _, older in claims:  # the holders taken over from are done with: their claims go now
+                        with contextlib.suppress(OSError):  # gone already, or a planted folder: it stays
+                            older.unlink()
                     return path
                 except FileExistsError:
                     return None
@@ -143,13 +149,19 @@ class Claims:
         return None
 
     def _still_mine(self, claim: Path) -> bool:
-        """Whether `claim` is still the file this process linked: a name can be made again by
-        another worker once every claim of its task was released."""
+        """Whether `claim` is still the one this process linked: the same inode, holding this
+        process's record (an inode number freed with the last link of a cleaned record can come
+        back as another worker's record, linked under the same name)."""
+        held = self._held.get(claim)
         try:
             info = os.lstat(claim)
-        except OSError:
+            if held is None or (info.st_dev, info.st_ino) != held[:2] or not stat.S_ISREG(info.st_mode):
+                return False
+            with open(claim, "rb") as fh:
+                record = parse_json(fh.read(4096) or b"{}")
+        except (OSError, ValueError):
             return False
-        return self._held.get(claim) == (info.st_dev, info.st_ino)
+        return isinstance(record, dict) and record.get("record") == held[2]
 
     def holds(self, claim: Path, task_id: str) -> bool:
         """Whether this claim is still the newest one (nobody took the task over)."""
@@ -163,22 +175,14 @@ class Claims:
         except FileNotFoundError:
             pass
 
-    def release(self, claim: Path, task_id: str) -> None:
-        """Remove this process's claim and the older generations it took over from. A newer one is
-        another worker's, which took the task over from a stalled holder: it stays, or a third
-        worker would claim the task and compute it again."""
-        mine = self._still_mine(claim)
+    def release(self, claim: Path) -> None:
+        """Remove this process's claim, if it still is. Not a newer generation's: that is another
+        worker's, which took the task over from this one when it stalled (and removed this claim
+        then); removing it would let a third worker compute the task again."""
+        if self._still_mine(claim):
+            with contextlib.suppress(FileNotFoundError):
+                claim.unlink()
         self._held.pop(claim, None)
-        if not mine:  # taken over and released by its new holder already (maybe claimed afresh since)
-            return
-        generation = int(claim.name.rsplit(".", 1)[1])
-        for older, path in self._claims(task_id):
-            if older > generation:
-                break
-            try:
-                path.unlink()
-            except (FileNotFoundError, IsADirectoryError):  # gone already; a planted folder stays where it is
-                pass
 
 
 # -- first-writer-wins decisions -------------------------------------------------------------

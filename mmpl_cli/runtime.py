@@ -299,7 +299,7 @@ def _render(checked: Checked, progress: Progress, stop: StopFlag, worker: Worker
                         write_when_planned(runner, results, store, ready.done, progress)
                 finally:
                     heartbeat.hold(None)
-                    claims.release(claim, task_id)
+                    claims.release(claim)
                 ran = True
                 break  # priorities may have changed: look again from the top
             looking.close()  # what was skipped goes back among the ready tasks

@@ -208,29 +208,39 @@ def test_stale_claims_are_taken_over_and_live_ones_respected(tmp_path):
     taken = store.try_claim("s/s000/plan", "b", timeout=60)
     assert taken is not None and taken.name.endswith(".claim.1")
     assert not store.holds(mine, "s/s000/plan") and store.holds(taken, "s/s000/plan")
-    store.release(taken, "s/s000/plan")
+    store.release(taken)
     assert store.try_claim("s/s000/plan", "c", timeout=60) is not None
 
 
 def test_a_stalled_worker_that_lost_its_claim_releases_only_its_own(tmp_path):
-    """A worker that stalled past the claim timeout was taken over; when it comes back and drops its
-    result, its release must leave the new holder's claim (else a third worker computes the task
-    again), and once that holder released too and a fourth claimed the task afresh under the same
-    name, the stalled worker neither holds nor removes that claim."""
-    task, stalled, taker, late = "s/s000/plan", *(Claims(RenderStore(tmp_path).claims_folder) for _ in range(3))
-    mine = stalled.try_claim(task, "a", timeout=60)
-    os.utime(mine, (time.time() - 120, time.time() - 120))  # no heartbeat for two minutes
-    taken = taker.try_claim(task, "b", timeout=60)
-    assert taken.name.endswith(".claim.1") and not stalled.holds(mine, task)
-    stalled.release(mine, task)
-    assert not mine.exists() and taken.exists() and taker.holds(taken, task)
-    assert late.try_claim(task, "c", timeout=60) is None  # still held: nobody computes it a third time
-    taker.release(taken, task)
-    again = late.try_claim(task, "c", timeout=60)
-    assert again == mine  # the same name, another worker's claim
-    assert not stalled.holds(mine, task)
-    stalled.release(mine, task)
-    assert again.exists() and late.holds(again, task) and json.loads(again.read_text())["worker"] == "c"
+    """A worker that stalled past the claim timeout was taken over. Coming back while its successor
+    runs the task, it must neither hold nor remove the successor's claim (else a third worker
+    computes the task again). Coming back after the task was claimed afresh under its claim's very
+    name, it must not take that claim for its own either: its record had been cleaned away while it
+    stalled, so the new claim's record may have the freed inode number (on ext4 it does)."""
+    task = "s/s000/plan"
+    for late_return in (False, True):
+        folder = tmp_path / str(late_return)
+        stalled, taker, third = (Claims(RenderStore(folder).claims_folder) for _ in range(3))
+        mine = stalled.try_claim(task, "a", timeout=60)
+        record = next(p for p in mine.parent.iterdir() if p.name.startswith(".worker"))
+        if late_return:
+            record.unlink()  # a start cleans a temporary name untouched for the claim timeout
+        os.utime(mine, (time.time() - 120, time.time() - 120))  # no heartbeat for two minutes
+        taken = taker.try_claim(task, "b", timeout=60)
+        assert taken.name.endswith(".claim.1") and not mine.exists()  # the claim taken over goes at once
+        if late_return:
+            taker.release(taken)
+            again = third.try_claim(task, "c", timeout=60)
+            assert again == mine  # the same name, another worker's claim
+            assert not stalled.holds(mine, task)
+            stalled.release(mine)
+            assert again.exists() and third.holds(again, task) and json.loads(again.read_text())["worker"] == "c"
+        else:
+            assert not stalled.holds(mine, task)
+            stalled.release(mine)
+            assert taken.exists() and taker.holds(taken, task)
+            assert third.try_claim(task, "c", timeout=60) is None  # still held: nobody computes it a third time
 
 
 def test_a_claim_links_its_workers_record_which_is_touched_when_linked_and_written_again_if_cleaned(tmp_path):
@@ -247,19 +257,19 @@ def test_a_claim_links_its_workers_record_which_is_touched_when_linked_and_writt
     assert os.stat(first).st_ino == os.stat(second).st_ino == os.stat(record).st_ino != os.stat(record_t).st_ino
     assert os.stat(other).st_ino == os.stat(record_t).st_ino
     assert json.loads(first.read_text()) | {"time": 0} == {"worker": "a", "pid": os.getpid(), "host": os.uname().nodename,
-                                                           "time": 0}
+                                                           "time": 0, "record": record.name}
     for claim, task in ((first, "s/s000/plan"), (second, "s/s001/plan"), (other, "t/s000/plan")):
-        claims.release(claim, task)
+        claims.release(claim)
     assert record.exists() and not first.exists() and not second.exists()  # a release frees no file
     old = time.time() - 1000
     os.utime(record, (old, old))  # idle far longer than the timeout
     third = claims.try_claim("s/s002/plan", "a", timeout=60)
     assert Claims(claims.folder).try_claim("s/s002/plan", "b", timeout=60) is None  # fresh, not taken over
-    claims.release(third, "s/s002/plan")
+    claims.release(third)
     record.unlink()  # cleaned away while the worker was idle
     fourth = claims.try_claim("s/s003/plan", "a", timeout=60)
     assert third.name == "s002-plan.claim.0" and fourth is not None and json.loads(fourth.read_text())["worker"] == "a"
-    claims.release(fourth, "s/s003/plan")
+    claims.release(fourth)
     claims.close()
     assert [p for p in claims.folder.rglob("*") if p.is_file()] == []
 
@@ -271,7 +281,7 @@ def test_names_in_the_claims_folder_that_are_not_claims_are_ignored(tmp_path):
     for name in ("s000-plan.claim.²", "s000-plan.claim.x", "s000-plan.claim.", "s000-plan.claim.1.tmp"):
         (mine.parent / name).write_text("{}")
     assert store.try_claim("s/s000/plan", "b", timeout=60) is None and store.holds(mine, "s/s000/plan")
-    store.release(mine, "s/s000/plan")
+    store.release(mine)
     assert not mine.exists() and store.try_claim("s/s000/plan", "b", timeout=60).name == "s000-plan.claim.0"
 
 
@@ -280,13 +290,13 @@ def test_a_folder_or_fifo_named_like_a_claim_is_taken_over_at_once(tmp_path):
     for one, then failing to remove it on release ("unexpected error: IsADirectoryError"), was wrong."""
     store = Claims(RenderStore(tmp_path).claims_folder)
     first = store.try_claim("s/s000/plan", "a", timeout=60)
-    store.release(first, "s/s000/plan")
+    store.release(first)
     folder = first.parent
     (folder / "s000-plan.claim.0").mkdir()
     os.mkfifo(folder / "s000-plan.claim.1")
     taken = store.try_claim("s/s000/plan", "b", timeout=3600)  # at once, and without opening the FIFO
     assert taken is not None and taken.name == "s000-plan.claim.2" and store.holds(taken, "s/s000/plan")
-    store.release(taken, "s/s000/plan")
+    store.release(taken)
     assert not taken.exists() and (folder / "s000-plan.claim.0").is_dir()
 
 
