@@ -8,8 +8,8 @@ touches it while the task runs (a heartbeat: the touch is the record's, which is
 linked). A claim not touched for `timeout` seconds, or whose process is gone from this machine,
 belongs to a dead worker: another worker takes it over by creating the next generation, which again
 only one can do, and removes the claims it took over. A release removes the worker's own claim
-only, checked by its inode and the record in it: a stalled worker that was taken over never removes
-its successor's. Claims live in the render folder, so this works across processes, machines and
+only, checked by its inode and the record in it: a stalled worker that was taken over does not
+remove its successor's. Claims live in the render folder, so this works across processes, machines and
 SLURM array tasks on a shared filesystem.
 
 A decision (`.mmpl/seeding.json`, `.mmpl/numerics.json`) is first-writer-wins: written whole under a
@@ -134,18 +134,22 @@ class Claims:
                 record = self._record(worker, path)
                 try:
                     os.link(record, path)
-                    info = os.lstat(path)
-                    self._held[path] = (info.st_dev, info.st_ino, record.name)
-                    for _, older in claims:  # the holders taken over from are done with: their claims go now
-                        with contextlib.suppress(OSError):  # gone already, or a planted folder: it stays
-                            older.unlink()
-                    return path
                 except FileExistsError:
                     return None
                 except FileNotFoundError:  # the record was cleaned away just now: written again, once
                     if attempt == 2 or os.path.lexists(record):
                         raise
                     self._records.pop((worker, str(path.parent)), None)
+                    continue
+                try:
+                    info = os.lstat(path)
+                except FileNotFoundError:  # removed at once by a worker taking over from what it listed before
+                    return None
+                self._held[path] = (info.st_dev, info.st_ino, record.name)
+                for _, older in claims:  # the holders taken over from are done with: their claims go now
+                    with contextlib.suppress(OSError):  # gone already, or a planted folder: it stays
+                        older.unlink()
+                return path
         return None
 
     def _still_mine(self, claim: Path) -> bool:
@@ -159,9 +163,21 @@ class Claims:
                 return False
             with open(claim, "rb") as fh:
                 record = parse_json(fh.read(4096) or b"{}")
-        except (OSError, ValueError):
+        except OSError:
             return False
-        return isinstance(record, dict) and record.get("record") == held[2]
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and record.get("record") == held[2]:
+            return True
+        # the same inode says something else: another worker's record that got the freed number, or
+        # this process's record written over by someone. Either way its claims in that folder link a
+        # new record from now on, or every result there would be dropped (and its claims kept fresh)
+        for key, path in list(self._records.items()):
+            if path.parent == claim.parent:
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
+                del self._records[key]
+        return False
 
     def holds(self, claim: Path, task_id: str) -> bool:
         """Whether this claim is still the newest one (nobody took the task over)."""

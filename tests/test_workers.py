@@ -217,7 +217,8 @@ def test_a_stalled_worker_that_lost_its_claim_releases_only_its_own(tmp_path):
     runs the task, it must neither hold nor remove the successor's claim (else a third worker
     computes the task again). Coming back after the task was claimed afresh under its claim's very
     name, it must not take that claim for its own either: its record had been cleaned away while it
-    stalled, so the new claim's record may have the freed inode number (on ext4 it does)."""
+    stalled and the takeover removed its last link, so the new claim's record may have the freed
+    inode number (on ext4 it does; elsewhere this case passes with an inode check alone)."""
     task = "s/s000/plan"
     for late_return in (False, True):
         folder = tmp_path / str(late_return)
@@ -241,6 +242,36 @@ def test_a_stalled_worker_that_lost_its_claim_releases_only_its_own(tmp_path):
             stalled.release(mine)
             assert taken.exists() and taker.holds(taken, task)
             assert third.try_claim(task, "c", timeout=60) is None  # still held: nobody computes it a third time
+
+
+def test_a_worker_whose_record_was_written_over_still_finishes_there(tmp_path):
+    """Writing into a claim writes the worker's record, which its other claims in that folder link:
+    that claim is no longer taken for the worker's own (its result is dropped), but the worker's next
+    claims there link a new record, so it goes on saving."""
+    claims = Claims(RenderStore(tmp_path).claims_folder)
+    first = claims.try_claim("s/s000/plan", "a", timeout=60)
+    first.write_text(json.dumps({"worker": "someone", "pid": 1, "host": "elsewhere", "time": 0}))
+    assert not claims.holds(first, "s/s000/plan")
+    claims.release(first)
+    second = claims.try_claim("s/s001/plan", "a", timeout=60)
+    assert os.stat(second).st_ino != os.stat(first).st_ino and claims.holds(second, "s/s001/plan")
+    claims.release(second)
+    assert not second.exists() and first.exists()  # the altered claim is judged by its age, as any other
+
+
+def test_a_claim_removed_right_after_its_link_is_lost_not_an_error(tmp_path, monkeypatch):
+    """Another worker taking the task over from a listing made just before (its previous holder
+    released meanwhile) removes the fresh claim at once: the claimer has lost it, no disk error."""
+    claims = Claims(RenderStore(tmp_path).claims_folder)
+    link = os.link
+
+    def link_then_taken_over(src, dst, *args, **kwargs):
+        link(src, dst, *args, **kwargs)
+        if str(dst).endswith(".claim.0"):
+            os.unlink(dst)  # what the other worker's takeover does between our link and our look
+
+    monkeypatch.setattr(os, "link", link_then_taken_over)
+    assert claims.try_claim("s/s000/plan", "a", timeout=60) is None
 
 
 def test_a_claim_links_its_workers_record_which_is_touched_when_linked_and_written_again_if_cleaned(tmp_path):
