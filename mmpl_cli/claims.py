@@ -9,8 +9,8 @@ linked). A claim not touched for `timeout` seconds, or whose process is gone fro
 belongs to a dead worker: another worker takes it over by creating the next generation, which again
 only one can do, and removes the claims it took over. A release removes the worker's own claim
 only, checked by its inode and the record in it: a stalled worker that was taken over does not
-remove its successor's. Claims live in the render folder, so this works across processes, machines and
-SLURM array tasks on a shared filesystem.
+remove its successor's. Claims live in the render folder, so this works across processes, machines
+and SLURM array tasks on a shared filesystem.
 
 A decision (`.mmpl/seeding.json`, `.mmpl/numerics.json`) is first-writer-wins: written whole under a
 temporary name and hard-linked into place, which fails if the name exists, so every worker and
