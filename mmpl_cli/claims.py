@@ -152,10 +152,11 @@ class Claims:
                 return path
         return None
 
-    def _still_mine(self, claim: Path) -> bool:
+    def _still_mine(self, claim: Path) -> bool | None:
         """Whether `claim` is still the one this process linked: the same inode, holding this
         process's record (an inode number freed with the last link of a cleaned record can come
-        back as another worker's record, linked under the same name)."""
+        back as another worker's record, linked under the same name). None: it cannot be told
+        (the file system failed, as NFS can for a while)."""
         held = self._held.get(claim)
         try:
             info = os.lstat(claim)
@@ -163,8 +164,10 @@ class Claims:
                 return False
             with open(claim, "rb") as fh:
                 record = parse_json(fh.read(4096) or b"{}")
-        except OSError:
+        except FileNotFoundError:
             return False
+        except OSError:
+            return None
         except ValueError:
             record = None
         if isinstance(record, dict) and record.get("record") == held[2]:
@@ -172,17 +175,22 @@ class Claims:
         # the same inode says something else: another worker's record that got the freed number, or
         # this process's record written over by someone. Either way its claims in that folder link a
         # new record from now on, or every result there would be dropped (and its claims kept fresh)
+        self._new_record(claim.parent)
+        return False
+
+    def _new_record(self, folder: Path) -> None:
+        """Link this process's next claims in `folder` to a new record: what still links the old
+        one is no longer touched, so it ages out and is taken over after the claim timeout."""
         for key, path in list(self._records.items()):
-            if path.parent == claim.parent:
+            if path.parent == folder:
                 with contextlib.suppress(OSError):
                     path.unlink(missing_ok=True)
                 del self._records[key]
-        return False
 
     def holds(self, claim: Path, task_id: str) -> bool:
         """Whether this claim is still the newest one (nobody took the task over)."""
         claims = self._claims(task_id)
-        return bool(claims) and claims[-1][1] == claim and self._still_mine(claim)
+        return bool(claims) and claims[-1][1] == claim and self._still_mine(claim) is True
 
     @staticmethod
     def heartbeat(claim: Path) -> None:
@@ -194,10 +202,16 @@ class Claims:
     def release(self, claim: Path) -> None:
         """Remove this process's claim, if it still is. Not a newer generation's: that is another
         worker's, which took the task over from this one when it stalled (and removed this claim
-        then); removing it would let a third worker compute the task again."""
-        if self._still_mine(claim):
-            with contextlib.suppress(FileNotFoundError):
-                claim.unlink()
+        then); removing it would let a third worker compute the task again. Never fails: a claim
+        that cannot be removed ages out and is taken over after the claim timeout."""
+        mine = self._still_mine(claim)
+        if mine:
+            try:
+                claim.unlink(missing_ok=True)
+            except OSError:
+                mine = None
+        if mine is None:  # left where it is (the file system failed): this worker's later claims
+            self._new_record(claim.parent)  # there must not keep it fresh
         self._held.pop(claim, None)
 
 

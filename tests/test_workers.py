@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import pytest
+import errno
 import json
 import os
 import shutil
@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from conftest import REPO, events, render_here, run_cli, videos
 from mmpl_cli.claims import Claims
@@ -272,6 +274,30 @@ def test_a_claim_removed_right_after_its_link_is_lost_not_an_error(tmp_path, mon
 
     monkeypatch.setattr(os, "link", link_then_taken_over)
     assert claims.try_claim("s/s000/plan", "a", timeout=60) is None
+
+
+def test_a_claim_the_file_system_failed_to_release_ages_out(tmp_path, monkeypatch):
+    """When a release cannot look at its claim (NFS can fail for a while: ESTALE, EIO) the claim
+    stays, and the worker's next claims in that folder link a new record, so they do not keep the
+    old one fresh: it ages out and another worker takes it over after the claim timeout."""
+    claims = Claims(RenderStore(tmp_path).claims_folder)
+    stuck = claims.try_claim("s/s000/plan", "a", timeout=60)
+    lstat = os.lstat
+
+    def failing(path, *args, **kwargs):
+        if str(path) == str(stuck):
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return lstat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "lstat", failing)
+    claims.release(stuck)  # no error: the task's result is saved already
+    monkeypatch.setattr(os, "lstat", lstat)
+    assert stuck.exists()
+    old = time.time() - 120
+    os.utime(stuck, (old, old))
+    later = claims.try_claim("s/s001/plan", "a", timeout=60)
+    assert os.stat(later).st_ino != os.stat(stuck).st_ino and os.stat(stuck).st_mtime == old
+    assert Claims(claims.folder).try_claim("s/s000/plan", "b", timeout=60).name.endswith(".claim.1")
 
 
 def test_a_claim_links_its_workers_record_which_is_touched_when_linked_and_written_again_if_cleaned(tmp_path):
