@@ -145,6 +145,9 @@ class Claims:
                     info = os.lstat(path)
                 except FileNotFoundError:  # removed at once by a worker taking over from what it listed before
                     return None
+                except OSError:  # cannot be told ours (NFS failing for a while): left to age out, not held
+                    self._new_record(path.parent)
+                    return None
                 self._held[path] = (info.st_dev, info.st_ino, record.name)
                 for _, older in claims:  # the holders taken over from are done with: their claims go now
                     with contextlib.suppress(OSError):  # gone already, or a planted folder: it stays
@@ -203,7 +206,8 @@ class Claims:
         """Remove this process's claim, if it still is. Not a newer generation's: that is another
         worker's, which took the task over from this one when it stalled (and removed this claim
         then); removing it would let a third worker compute the task again. Never fails: a claim
-        that cannot be removed ages out and is taken over after the claim timeout."""
+        that cannot be removed ages out (a task still to do is taken over after the claim timeout;
+        one that is done leaves a small file)."""
         mine = self._still_mine(claim)
         if mine:
             try:

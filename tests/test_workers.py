@@ -279,25 +279,32 @@ def test_a_claim_removed_right_after_its_link_is_lost_not_an_error(tmp_path, mon
 def test_a_claim_the_file_system_failed_to_release_ages_out(tmp_path, monkeypatch):
     """When a release cannot look at its claim (NFS can fail for a while: ESTALE, EIO) the claim
     stays, and the worker's next claims in that folder link a new record, so they do not keep the
-    old one fresh: it ages out and another worker takes it over after the claim timeout."""
+    old one fresh: it ages out and another worker takes it over after the claim timeout. A claim
+    that cannot be looked at right after its link is left the same way, and not held."""
     claims = Claims(RenderStore(tmp_path).claims_folder)
-    stuck = claims.try_claim("s/s000/plan", "a", timeout=60)
-    lstat = os.lstat
+    lstat, failing_paths = os.lstat, set()
 
     def failing(path, *args, **kwargs):
-        if str(path) == str(stuck):
+        if str(path) in failing_paths:
             raise OSError(errno.EIO, "Input/output error", str(path))
         return lstat(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "lstat", failing)
+    stuck = claims.try_claim("s/s000/plan", "a", timeout=60)
+    failing_paths.add(str(stuck))
     claims.release(stuck)  # no error: the task's result is saved already
-    monkeypatch.setattr(os, "lstat", lstat)
     assert stuck.exists()
     old = time.time() - 120
     os.utime(stuck, (old, old))
     later = claims.try_claim("s/s001/plan", "a", timeout=60)
     assert os.stat(later).st_ino != os.stat(stuck).st_ino and os.stat(stuck).st_mtime == old
+    failing_paths.clear()
     assert Claims(claims.folder).try_claim("s/s000/plan", "b", timeout=60).name.endswith(".claim.1")
+    unseen = later.with_name("s002-plan.claim.0")
+    failing_paths.add(str(unseen))
+    assert claims.try_claim("s/s002/plan", "a", timeout=60) is None  # not held, and no error
+    assert unseen.exists() and os.stat(unseen).st_ino == os.stat(later).st_ino
+    assert os.stat(claims.try_claim("s/s003/plan", "a", timeout=60)).st_ino != os.stat(later).st_ino
 
 
 def test_a_claim_links_its_workers_record_which_is_touched_when_linked_and_written_again_if_cleaned(tmp_path):
