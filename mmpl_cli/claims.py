@@ -8,8 +8,8 @@ touches it while the task runs (a heartbeat: the touch is the record's, which is
 linked). A claim not touched for `timeout` seconds, or whose process is gone from this machine,
 belongs to a dead worker: another worker takes it over by creating the next generation, which again
 only one can do, and removes the claims it took over. A release removes the worker's own claim
-only, checked by its inode and the record in it: a stalled worker that was taken over does not
-remove its successor's. Claims live in the render folder, so this works across processes, machines
+only, checked by the record in it: a stalled worker that was taken over does not remove its
+successor's. Claims live in the render folder, so this works across processes, machines
 and SLURM array tasks on a shared filesystem.
 
 A decision (`.mmpl/seeding.json`, `.mmpl/numerics.json`) is first-writer-wins: written whole under a
@@ -40,7 +40,7 @@ class Claims:
         self.folder = Path(folder)  # the render folder's claims (RenderStore.claims_folder)
         self.warn = warn or (lambda text: None)
         self._records: dict[tuple[str, str], Path] = {}  # (worker, shot folder) -> the record its claims there link
-        self._held: dict[Path, tuple[int, int, str]] = {}  # a claim this process made -> its record's (device, inode, name)
+        self._held: dict[Path, str] = {}  # a claim this process made -> the name of the record it linked
 
     def _record(self, worker: str, claim: Path) -> Path:
         """This process's record for `worker` in the claim's folder (a link stays within one folder:
@@ -141,14 +141,13 @@ class Claims:
                         raise
                     self._records.pop((worker, str(path.parent)), None)
                     continue
-                try:
-                    info = os.lstat(path)
-                except FileNotFoundError:  # removed at once by a worker taking over from what it listed before
+                self._held[path] = record.name
+                mine = self._still_mine(path)  # False: removed at once by a worker taking over from
+                if not mine:  # what it listed before; None: cannot be told (NFS failing for a while)
+                    self._held.pop(path, None)
+                    if mine is None:  # left to age out, not held
+                        self._new_record(path.parent)
                     return None
-                except OSError:  # cannot be told ours (NFS failing for a while): left to age out, not held
-                    self._new_record(path.parent)
-                    return None
-                self._held[path] = (info.st_dev, info.st_ino, record.name)
                 for _, older in claims:  # the holders taken over from are done with: their claims go now
                     with contextlib.suppress(OSError):  # gone already, or a planted folder: it stays
                         older.unlink()
@@ -156,14 +155,14 @@ class Claims:
         return None
 
     def _still_mine(self, claim: Path) -> bool | None:
-        """Whether `claim` is still the one this process linked: the same inode, holding this
-        process's record (an inode number freed with the last link of a cleaned record can come
-        back as another worker's record, linked under the same name). None: it cannot be told
-        (the file system failed, as NFS can for a while)."""
+        """Whether `claim` still holds the record this process linked there (record names are
+        unique: host, process, random part). Its inode number proves nothing: one freed with the
+        last link of a cleaned record comes back as another worker's record, linked under the same
+        name (ext4 reuses it at once), and some file systems do not keep inode numbers stable.
+        None: it cannot be told (the file system failed, as NFS can for a while)."""
         held = self._held.get(claim)
         try:
-            info = os.lstat(claim)
-            if held is None or (info.st_dev, info.st_ino) != held[:2] or not stat.S_ISREG(info.st_mode):
+            if held is None or not stat.S_ISREG(os.lstat(claim).st_mode):  # never open a planted FIFO
                 return False
             with open(claim, "rb") as fh:
                 record = parse_json(fh.read(4096) or b"{}")
@@ -173,11 +172,11 @@ class Claims:
             return None
         except ValueError:
             record = None
-        if isinstance(record, dict) and record.get("record") == held[2]:
+        if isinstance(record, dict) and record.get("record") == held:
             return True
-        # the same inode says something else: another worker's record that got the freed number, or
-        # this process's record written over by someone. Either way its claims in that folder link a
-        # new record from now on, or every result there would be dropped (and its claims kept fresh)
+        # another worker's claim made afresh under this name, or this process's record written over
+        # by someone: then every result in that folder would be dropped (and its claims kept fresh)
+        # unless its next claims there link a new record, which costs one small file in the first case
         self._new_record(claim.parent)
         return False
 

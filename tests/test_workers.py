@@ -220,7 +220,7 @@ def test_a_stalled_worker_that_lost_its_claim_releases_only_its_own(tmp_path):
     computes the task again). Coming back after the task was claimed afresh under its claim's very
     name, it must not take that claim for its own either: its record had been cleaned away while it
     stalled and the takeover removed its last link, so the new claim's record may have the freed
-    inode number (on ext4 it does; elsewhere this case passes with an inode check alone)."""
+    inode number (on ext4 it does): a claim is told by the record it holds, not by its inode."""
     task = "s/s000/plan"
     for late_return in (False, True):
         folder = tmp_path / str(late_return)
