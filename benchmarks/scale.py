@@ -82,8 +82,10 @@ class NullRunner:
 
         before_inputs = time.perf_counter()
         inputs = [results[dep] for dep in task.deps]  # as a real task reads them: mmpl's cost, counted
-        sched = _schedstat()
-        stats, now, cpu = self.stats, time.perf_counter(), time.process_time()
+        # the gap's end: a wait at a syscall's return is counted by the next schedstat read, so nothing
+        # that can wait (process_time is a syscall) comes between the clock and the read, here or below
+        stats, now = self.stats, time.perf_counter()
+        sched, cpu = _schedstat(), time.process_time()
         if stats["ran"] == 0:
             stats["first_task_s"] = time.time() - stats["launched"]
             stats["first_task_cpu_s"] = cpu
@@ -109,8 +111,8 @@ class NullRunner:
         stats["kinds"].append(task.kind)
         if stats["ran"] == 500:
             stats["rss_500_mb"] = _rss_mb("VmRSS")
-        stats["last_end"], stats["last_cpu"] = time.perf_counter(), time.process_time()
-        stats["last_sched"] = _schedstat()
+        stats["last_end"] = time.perf_counter()
+        stats["last_sched"], stats["last_cpu"] = _schedstat(), time.process_time()
         return made
 
 
@@ -205,7 +207,7 @@ def run_batch(shots: int, workers: int, folder: Path, latent_size: tuple[int, in
                         "median_latent_tasks": q(latent, 0.5), "median_video_tasks": q(video, 0.5),
                         "median_without_reading_inputs": q(without_inputs, 0.5)},
         "latent_tasks_mean_ms": {"wall": mean(0), "on_a_core": mean(1), "waiting_for_a_core": mean(2),
-                                 "blocked": split and round(mean(0) - mean(1) - mean(2), 1)},
+                                 "blocked": round(mean(0) - mean(1) - mean(2), 1) if split else None},
         "overhead_cpu_ms": {"median": q(overhead_cpu, 0.5), "p90": q(overhead_cpu, 0.9)},
         "cpu_ms_per_task": round(1000 * sum(w["cpu_s"] for w in per) / max(1, sum(w["tasks"] for w in per)), 1),
         "tasks_per_worker": [w["tasks"] for w in per],

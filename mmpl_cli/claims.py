@@ -99,22 +99,14 @@ class Claims:
         claims = self._claims(task_id)
         if claims:
             generation, current = claims[-1]
-            planted = False
             try:
-                info = os.lstat(current)
-                age = time.time() - info.st_mtime
-                holder = {}
-                # a folder, symlink, FIFO or device was never written by a worker (claims are files
-                # linked into place whole): not a claim, taken over at once and never opened
-                planted = not stat.S_ISREG(info.st_mode)
-                if not planted:
-                    with open(current, "rb") as fh:
-                        holder = parse_json(fh.read(4096) or b"{}")
-            except FileNotFoundError:
-                return None  # being released right now; look again later
-            except (OSError, ValueError):
-                holder = {}  # cut short by a crash, or not a claim at all: judged by its age
-            holder = holder if isinstance(holder, dict) else {}
+                info, holder = _read_claim(current)
+            except OSError:  # being released right now, or the file system failed for a while: look again later
+                return None
+            age = time.time() - info.st_mtime
+            # a folder, symlink, FIFO or device was never written by a worker (claims are files
+            # linked into place whole): not a claim, taken over at once (and never opened)
+            planted = not stat.S_ISREG(info.st_mode)
             pid = holder.get("pid")
             dead_here = (holder.get("host") == os.uname().nodename and isinstance(pid, int) and 0 < pid < 2**22
                          and not alive(pid))
@@ -159,30 +151,26 @@ class Claims:
         unique: host, process, random part). Its inode number proves nothing: one freed with the
         last link of a cleaned record comes back as another worker's record, linked under the same
         name (ext4 reuses it at once), and some file systems do not keep inode numbers stable.
-        None: it cannot be told (the file system failed, as NFS can for a while)."""
+        False: it is gone. None: it is there but not this process's any more (another worker's
+        claim made afresh under its name, or this process's record written over by someone), or it
+        cannot be told (NFS failing for a while): the caller leaves it and links a new record."""
         held = self._held.get(claim)
+        if held is None:
+            return False
         try:
-            if held is None or not stat.S_ISREG(os.lstat(claim).st_mode):  # never open a planted FIFO
-                return False
-            with open(claim, "rb") as fh:
-                record = parse_json(fh.read(4096) or b"{}")
+            info, record = _read_claim(claim)
         except FileNotFoundError:
             return False
         except OSError:
             return None
-        except ValueError:
-            record = None
-        if isinstance(record, dict) and record.get("record") == held:
-            return True
-        # another worker's claim made afresh under this name, or this process's record written over
-        # by someone: then every result in that folder would be dropped (and its claims kept fresh)
-        # unless its next claims there link a new record, which costs one small file in the first case
-        self._new_record(claim.parent)
-        return False
+        if not stat.S_ISREG(info.st_mode):  # a planted folder or FIFO in its place
+            return False
+        return True if record.get("record") == held else None
 
     def _new_record(self, folder: Path) -> None:
         """Link this process's next claims in `folder` to a new record: what still links the old
-        one is no longer touched, so it ages out and is taken over after the claim timeout."""
+        one is no longer touched, so it ages out and is taken over after the claim timeout (and a
+        record written over by someone is not linked again, or every result there would be dropped)."""
         for key, path in list(self._records.items()):
             if path.parent == folder:
                 with contextlib.suppress(OSError):
@@ -213,9 +201,23 @@ class Claims:
                 claim.unlink(missing_ok=True)
             except OSError:
                 mine = None
-        if mine is None:  # left where it is (the file system failed): this worker's later claims
-            self._new_record(claim.parent)  # there must not keep it fresh
+        if mine is None:  # left where it is: this worker's later claims there must not keep it fresh
+            self._new_record(claim.parent)
         self._held.pop(claim, None)
+
+
+def _read_claim(path: Path) -> tuple[os.stat_result, dict]:
+    """A claim's lstat and the record in it: {} if that cannot be read or is no record (cut short by
+    a crash, planted), and never opened unless a plain file (a planted FIFO could block). OSError
+    only from the lstat (FileNotFoundError: no claim there)."""
+    info, record = os.lstat(path), {}
+    if stat.S_ISREG(info.st_mode):
+        try:
+            with open(path, "rb") as fh:
+                record = parse_json(fh.read(4096) or b"{}")
+        except (OSError, ValueError):
+            record = {}
+    return info, record if isinstance(record, dict) else {}
 
 
 # -- first-writer-wins decisions -------------------------------------------------------------

@@ -280,7 +280,8 @@ def test_a_claim_the_file_system_failed_to_release_ages_out(tmp_path, monkeypatc
     """When a release cannot look at its claim (NFS can fail for a while: ESTALE, EIO) the claim
     stays, and the worker's next claims in that folder link a new record, so they do not keep the
     old one fresh: it ages out and another worker takes it over after the claim timeout. A claim
-    that cannot be looked at right after its link is left the same way, and not held."""
+    that cannot be looked at right after its link is left the same way, and not held; one that
+    another worker cannot look at is looked at again later."""
     claims = Claims(RenderStore(tmp_path).claims_folder)
     lstat, failing_paths = os.lstat, set()
 
@@ -299,7 +300,11 @@ def test_a_claim_the_file_system_failed_to_release_ages_out(tmp_path, monkeypatc
     later = claims.try_claim("s/s001/plan", "a", timeout=60)
     assert os.stat(later).st_ino != os.stat(stuck).st_ino and os.stat(stuck).st_mtime == old
     failing_paths.clear()
-    assert Claims(claims.folder).try_claim("s/s000/plan", "b", timeout=60).name.endswith(".claim.1")
+    other = Claims(claims.folder)
+    failing_paths.add(str(stuck))
+    assert other.try_claim("s/s000/plan", "b", timeout=60) is None  # cannot look at it now: later, no crash
+    failing_paths.clear()
+    assert other.try_claim("s/s000/plan", "b", timeout=60).name.endswith(".claim.1")
     unseen = later.with_name("s002-plan.claim.0")
     failing_paths.add(str(unseen))
     assert claims.try_claim("s/s002/plan", "a", timeout=60) is None  # not held, and no error
