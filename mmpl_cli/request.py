@@ -164,6 +164,9 @@ def check(request: RenderRequest) -> Checked:
     check_attention(profile, request.device)
     digests = image_digests(shot_list)
     out = check_output(request.out_dir(shot_list.name), "--out", folder=True)
+    if any(c in str(out.resolve()) for c in "\n\r"):  # video.stitch lists a shot's parts one a line
+        raise InputError(Problem(str(out), None, "--out", "expected a folder whose path has no line break "
+                                 "(ffmpeg's list of a shot's segments names one file a line)"))
     if not request.restart:
         check_owner(RenderStore(out), shot_list)
     return Checked(request, shot_list, profile, plans, model_root, digests, out)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -32,37 +34,56 @@ def ffmpeg_binary() -> str:
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
+_messages = threading.local()
+
+
+def _messages_file():
+    """This thread's file for ffmpeg's messages, emptied for each run. One file per thread, kept
+    open, rather than one per run: each file made and freed costs every later file creation on
+    ext4 without a journal a scan past it for minutes (the kernel's recently_deleted), and a batch
+    makes three videos a shot."""
+    held = getattr(_messages, "file", None)
+    if held is None or held[0] != os.getpid():  # a forked child gets its own
+        held = _messages.file = (os.getpid(), tempfile.TemporaryFile())
+    messages = held[1]
+    messages.seek(0)
+    messages.truncate()
+    return messages
+
+
 def _run(stream, path: Path, input_bytes: bytes | None = None) -> None:
-    cmd = stream.output(str(path), **BITEXACT).overwrite_output().global_args("-nostdin", "-loglevel", "error")
+    # -xerror: a part of a stitch that cannot be opened ends ffmpeg with an error; without it, ffmpeg
+    # says so and exits 0 with the video cut short at that part
+    cmd = stream.output(str(path), **BITEXACT).overwrite_output().global_args("-nostdin", "-xerror", "-loglevel", "error")
     args = cmd.compile(cmd=ffmpeg_binary())
     if input_bytes is not None:
         args = [a for a in args if a != "-nostdin"]
-    # ffmpeg's messages go to a file, not a pipe, so the frames go to its stdin in one blocking write:
-    # subprocess.run(input=...) would feed them 4 KiB per poll (24,000 rounds for a 832x480 segment)
-    with tempfile.TemporaryFile() as messages:
-        try:
-            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL if input_bytes is None else subprocess.PIPE,
-                                    stdout=subprocess.DEVNULL, stderr=messages)
-        except OSError as exc:
-            raise VideoError(f"cannot run ffmpeg ({args[0]}): {exc.strerror or exc}") from None
-        try:
-            if input_bytes is not None:
-                try:
-                    proc.stdin.write(input_bytes)
-                except BrokenPipeError:
-                    pass  # ffmpeg stopped reading: its exit status and messages say why
-                finally:
-                    with contextlib.suppress(BrokenPipeError):
-                        proc.stdin.close()
-            proc.wait()
-        except BaseException:  # interrupted: no ffmpeg is left behind writing the temporary file
-            proc.kill()
-            proc.wait()
-            raise
-        if proc.returncode != 0:
-            messages.seek(0)
-            tail = messages.read().decode(errors="replace").strip().splitlines()[-5:]
-            raise VideoError(f"ffmpeg failed (exit {proc.returncode}) writing {path.name}: " + " | ".join(tail))
+    # ffmpeg's messages go to a file, not a pipe, so the input goes to its stdin in one blocking write:
+    # subprocess.run(input=...) would feed it 4 KiB per poll (24,000 rounds for a 832x480 segment)
+    messages = _messages_file()
+    try:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL if input_bytes is None else subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, stderr=messages)
+    except OSError as exc:
+        raise VideoError(f"cannot run ffmpeg ({args[0]}): {exc.strerror or exc}") from None
+    try:
+        if input_bytes is not None:
+            try:
+                proc.stdin.write(input_bytes)
+            except BrokenPipeError:
+                pass  # ffmpeg stopped reading: its exit status and messages say why
+            finally:
+                with contextlib.suppress(BrokenPipeError):
+                    proc.stdin.close()
+        proc.wait()
+    except BaseException:  # interrupted: no ffmpeg is left behind writing the temporary file
+        proc.kill()
+        proc.wait()
+        raise
+    if proc.returncode != 0:
+        messages.seek(0)
+        tail = messages.read().decode(errors="replace").strip().splitlines()[-5:]
+        raise VideoError(f"ffmpeg failed (exit {proc.returncode}) writing {path.name}: " + " | ".join(tail))
 
 
 def write_mp4(frames: np.ndarray, path: Path, fps: int) -> Path:
@@ -90,13 +111,19 @@ class _Encoded:
 
 
 def stitch(parts: Sequence[Path], path: Path, fps: int) -> Path:
-    """Join MP4s made by write_mp4 end to end (concat demuxer, no re-encode)."""
+    """Join MP4s made by write_mp4 end to end (concat demuxer, no re-encode). The list of parts goes
+    to ffmpeg's stdin (no file made and freed per shot), each as a `file:` URL, so that it is not read
+    relative to `pipe:`, quoted as the demuxer reads quotes: a folder named `Bob's renders` works."""
     path = Path(path)
-    with tempfile.TemporaryDirectory(prefix="mmpl-concat-") as folder:
-        listing = Path(folder) / "parts.txt"
-        listing.write_text("".join(f"file '{Path(p).resolve()}'\n" for p in parts))
-        _run(_Encoded(ffmpeg.input(str(listing), format="concat", safe=0), fps, copy=True), path)
+    listing = "".join(f"file {_quoted('file:' + str(Path(p).resolve()))}\n" for p in parts)
+    stream = ffmpeg.input("pipe:", format="concat", safe=0, protocol_whitelist="file,pipe")
+    _run(_Encoded(stream, fps, copy=True), path, listing.encode())
     return path
+
+
+def _quoted(text: str) -> str:
+    """`text` in single quotes for ffmpeg's concat list, a quote in it written '\\''."""
+    return "'" + text.replace("'", "'\\''") + "'"
 
 
 def count_frames(path: Path) -> tuple[int, float]:

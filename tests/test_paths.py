@@ -45,6 +45,10 @@ def test_folders_mmpl_writes(place):
         expect = "a-file is a file, not a folder" if "/" in target else "expected a folder, found a file"
         refused(place, "render", str(EXAMPLE), "--out", str(place / target), expect=f"--out: {expect}")
         refused(place, "slurm", str(EXAMPLE), "--array", "2", "--out", str(place / target), expect="--out:")
+    # ffmpeg's list of a shot's segments is one file a line: a folder whose path has a line break
+    # is refused before any work, not after every task of the render at its stitch
+    refused(place, "render", str(EXAMPLE), "--out", str(place / "two\nlines"),
+            expect="--out: expected a folder whose path has no line break")
 
 
 @pytest.mark.slow

@@ -75,6 +75,21 @@ def test_midpoint_seeding_renders_the_planned_frames(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.slow
+def test_a_render_into_a_folder_with_quotes_spaces_and_a_backslash_in_its_name(tmp_path, tiny_model_dir):
+    """The stitch names each segment in ffmpeg's list of parts, quoted: a quote in a folder's name
+    once ended the render at its last task (ffmpeg read the rest of the name as another word)."""
+    shots = _shots(tmp_path, "  - {id: odd, prompt: 'a boat', duration: 9}\n")
+    out = tmp_path / "Bob's \"renders\" \\ été"
+    proc = run_cli("render", str(shots), "--out", str(out), "--model-path", str(tiny_model_dir))
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(run_cli("plan", str(shots), "--json").stdout)["shots"][0]
+    assert plan["segments"] == 2
+    parts = [out / "segments" / "odd" / f"s{i:03d}.mp4" for i in range(2)]
+    assert count_frames(out / "odd.mp4") == (plan["frames"], plan["fps"])
+    assert np.array_equal(read_frames(out / "odd.mp4"), np.concatenate([read_frames(p) for p in parts]))
+
+
+@pytest.mark.slow
 def test_progressive_goes_on_from_the_window_the_previous_segment_handed_on(tmp_path, tiny_model_dir):
     shots = _shots(tmp_path, "  - {id: pg, prompt: 'a boat', duration: 9, strategy: progressive, steps: 3}\n")
     out = tmp_path / "out"

@@ -11,9 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import REPO, events, run_cli, videos
+from mmpl_cli.video import VideoError, stitch, write_mp4
+
 
 def start_render(shots: Path, out: Path, model: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -209,3 +212,17 @@ def test_ffmpeg_failure_keeps_finished_tasks(shots_file, tiny_model_dir, referen
     assert proc.returncode == 0, proc.stderr
     assert videos(out) == reference
     assert _computed(out)["k/s000/plan"] == 1
+
+
+def test_each_ffmpeg_failure_names_its_own_messages(tmp_path):
+    """A thread's file for ffmpeg's messages is kept for its next run: emptied first, so a failure
+    says what went wrong in that run, not in an earlier one. A part of a stitch that cannot be read
+    is a failure (ffmpeg alone would say so and exit 0 with the video cut short)."""
+    frames = np.zeros((3, 16, 16, 3), np.uint8)
+    with pytest.raises(VideoError) as first:
+        write_mp4(frames, tmp_path / "no-such-folder" / "a.mp4", 16)
+    write_mp4(frames, tmp_path / "fine.mp4", 16)
+    with pytest.raises(VideoError) as second:
+        stitch([tmp_path / "fine.mp4", tmp_path / "no-such-part.mp4"], tmp_path / "b.mp4", 16)
+    assert "no-such-folder" in str(first.value) and "no-such-part" not in str(first.value)
+    assert "no-such-part" in str(second.value) and "no-such-folder" not in str(second.value)
