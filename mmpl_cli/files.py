@@ -55,7 +55,12 @@ def read_bounded(path: Path, limit: int) -> bytes:
     """At most `limit` bytes of `path` (a file, a pipe, a device such as /dev/zero): TooLarge past
     that, so an endless stream costs `limit` bytes of memory, never more."""
     with open(path, "rb") as fh:
-        raw = fh.read(limit + 1)
+        # a plain file is read at its length (+1: a file grown meanwhile is read on): asking for the
+        # limit at once makes Python allocate it whole first (80 us for a 12 KB task file, not 11)
+        first = min(os.fstat(fh.fileno()).st_size, limit) + 1
+        raw = fh.read(first)
+        if len(raw) == first <= limit:  # more than its length said: a pipe, a device, a growing file
+            raw += fh.read(limit + 1 - first)
     if len(raw) > limit:
         raise TooLarge(f"larger than {_size(limit)}")
     return raw
