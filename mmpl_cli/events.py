@@ -31,8 +31,13 @@ class EventLog:
         line = json.dumps({"event": event, "task": task_id, "hash": task_hash, "pid": os.getpid(),
                            "time": round(time.time(), 3), **extra}) + "\n"
         with disk_errors(self.path):
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with open(self.store._confined(self.path, follows_last=True), "a") as fh:
+            path = self.store._confined(self.path, follows_last=True)
+            try:
+                fh = open(path, "a")
+            except FileNotFoundError:  # the first event of this render folder
+                self.folder.mkdir(parents=True, exist_ok=True)
+                fh = open(path, "a")
+            with fh:
                 fh.write(line)
 
     def files(self) -> list[Path]:

@@ -310,11 +310,9 @@ class RenderStore:
         """`path`, unless a symlink planted in the folder would lead the write outside it (exit 2). An
         atomic write replaces a symlink in the last place rather than following it; an append
         (`follows_last`) would follow it."""
-        try:
-            rel = Path(path).relative_to(self.root)
-        except ValueError:
-            rel = None
-        if rel is None or self.inside(rel if follows_last else rel.parent) is None:
+        text = os.path.abspath(path)  # strings, not pathlib: a worker asks this three times a task
+        rel = text[len(self._prefix):] if text.startswith(self._prefix) else None
+        if rel is None or not self._no_link(rel if follows_last else os.path.dirname(rel)):
             raise InputError(Problem(str(self.root), None, "--out",
                                      f"{path} leads outside the render folder (a symlink in it?); nothing was written",
                                      "remove the symlink, or render into a new folder"))
