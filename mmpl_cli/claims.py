@@ -33,6 +33,9 @@ from mmpl_cli.numerics import check_record
 from mmpl_cli.terms import SEEDINGS
 
 FUTURE_SLACK = 60.0  # seconds a claim's time may lie ahead of ours (clock skew between machines)
+FRESH = 2.0  # a claim linked or touched this recently is held, without reading whose it is (with eight
+# workers, most asks meet a claim made milliseconds before): a worker of this machine that died is
+# taken over this much later than at once
 
 
 class Claims:
@@ -100,13 +103,16 @@ class Claims:
         if claims:
             generation, current = claims[-1]
             try:
-                info, holder = _read_claim(current)
+                info = os.lstat(current)
             except OSError:  # being released right now, or the file system failed for a while: look again later
                 return None
             age = time.time() - info.st_mtime
             # a folder, symlink, FIFO or device was never written by a worker (claims are files
             # linked into place whole): not a claim, taken over at once (and never opened)
             planted = not stat.S_ISREG(info.st_mode)
+            if not planted and -FUTURE_SLACK <= age < min(FRESH, timeout):
+                return None  # linked or touched just now: not read (whether its process is gone is asked later)
+            holder = {} if planted else _holder(current)
             pid = holder.get("pid")
             dead_here = (holder.get("host") == os.uname().nodename and isinstance(pid, int) and 0 < pid < 2**22
                          and not alive(pid))
@@ -207,17 +213,21 @@ class Claims:
 
 
 def _read_claim(path: Path) -> tuple[os.stat_result, dict]:
-    """A claim's lstat and the record in it: {} if that cannot be read or is no record (cut short by
-    a crash, planted), and never opened unless a plain file (a planted FIFO could block). OSError
-    only from the lstat (FileNotFoundError: no claim there)."""
-    info, record = os.lstat(path), {}
-    if stat.S_ISREG(info.st_mode):
-        try:
-            with open(path, "rb") as fh:
-                record = parse_json(fh.read(4096) or b"{}")
-        except (OSError, ValueError):
-            record = {}
-    return info, record if isinstance(record, dict) else {}
+    """A claim's lstat and the record in it, never opened unless a plain file (a planted FIFO could
+    block). OSError only from the lstat (FileNotFoundError: no claim there)."""
+    info = os.lstat(path)
+    return info, _holder(path) if stat.S_ISREG(info.st_mode) else {}
+
+
+def _holder(path: Path) -> dict:
+    """The record in a claim known to be a plain file: {} if it cannot be read or is no record (cut
+    short by a crash, planted)."""
+    try:
+        with open(path, "rb") as fh:
+            record = parse_json(fh.read(4096) or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 # -- first-writer-wins decisions -------------------------------------------------------------
