@@ -1,11 +1,11 @@
 """Which worker runs which task, and the decisions the first worker makes for a render folder.
 
-A claim is a file `<claims>/<shot>/<task>.claim.<generation>` made by a hard link, which fails if the
+A claim is a file `<claims>/<shot>.<task>.claim.<generation>` made by a hard link, which fails if the
 name exists (as O_EXCL would), so one worker wins it. What it links is the claiming process's own
-record (worker, pid, host), written whole once per shot folder under a temporary name there: a
-claim costs a link and its release an unlink, and no file is created or freed per task. Its holder
-touches it while the task runs (a heartbeat: the touch is the record's, which is also touched when
-linked). A claim not touched for `timeout` seconds, or whose process is gone from this machine,
+record (worker, pid, host), written whole once per render folder under a temporary name there: a
+claim costs a link and its release an unlink, and no file is created or freed per task or per
+shot. Its holder touches it while the task runs (a heartbeat: the touch is the record's, which is
+also touched when linked). A claim not touched for `timeout` seconds, or whose process is gone from this machine,
 belongs to a dead worker: another worker takes it over by creating the next generation, which again
 only one can do, and removes the claims it took over. A release removes the worker's own claim
 only, checked by the record in it: a stalled worker that was taken over does not remove its
@@ -42,13 +42,15 @@ class Claims:
     def __init__(self, folder: Path, warn: Callable[[str], None] | None = None):
         self.folder = Path(folder)  # the render folder's claims (RenderStore.claims_folder)
         self.warn = warn or (lambda text: None)
-        self._records: dict[tuple[str, str], Path] = {}  # (worker, shot folder) -> the record its claims there link
+        self._records: dict[tuple[str, str], Path] = {}  # (worker, claims folder) -> the record its claims there link
         self._held: dict[Path, str] = {}  # a claim this process made -> the name of the record it linked
 
     def _record(self, worker: str, claim: Path) -> Path:
         """This process's record for `worker` in the claim's folder (a link stays within one folder:
-        BeeGFS before 7.4 and AFS refuse others), written whole once under a temporary name (a dead
-        process's is cleaned like any temporary file) and touched, so a claim linked to it is fresh."""
+        BeeGFS before 7.4 and AFS refuse others, so every claim of a render lies in one), written whole
+        once under a temporary name (a dead process's is cleaned like any temporary file) and touched,
+        so a claim linked to it is fresh. One folder, not one per shot: a worker of a thousand-shot
+        batch made and at its end freed a thousand records and folders."""
         key = (worker, str(claim.parent))
         record = self._records.get(key)
         if record is not None:
@@ -81,17 +83,17 @@ class Claims:
             pass
 
     def _base(self, task_id: str) -> Path:
-        shot, *rest = task_id.split("/")
-        return self.folder / shot / ("-".join(rest) + ".claim")
+        shot, *rest = task_id.split("/")  # a shot id has no "."
+        return self.folder / f"{shot}.{'-'.join(rest)}.claim"
 
     def _claims(self, task_id: str) -> list[tuple[int, Path]]:
-        """The task's claims, oldest generation first: one listing of the shot's claims, names
+        """The task's claims, oldest generation first: one listing of the claims folder, names
         compared as strings (a worker asks this several times a task; pathlib's glob cost more than
         the rest of a claim). Other names there, such as `x.claim.²`, are not claims."""
         base = self._base(task_id)
         try:
             names = os.listdir(base.parent)
-        except OSError:  # no claim made for this shot yet (or not a folder: then claiming says why)
+        except OSError:  # no claim made in this render folder yet (or not a folder: then claiming says why)
             return []
         prefix = base.name + "."
         return sorted((int(name[len(prefix):]), base.parent / name) for name in names

@@ -85,7 +85,7 @@ def test_a_claim_that_cannot_be_written_leaves_no_empty_claim(tmp_path):
     folder = tmp_path / "claims"
     proc = subprocess.run([sys.executable, "-c", script, str(folder)], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 7, proc.stderr
-    assert "cannot write" in proc.stdout and "s000-plan.claim.0" in proc.stdout
+    assert "cannot write" in proc.stdout and "s.s000-plan.claim.0" in proc.stdout
     assert [p.name for p in folder.rglob("*") if p.is_file()] == []  # no empty claim, no temporary file
     from mmpl_cli.claims import Claims
 

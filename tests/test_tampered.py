@@ -83,10 +83,10 @@ def test_records_claims_and_decisions_of_the_wrong_type_are_recomputed_or_refuse
                        ("stitch.json", '"a string"')):
         (tasks / name).write_text(text)
     (tasks / "s001-plan.safetensors").write_bytes(b"\x00" * 64)  # not a safetensors file
-    claims = out / ".mmpl/claims/k"
+    claims = out / ".mmpl/claims"
     claims.mkdir(parents=True, exist_ok=True)
-    for name, text in (("s000-plan.claim.0", "[1, 2]"), ("s001-plan.claim.0", '{"pid": "x", "host": 3}'),
-                       ("s000-initial.claim.0", "\x00\xff garbage"), ("s000-decode.claim.0", "[" * 4000)):
+    for name, text in (("k.s000-plan.claim.0", "[1, 2]"), ("k.s001-plan.claim.0", '{"pid": "x", "host": 3}'),
+                       ("k.s000-initial.claim.0", "\x00\xff garbage"), ("k.s000-decode.claim.0", "[" * 4000)):
         (claims / name).write_text(text, errors="surrogateescape")
         os.utime(claims / name, (time.time() - 1000, time.time() - 1000))
     (out / ".mmpl/events.jsonl").write_text('[1]\n{"event": "finished"}\n"x"\n{"task": 5}\n' + "[" * 100000 + "\n")
@@ -133,7 +133,7 @@ def test_a_file_or_folder_standing_where_mmpl_writes_is_bad_input(shots_file, ti
 def test_a_claim_from_the_future_is_taken_over(shots_file, tiny_model_dir, reference_dir, tmp_path):
     out = _copy(reference_dir, tmp_path)
     (out / ".mmpl/tasks/k/s001-populate_stage_two.safetensors").unlink()  # to be computed again, if it can be claimed
-    claim = out / ".mmpl/claims/k/s001-populate_stage_two.claim.0"
+    claim = out / ".mmpl/claims/k.s001-populate_stage_two.claim.0"
     claim.parent.mkdir(parents=True, exist_ok=True)
     claim.write_text(json.dumps({"worker": "far", "pid": 1, "host": "elsewhere", "time": 0}))
     os.utime(claim, (time.time() + 10**7, time.time() + 10**7))  # months ahead

@@ -220,7 +220,7 @@ def test_a_claim_of_a_dead_worker_here_is_taken_over_once_it_is_two_seconds_old(
     process is gone from this machine is taken over at once, long before the claim timeout."""
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     claims = Claims(RenderStore(tmp_path).claims_folder)
-    planted = claims.folder / "s" / "s000-plan.claim.0"
+    planted = claims.folder / "s.s000-plan.claim.0"
     planted.parent.mkdir(parents=True)
     planted.write_text(json.dumps({"worker": "gone", "pid": int(dead.stdout), "host": os.uname().nodename, "time": 0}))
     assert claims.try_claim("s/s000/plan", "b", timeout=60) is None  # just written: held
@@ -320,7 +320,7 @@ def test_a_claim_the_file_system_failed_to_release_ages_out(tmp_path, monkeypatc
     assert other.try_claim("s/s000/plan", "b", timeout=60) is None  # cannot look at it now: later, no crash
     failing_paths.clear()
     assert other.try_claim("s/s000/plan", "b", timeout=60).name.endswith(".claim.1")
-    unseen = later.with_name("s002-plan.claim.0")
+    unseen = later.with_name("s.s002-plan.claim.0")
     failing_paths.add(str(unseen))
     assert claims.try_claim("s/s002/plan", "a", timeout=60) is None  # not held, and no error
     assert unseen.exists() and os.stat(unseen).st_ino == os.stat(later).st_ino
@@ -328,18 +328,17 @@ def test_a_claim_the_file_system_failed_to_release_ages_out(tmp_path, monkeypatc
 
 
 def test_a_claim_links_its_workers_record_which_is_touched_when_linked_and_written_again_if_cleaned(tmp_path):
-    """Claiming creates no file per task: every claim of a worker in a shot's folder is a hard link
-    to its one record there (worker, pid, host; links stay within a folder). An idle worker's record
-    may be older than the claim timeout; linking touches it, so a new claim never looks abandoned; a
-    record removed meanwhile (another worker's start cleans temporary names untouched for the claim
-    timeout) is written again."""
+    """Claiming creates no file per task or per shot: every claim of a worker in a render folder,
+    whatever its shot, is a hard link to its one record in the claims folder (worker, pid, host;
+    links stay within a folder). An idle worker's record may be older than the claim timeout;
+    linking touches it, so a new claim never looks abandoned; a record removed meanwhile (another
+    worker's start cleans temporary names untouched for the claim timeout) is written again."""
     claims = Claims(RenderStore(tmp_path).claims_folder)
     first, second = (claims.try_claim(f"s/s00{i}/plan", "a", timeout=60) for i in (0, 1))
     other = claims.try_claim("t/s000/plan", "a", timeout=60)
-    records = lambda folder: [p for p in folder.iterdir() if p.name.startswith(".worker")]  # noqa: E731
-    [record], [record_t] = records(first.parent), records(other.parent)
-    assert os.stat(first).st_ino == os.stat(second).st_ino == os.stat(record).st_ino != os.stat(record_t).st_ino
-    assert os.stat(other).st_ino == os.stat(record_t).st_ino
+    [record] = [p for p in claims.folder.iterdir() if p.name.startswith(".worker")]
+    assert os.stat(first).st_ino == os.stat(second).st_ino == os.stat(other).st_ino == os.stat(record).st_ino
+    assert sorted(p.name for p in claims.folder.iterdir() if p.is_dir()) == []  # no folder per shot
     assert json.loads(first.read_text()) | {"time": 0} == {"worker": "a", "pid": os.getpid(), "host": os.uname().nodename,
                                                            "time": 0, "record": record.name}
     for claim in (first, second, other):
@@ -352,21 +351,25 @@ def test_a_claim_links_its_workers_record_which_is_touched_when_linked_and_writt
     claims.release(third)
     record.unlink()  # cleaned away while the worker was idle
     fourth = claims.try_claim("s/s003/plan", "a", timeout=60)
-    assert third.name == "s002-plan.claim.0" and fourth is not None and json.loads(fourth.read_text())["worker"] == "a"
+    assert third.name == "s.s002-plan.claim.0" and fourth is not None and json.loads(fourth.read_text())["worker"] == "a"
     claims.release(fourth)
     claims.close()
     assert [p for p in claims.folder.rglob("*") if p.is_file()] == []
 
 
 def test_names_in_the_claims_folder_that_are_not_claims_are_ignored(tmp_path):
-    """A render folder's contents are untrusted: '²' is a digit to str.isdigit but not to int()."""
+    """A render folder's contents are untrusted: '²' is a digit to str.isdigit but not to int(). The
+    per-shot claims folders of earlier versions (`claims/<shot>/`) are not read either."""
     store = Claims(RenderStore(tmp_path).claims_folder)
     mine = store.try_claim("s/s000/plan", "a", timeout=60)
-    for name in ("s000-plan.claim.²", "s000-plan.claim.x", "s000-plan.claim.", "s000-plan.claim.1.tmp"):
+    for name in ("s.s000-plan.claim.²", "s.s000-plan.claim.x", "s.s000-plan.claim.", "s.s000-plan.claim.1.tmp",
+                 "s.s000-plan.claim.0.x", "s000-plan.claim.1"):
         (mine.parent / name).write_text("{}")
+    (mine.parent / "s").mkdir()
+    (mine.parent / "s" / "s000-plan.claim.1").write_text("{}")
     assert store.try_claim("s/s000/plan", "b", timeout=60) is None and store.holds(mine, "s/s000/plan")
     store.release(mine)
-    assert not mine.exists() and store.try_claim("s/s000/plan", "b", timeout=60).name == "s000-plan.claim.0"
+    assert not mine.exists() and store.try_claim("s/s000/plan", "b", timeout=60).name == "s.s000-plan.claim.0"
 
 
 def test_a_folder_or_fifo_named_like_a_claim_is_taken_over_at_once(tmp_path):
@@ -376,12 +379,12 @@ def test_a_folder_or_fifo_named_like_a_claim_is_taken_over_at_once(tmp_path):
     first = store.try_claim("s/s000/plan", "a", timeout=60)
     store.release(first)
     folder = first.parent
-    (folder / "s000-plan.claim.0").mkdir()
-    os.mkfifo(folder / "s000-plan.claim.1")
+    (folder / "s.s000-plan.claim.0").mkdir()
+    os.mkfifo(folder / "s.s000-plan.claim.1")
     taken = store.try_claim("s/s000/plan", "b", timeout=3600)  # at once, and without opening the FIFO
-    assert taken is not None and taken.name == "s000-plan.claim.2" and store.holds(taken, "s/s000/plan")
+    assert taken is not None and taken.name == "s.s000-plan.claim.2" and store.holds(taken, "s/s000/plan")
     store.release(taken)
-    assert not taken.exists() and (folder / "s000-plan.claim.0").is_dir()
+    assert not taken.exists() and (folder / "s.s000-plan.claim.0").is_dir()
 
 
 def test_launch_environment_names_the_worker_and_its_team():
@@ -453,7 +456,7 @@ def test_a_heartbeat_that_fails_says_so_once_per_outage(tmp_path):
         wait_for(3)
         beat.hold(None)  # released before the folder is back: nothing more to say
         recovery()
-    assert said[0].startswith("warning: cannot touch the claim s000-plan.claim.0") and "touched again" in said[1]
+    assert said[0].startswith("warning: cannot touch the claim s.s000-plan.claim.0") and "touched again" in said[1]
     assert said[2] == said[0] and len(said) == 3
 
 
