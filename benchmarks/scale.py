@@ -20,14 +20,19 @@ a stitch joins them with ffmpeg. So what is measured is mmpl's overhead, not a m
   status              `mmpl status --json` on the finished folder, wall seconds
   start-up            from a worker's launch to its first task (imports, plans, priorities, hashes):
                       the first and the last of the eight, and one worker started alone
+  file creation       CPU microseconds to create an empty file beside the run's folder, just before
+                      it: the state of the disk the run met (below)
 
     python benchmarks/scale.py                         # 100 and 1000 shots (1,100 and 11,000 tasks)
     python benchmarks/scale.py --shots 1000 --workers 8 --json benchmarks/results/scale.json
     python benchmarks/scale.py --shots 40 --latent-size 832x480   # task files of Wan's size (8 MB a segment)
 
-Runs started back to back slow each other on ext4: the last one's files are removed as it ends, and
-for some minutes after, creating a file scans past the inodes they freed (the kernel's
-recently_deleted). Leave five minutes between runs whose figures are compared.
+On ext4 without a journal (this project's CI and 2-core machines), a new file's inode skips every
+inode freed near it in the last one to six minutes (the kernel's recently_deleted, fs/ext4/ialloc.c),
+each skip a lookup: creating a file costs about 20 us of CPU, and 700 right after 17,000 files were
+removed beside it. A worker creates a file or two a task, so a run started then, or right after the
+test suite or another run removed its files, is slower throughout, whatever mmpl's code. The
+`file creation us` column says which state a run met; leave six minutes after removing many files.
 """
 
 from __future__ import annotations
@@ -168,8 +173,27 @@ def start_alone(shots: int, folder: Path) -> dict:
     return {"s": round(found["first_task_s"], 2), "cpu_s": round(found["first_task_cpu_s"], 2)}
 
 
+def creation_us(folder: Path, folders: int = 30, each: int = 10) -> float:
+    """CPU microseconds to create an empty file, in new folders laid out as a render's tasks are,
+    beside the run's (kept: freeing them would slow the run). On ext4 without a journal a new inode
+    skips those freed nearby in the last one to six minutes, each at a cost: this machine's figure
+    is about 20 us, and several hundred right after 17,000 files were removed near it (new folders
+    land where the removed ones were). A run that starts in that state is slower throughout."""
+    start = time.process_time()
+    for k in range(folders):
+        shot = folder / "creation-probe" / ".mmpl" / "tasks" / f"s{k:04d}"
+        shot.mkdir(parents=True)
+        for i in range(each):
+            os.close(os.open(shot / f"f{i}", os.O_CREAT | os.O_WRONLY, 0o644))
+    return round(1e6 * (time.process_time() - start) / (folders * each), 1)
+
+
 def run_batch(shots: int, workers: int, folder: Path, latent_size: tuple[int, int] | None = None) -> dict:
     shots_file = write_shots(folder / "shots.yaml", shots)
+    creation = creation_us(folder)
+    if creation > 100:
+        print(f"note: creating a file costs {creation:.0f} us of CPU here (about 20 where no files were removed "
+              "nearby in the last six minutes): this run will be slower throughout", file=sys.stderr, flush=True)
     out, stats_dir = folder / "out", folder / "stats"
     stats_dir.mkdir()
     launched = time.time()
@@ -201,6 +225,7 @@ def run_batch(shots: int, workers: int, folder: Path, latent_size: tuple[int, in
     q = lambda xs, f: round(1000 * xs[min(len(xs) - 1, int(f * len(xs)))], 1) if xs else None  # noqa: E731
     return {
         "shots": shots, "workers": workers, "tasks": tasks, "latent_size": latent_size, "wall_s": round(wall, 1),
+        "file_creation_us": creation,
         "remaining": report["remaining"], "computed_once": computed.count(1),
         "computed_twice_or_more": sum(c > 1 for c in computed),
         "overhead_ms": {"median": q(overhead, 0.5), "p90": q(overhead, 0.9),
@@ -254,8 +279,8 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     print("\n| shots | tasks | workers | overhead median ms (latent / video tasks) | p90 ms | overhead CPU ms median "
           "| denoising tasks, mean ms: on a core / waiting for one / blocked "
-          "| start s: first, last worker; one alone (CPU s) | RSS peak over RSS after 500 tasks | status s | wall s |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|")
+          "| start s: first, last worker; one alone (CPU s) | RSS peak over RSS after 500 tasks | status s | wall s "
+          "| file creation us |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         grown = [m["peak"] / m["after_500"] - 1 for m in r["rss_mb"] if m["after_500"]]
         rss = f"{max(grown):+.1%} most" if grown else "fewer than 500 tasks each"
@@ -265,7 +290,7 @@ def main() -> None:
               f"{o['p90']} | {r['overhead_cpu_ms']['median']} | "
               f"{m['on_a_core']} / {m['waiting_for_a_core']} / {m['blocked']} | "
               f"{s['first']}, {s['last']}; {s.get('alone', {}).get('s')} ({s.get('alone', {}).get('cpu_s')}) | {rss} | "
-              f"{r['status_s']} | {r['wall_s']} |")
+              f"{r['status_s']} | {r['wall_s']} | {r['file_creation_us']} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
 
