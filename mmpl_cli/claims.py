@@ -1,16 +1,16 @@
 """Which worker runs which task, and the decisions the first worker makes for a render folder.
 
-A claim is a file `<claims>/<shot>.<task>.claim.<generation>` made by a hard link, which fails if the
-name exists (as O_EXCL would), so one worker wins it. What it links is the claiming process's own
-record (worker, pid, host), written whole once per render folder under a temporary name there: a
-claim costs a link and its release an unlink, and no file is created or freed per task or per
-shot. Its holder touches it while the task runs (a heartbeat: the touch is the record's, which is
-also touched when linked). A claim not touched for `timeout` seconds, or whose process is gone from this machine,
-belongs to a dead worker: another worker takes it over by creating the next generation, which again
-only one can do, and removes the claims it took over. A release removes the worker's own claim
-only, checked by the record in it: a stalled worker that was taken over does not remove its
-successor's. Claims live in the render folder, so this works across processes, machines
-and SLURM array tasks on a shared filesystem.
+A claim is a file `<claims>/<shot>.<task>.claim.<generation>` made by a hard link, which fails if
+the name exists (as O_EXCL would), so one worker wins it. What it links is the claiming process's
+own record (worker, pid, host), written whole once per render folder under a temporary name there: a
+claim costs a link and its release an unlink, and no file is created or freed per task or per shot.
+Its holder touches it while the task runs (a heartbeat: the touch is the record's, which is also
+touched when linked). A claim not touched for `timeout` seconds, or whose process is gone from this
+machine, belongs to a dead worker: another worker takes it over by creating the next generation,
+which again only one can do, and removes the claims it took over. A release removes the worker's own
+claim only, checked by the record in it: a stalled worker that was taken over does not remove its
+successor's. Claims live in the render folder, so this works across processes, machines and SLURM
+array tasks on a shared filesystem.
 
 A decision (`.mmpl/seeding.json`, `.mmpl/numerics.json`) is first-writer-wins: written whole under a
 temporary name and hard-linked into place, which fails if the name exists, so every worker and
