@@ -52,9 +52,7 @@ def _messages_file():
 
 
 def _run(stream, path: Path, input_bytes: bytes | None = None) -> None:
-    # -xerror: a part of a stitch that cannot be opened ends ffmpeg with an error; without it, ffmpeg
-    # says so and exits 0 with the video cut short at that part
-    cmd = stream.output(str(path), **BITEXACT).overwrite_output().global_args("-nostdin", "-xerror", "-loglevel", "error")
+    cmd = stream.output(str(path), **BITEXACT).overwrite_output().global_args("-nostdin", "-loglevel", "error")
     args = cmd.compile(cmd=ffmpeg_binary())
     if input_bytes is not None:
         args = [a for a in args if a != "-nostdin"]
@@ -80,9 +78,13 @@ def _run(stream, path: Path, input_bytes: bytes | None = None) -> None:
         proc.kill()
         proc.wait()
         raise
-    if proc.returncode != 0:
-        messages.seek(0)
-        tail = messages.read().decode(errors="replace").strip().splitlines()[-5:]
+    # at -loglevel error ffmpeg prints errors only, and one without a failing exit is still a failure:
+    # a part of a stitch that cannot be opened is said and skipped, exit 0, the video cut short (-xerror
+    # would end it, but also ends on a timestamp warning that ffmpeg otherwise mends)
+    messages.seek(0)
+    said = messages.read().decode(errors="replace").strip()
+    if proc.returncode != 0 or said:
+        tail = said.splitlines()[-5:]
         raise VideoError(f"ffmpeg failed (exit {proc.returncode}) writing {path.name}: " + " | ".join(tail))
 
 
