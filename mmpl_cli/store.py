@@ -48,7 +48,7 @@ DECISIONS = ("owner", "seeding", "numerics")  # .mmpl/<name>.json: what the firs
 class RenderStore:
     def __init__(self, root: Path, warn: Callable[[str], None] | None = None, worker: str = "main"):
         self.root = Path(root)
-        self._prefix = os.path.abspath(self.root) + os.sep  # what every path inside it starts with
+        self._prefix = os.path.join(os.path.abspath(self.root), "")  # what every path inside it starts with
         self.meta = self.root / META
         self.warn = warn or (lambda text: None)
         # task id -> (hash, file stamps, state): what a file was found to be, never its tensors, so a
@@ -311,7 +311,9 @@ class RenderStore:
         atomic write replaces a symlink in the last place rather than following it; an append
         (`follows_last`) would follow it."""
         text = os.path.abspath(path)  # strings, not pathlib: a worker asks this three times a task
-        rel = text[len(self._prefix):] if text.startswith(self._prefix) else None
+        # abspath drops `a/..` without asking whether `a` is a symlink: a path with `..` is refused
+        climbs = f"{os.sep}..{os.sep}" in f"{os.sep}{os.fspath(path)}{os.sep}"
+        rel = text[len(self._prefix):] if text.startswith(self._prefix) and not climbs else None
         if rel is None or not self._no_link(rel if follows_last else os.path.dirname(rel)):
             raise InputError(Problem(str(self.root), None, "--out",
                                      f"{path} leads outside the render folder (a symlink in it?); nothing was written",
