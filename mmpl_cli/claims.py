@@ -33,9 +33,9 @@ from mmpl_cli.numerics import check_record
 from mmpl_cli.terms import SEEDINGS
 
 FUTURE_SLACK = 60.0  # seconds a claim's time may lie ahead of ours (clock skew between machines)
-FRESH = 2.0  # a claim linked or touched this recently is held, without reading whose it is (with eight
-# workers, most asks meet a claim made milliseconds before): a worker of this machine that died is
-# taken over this much later than at once
+FRESH = 2.0  # a claim linked or touched this recently (its time this close to ours) is held, without
+# reading whose it is (with eight workers, most asks meet a claim made milliseconds before): a worker of
+# this machine that died is taken over this much later than at once
 
 
 class Claims:
@@ -112,7 +112,7 @@ class Claims:
             # a folder, symlink, FIFO or device was never written by a worker (claims are files
             # linked into place whole): not a claim, taken over at once (and never opened)
             planted = not stat.S_ISREG(info.st_mode)
-            if not planted and -FUTURE_SLACK <= age < min(FRESH, timeout):
+            if not planted and abs(age) < min(FRESH, timeout):
                 return None  # linked or touched just now: not read (whether its process is gone is asked later)
             holder = {} if planted else _holder(current)
             pid = holder.get("pid")

@@ -217,16 +217,19 @@ def test_stale_claims_are_taken_over_and_live_ones_respected(tmp_path):
 def test_a_claim_of_a_dead_worker_here_is_taken_over_once_it_is_two_seconds_old(tmp_path):
     """claims.FRESH: a claim touched within the last two seconds counts as held without reading whose
     it is (with many workers nearly every ask meets one made a moment before); an older one whose
-    process is gone from this machine is taken over at once, long before the claim timeout."""
+    process is gone from this machine is taken over at once, long before the claim timeout, and so
+    is one whose time lies further ahead (a clock set back)."""
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     claims = Claims(RenderStore(tmp_path).claims_folder)
-    planted = claims.folder / "s.s000-plan.claim.0"
-    planted.parent.mkdir(parents=True)
-    planted.write_text(json.dumps({"worker": "gone", "pid": int(dead.stdout), "host": os.uname().nodename, "time": 0}))
-    assert claims.try_claim("s/s000/plan", "b", timeout=60) is None  # just written: held
-    os.utime(planted, (time.time() - 3, time.time() - 3))
-    taken = claims.try_claim("s/s000/plan", "b", timeout=60)
-    assert taken is not None and taken.name.endswith(".claim.1") and not planted.exists()
+    claims.folder.mkdir(parents=True)
+    record = json.dumps({"worker": "gone", "pid": int(dead.stdout), "host": os.uname().nodename, "time": 0})
+    for task, shift in (("s/s000/plan", -3), ("s/s001/plan", +30)):
+        planted = claims.folder / (task.replace("/", ".", 1).replace("/", "-") + ".claim.0")
+        planted.write_text(record)
+        assert claims.try_claim(task, "b", timeout=60) is None  # just written: held
+        os.utime(planted, (time.time() + shift, time.time() + shift))
+        taken = claims.try_claim(task, "b", timeout=60)
+        assert taken is not None and taken.name.endswith(".claim.1") and not planted.exists(), shift
 
 
 def test_a_stalled_worker_that_lost_its_claim_releases_only_its_own(tmp_path):
