@@ -164,9 +164,15 @@ def check(request: RenderRequest) -> Checked:
     check_attention(profile, request.device)
     digests = image_digests(shot_list)
     out = check_output(request.out_dir(shot_list.name), "--out", folder=True)
-    if any(c in str(out.resolve()) for c in "\n\r"):  # video.stitch lists a shot's parts one a line
+    where = str(out.resolve())
+    if any(c in where for c in "\n\r"):  # video.stitch lists a shot's parts one a line
         raise InputError(Problem(str(out), None, "--out", "expected a folder whose path has no line break "
                                  "(ffmpeg's list of a shot's segments names one file a line)"))
+    try:
+        where.encode()  # what ffmpeg is given
+    except UnicodeEncodeError:
+        raise InputError(Problem(ascii(str(out)), None, "--out", "expected a folder whose path is UTF-8 text "
+                                 "(ffmpeg is given each video's path as text)")) from None
     if not request.restart:
         check_owner(RenderStore(out), shot_list)
     return Checked(request, shot_list, profile, plans, model_root, digests, out)

@@ -49,6 +49,8 @@ def test_folders_mmpl_writes(place):
     # is refused before any work, not after every task of the render at its stitch
     refused(place, "render", str(EXAMPLE), "--out", str(place / "two\nlines"),
             expect="--out: expected a folder whose path has no line break")
+    refused(place, "render", str(EXAMPLE), "--out", str(place / b"latin-1 caf\xe9".decode(errors="surrogateescape")),
+            expect="--out: expected a folder whose path is UTF-8 text")
 
 
 @pytest.mark.slow
