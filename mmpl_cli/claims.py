@@ -42,33 +42,32 @@ class Claims:
     def __init__(self, folder: Path, warn: Callable[[str], None] | None = None):
         self.folder = Path(folder)  # the render folder's claims (RenderStore.claims_folder)
         self.warn = warn or (lambda text: None)
-        self._records: dict[tuple[str, str], Path] = {}  # (worker, claims folder) -> the record its claims there link
+        self._records: dict[str, Path] = {}  # worker name -> the record its claims link
         self._held: dict[Path, str] = {}  # a claim this process made -> the name of the record it linked
 
     def _record(self, worker: str, claim: Path) -> Path:
-        """This process's record for `worker` in the claim's folder (a link stays within one folder:
+        """This process's record for `worker` in the claims folder (a link stays within one folder:
         BeeGFS before 7.4 and AFS refuse others, so every claim of a render lies in one), written whole
         once under a temporary name (a dead process's is cleaned like any temporary file) and touched,
-        so a claim linked to it is fresh. One folder, not one per shot: a worker of a thousand-shot
-        batch made and at its end freed a thousand records and folders."""
-        key = (worker, str(claim.parent))
-        record = self._records.get(key)
+        so a claim linked to it is fresh. One folder, not one per shot: a worker made a record in each
+        shot folder it claimed in, freed at its end."""
+        record = self._records.get(worker)
         if record is not None:
             try:
                 os.utime(record)
                 return record
             except OSError:  # cleaned away by another worker's start (untouched for the claim timeout): again
-                self._records.pop(key)
+                self._records.pop(worker)
         with disk_errors(claim):
-            claim.parent.mkdir(parents=True, exist_ok=True)
-            record = temporary_name(claim.parent / "worker.claim")
+            self.folder.mkdir(parents=True, exist_ok=True)
+            record = temporary_name(self.folder / "worker.claim")
             try:
                 record.write_text(json.dumps({"worker": worker, "pid": os.getpid(), "host": os.uname().nodename,
                                               "time": time.time(), "record": record.name}))
             except BaseException:  # a full disk leaves no empty record behind
                 record.unlink(missing_ok=True)
                 raise
-        self._records[key] = record
+        self._records[worker] = record
         return record
 
     def close(self) -> None:
@@ -90,13 +89,12 @@ class Claims:
         """The task's claims, oldest generation first: one listing of the claims folder, names
         compared as strings (a worker asks this several times a task; pathlib's glob cost more than
         the rest of a claim). Other names there, such as `x.claim.²`, are not claims."""
-        base = self._base(task_id)
         try:
-            names = os.listdir(base.parent)
+            names = os.listdir(self.folder)
         except OSError:  # no claim made in this render folder yet (or not a folder: then claiming says why)
             return []
-        prefix = base.name + "."
-        return sorted((int(name[len(prefix):]), base.parent / name) for name in names
+        prefix = self._base(task_id).name + "."
+        return sorted((int(name[len(prefix):]), self.folder / name) for name in names
                       if name.startswith(prefix) and name[len(prefix):].isascii() and name[len(prefix):].isdigit())
 
     def try_claim(self, task_id: str, worker: str, timeout: float) -> Path | None:
@@ -139,14 +137,14 @@ class Claims:
                 except FileNotFoundError:  # the record was cleaned away just now: written again, once
                     if attempt == 2 or os.path.lexists(record):
                         raise
-                    self._records.pop((worker, str(path.parent)), None)
+                    self._records.pop(worker, None)
                     continue
                 self._held[path] = record.name
                 mine = self._still_mine(path)  # False: removed at once by a worker taking over from
                 if not mine:  # what it listed before; None: cannot be told (NFS failing for a while)
                     self._held.pop(path, None)
                     if mine is None:  # left to age out, not held
-                        self._new_record(path.parent)
+                        self._new_record()
                     return None
                 for _, older in claims:  # the holders taken over from are done with: their claims go now
                     with contextlib.suppress(OSError):  # gone already, or a planted folder: it stays
@@ -175,15 +173,14 @@ class Claims:
             return False
         return True if record.get("record") == held else None
 
-    def _new_record(self, folder: Path) -> None:
-        """Link this process's next claims in `folder` to a new record: what still links the old
-        one is no longer touched, so it ages out and is taken over after the claim timeout (and a
-        record written over by someone is not linked again, or every result there would be dropped)."""
-        for key, path in list(self._records.items()):
-            if path.parent == folder:
-                with contextlib.suppress(OSError):
-                    path.unlink(missing_ok=True)
-                del self._records[key]
+    def _new_record(self) -> None:
+        """Link this process's next claims to a new record: what still links the old one is no longer
+        touched, so it ages out and is taken over after the claim timeout (and a record written over
+        by someone is not linked again, or every result would be dropped)."""
+        for path in self._records.values():
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        self._records.clear()
 
     def holds(self, claim: Path, task_id: str) -> bool:
         """Whether this claim is still the newest one (nobody took the task over)."""
@@ -209,8 +206,8 @@ class Claims:
                 claim.unlink(missing_ok=True)
             except OSError:
                 mine = None
-        if mine is None:  # left where it is: this worker's later claims there must not keep it fresh
-            self._new_record(claim.parent)
+        if mine is None:  # left where it is: this worker's later claims must not keep it fresh
+            self._new_record()
         self._held.pop(claim, None)
 
 
