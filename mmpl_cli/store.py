@@ -228,12 +228,12 @@ class RenderStore:
 
     def _plain_file(self, path: Path | str, max_bytes: int | None = None) -> bool:
         """A regular file inside the folder, reached without a symlink (and not over max_bytes)."""
-        text = os.path.abspath(path)
+        rel = self._relative(path)
         try:
-            info = os.lstat(text)
+            info = os.lstat(path)
         except OSError:
             return False
-        return text.startswith(self._prefix) and self._no_link(text[len(self._prefix):]) and stat.S_ISREG(info.st_mode) and \
+        return rel is not None and self._no_link(rel) and stat.S_ISREG(info.st_mode) and \
             (max_bytes is None or info.st_size <= max_bytes)
 
     def _invalid(self, task_id: str, why: str, quiet: bool) -> tuple[str, None]:
@@ -306,14 +306,19 @@ class RenderStore:
                     seen.add(at)
         return True
 
+    def _relative(self, path: Path | str) -> str | None:
+        """`path` relative to the folder, as text, or None if it is not under it by its name (strings,
+        not pathlib: a worker asks this several times a task). abspath drops `a/..` without asking
+        whether `a` is a symlink, so a path with `..` is None."""
+        text = os.path.abspath(path)
+        climbs = f"{os.sep}..{os.sep}" in f"{os.sep}{os.fspath(path)}{os.sep}"
+        return text[len(self._prefix):] if text.startswith(self._prefix) and not climbs else None
+
     def _confined(self, path: Path, follows_last: bool = False) -> Path:
         """`path`, unless a symlink planted in the folder would lead the write outside it (exit 2). An
         atomic write replaces a symlink in the last place rather than following it; an append
         (`follows_last`) would follow it."""
-        text = os.path.abspath(path)  # strings, not pathlib: a worker asks this three times a task
-        # abspath drops `a/..` without asking whether `a` is a symlink: a path with `..` is refused
-        climbs = f"{os.sep}..{os.sep}" in f"{os.sep}{os.fspath(path)}{os.sep}"
-        rel = text[len(self._prefix):] if text.startswith(self._prefix) and not climbs else None
+        rel = self._relative(path)
         if rel is None or not self._no_link(rel if follows_last else os.path.dirname(rel)):
             raise InputError(Problem(str(self.root), None, "--out",
                                      f"{path} leads outside the render folder (a symlink in it?); nothing was written",
