@@ -20,19 +20,21 @@ a stitch joins them with ffmpeg. So what is measured is mmpl's overhead, not a m
   status              `mmpl status --json` on the finished folder, wall seconds
   start-up            from a worker's launch to its first task (imports, plans, priorities, hashes):
                       the first and the last of the eight, and one worker started alone
-  file creation       CPU microseconds to create an empty file beside the run's folder, just before
-                      it: the state of the disk the run met (below)
+  file creation       CPU microseconds to create an empty file, in 30 new folders laid out as a
+                      render's tasks beside the run's, just before it: the state of the disk the run
+                      met (below)
 
     python benchmarks/scale.py                         # 100 and 1000 shots (1,100 and 11,000 tasks)
     python benchmarks/scale.py --shots 1000 --workers 8 --json benchmarks/results/scale.json
     python benchmarks/scale.py --shots 40 --latent-size 832x480   # task files of Wan's size (8 MB a segment)
 
 On ext4 without a journal (this project's CI and 2-core machines), a new file's inode skips every
-inode freed near it in the last one to six minutes (the kernel's recently_deleted, fs/ext4/ialloc.c),
-each skip a lookup: creating a file costs about 20 us of CPU, and 700 right after 17,000 files were
-removed beside it. A worker creates a file or two a task, so a run started then, or right after the
-test suite or another run removed its files, is slower throughout, whatever mmpl's code. The
-`file creation us` column says which state a run met; leave six minutes after removing many files.
+inode freed near it in the last one to six minutes (the kernel's recently_deleted,
+fs/ext4/ialloc.c), each skip a lookup: creating a file costs about 20 us of CPU, and 150–780 us in
+the minutes after 17,000 files were removed beside it (new folders land where the removed ones
+were). A worker creates a file or two a task, so a run started then, or right after the test suite
+or another run removed its files, is slower throughout, whatever mmpl's code. The `file creation us`
+column says which state a run met; leave six minutes after removing many files.
 """
 
 from __future__ import annotations
@@ -174,11 +176,8 @@ def start_alone(shots: int, folder: Path) -> dict:
 
 
 def creation_us(folder: Path, folders: int = 30, each: int = 10) -> float:
-    """CPU microseconds to create an empty file, in new folders laid out as a render's tasks are,
-    beside the run's (kept: freeing them would slow the run). On ext4 without a journal a new inode
-    skips those freed nearby in the last one to six minutes, each at a cost: this machine's figure
-    is about 20 us, and several hundred right after 17,000 files were removed near it (new folders
-    land where the removed ones were). A run that starts in that state is slower throughout."""
+    """The `file creation` column (module docstring): the files are kept, since freeing them would
+    slow the run."""
     start = time.process_time()
     for k in range(folders):
         shot = folder / "creation-probe" / ".mmpl" / "tasks" / f"s{k:04d}"
