@@ -147,3 +147,36 @@ def test_planning_a_day_long_shot_stays_under_500_mb(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["shots"][0]["segments"] == 18190
     assert peak_mb < 500, peak_mb
+
+
+def test_task_hashes_are_those_of_earlier_versions():
+    """A finished task is found again by its hash, so a hash may change only with what the task computes:
+    these are the hashes mmpl 0.1 gave, over every kind of task and every field that goes in one (a
+    digest of them all, so that a faster way of computing them cannot change one by accident)."""
+    import dataclasses
+    import hashlib
+
+    self_forcing = load_profile("self-forcing-dmd-1.3b")
+    profiles = [PROFILE, dataclasses.replace(PROFILE, handover="reencode"), dataclasses.replace(PROFILE, handover="direct"),
+                dataclasses.replace(PROFILE, decode="alone", noise_blend=None), self_forcing, load_profile("wan2.1-t2v-14b")]
+    prompts = (PromptChange(0.0, 'a "quoted" fox, ü ✓'), PromptChange(6.0, "then rain\nat night"))
+    samplers = [{}, {"search": 3, "search_steps": 1}, {"steps": 8, "guidance": 1.0, "shift": 3.0, "scheduler": "euler"}]
+    lines = []
+    for p, profile in enumerate(profiles):
+        for strategy in ("mmpl", "full", "sliding-window", "progressive", "causal"):
+            for s, sampler in enumerate(samplers):
+                if sampler.get("search", 1) > 1 and strategy not in ("mmpl",):
+                    continue
+                if profile is self_forcing and (strategy == "progressive" or sampler):
+                    continue
+                for seeding in ("terminal", "midpoint"):
+                    duration = 4 if strategy == "full" else 14  # full: one window
+                    one = dataclasses.replace(shot(duration, strategy, prompts, seed=p + s), negative_prompt="blurry, ∅",
+                                              sampler_overrides=sampler)
+                    plan = plan_shot(one, profile, seeding)
+                    for image in (None, "ab" * 32) if strategy == "mmpl" else (None,):
+                        hashes = task_hashes(plan, f"model-{p}", image)
+                        lines += [f"{p} {strategy} {s} {seeding} {image} {task} {h}" for task, h in hashes.items()]
+    assert len(lines) > 1000
+    digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    assert digest == "29b3cef9b7c1a5da5297c6fbabcaa07dab0a8263f65958af83f9fc270d550f25"
