@@ -19,7 +19,10 @@ a stitch joins them with ffmpeg. So what is measured is mmpl's overhead, not a m
   memory              each worker's resident memory after its 500th task and its peak at the end
   status              `mmpl status --json` on the finished folder, wall seconds
   start-up            from a worker's launch to its first task (imports, plans, priorities, hashes):
-                      the first and the last of the eight, and one worker started alone
+                      the first and the last of the eight, and one worker started alone; beside them,
+                      torch's import alone: the last of as many `python -c "import torch"` as there
+                      are workers, started together just before the run (the part that is not mmpl's;
+                      the collector paused, as a worker pauses it for torch's import)
   file creation       CPU microseconds to create an empty file, in 30 new folders laid out as a
                       render's tasks beside the run's, just before it: the state of the disk the run
                       met (below)
@@ -187,9 +190,22 @@ def creation_us(folder: Path, folders: int = 30, each: int = 10) -> float:
     return round(1e6 * (time.process_time() - start) / (folders * each), 1)
 
 
+def torch_alone(workers: int) -> float:
+    """The `torch's import alone` figure (module docstring), in seconds: to the end of the last import,
+    not of its process (torch's exit takes a while), with the collector paused as a worker pauses it."""
+    start = time.time()
+    procs = [subprocess.Popen([sys.executable, "-c", "import gc; gc.disable(); import time, torch; print(time.time())"],
+                              stdout=subprocess.PIPE, text=True) for _ in range(workers)]
+    ends = [float(p.communicate()[0]) for p in procs]
+    if any(p.returncode for p in procs):
+        raise SystemExit("python -c 'import torch' failed")
+    return round(max(ends) - start, 2)
+
+
 def run_batch(shots: int, workers: int, folder: Path, latent_size: tuple[int, int] | None = None) -> dict:
     shots_file = write_shots(folder / "shots.yaml", shots)
     creation = creation_us(folder)
+    importing = torch_alone(workers)
     if creation > 100:
         print(f"note: creating a file costs {creation:.0f} us of CPU here (about 20 where no files were removed "
               "nearby in the last six minutes): this run will be slower throughout", file=sys.stderr, flush=True)
@@ -237,7 +253,8 @@ def run_batch(shots: int, workers: int, folder: Path, latent_size: tuple[int, in
         "tasks_per_worker": [w["tasks"] for w in per],
         "start_s": {"first": round(min(w["first_task_s"] for w in per if w["first_task_s"] is not None), 2),
                     "last": round(max(w["first_task_s"] for w in per if w["first_task_s"] is not None), 2),
-                    "cpu_median": round(statistics.median(w["first_task_cpu_s"] for w in per if w["first_task_cpu_s"]), 2)},
+                    "cpu_median": round(statistics.median(w["first_task_cpu_s"] for w in per if w["first_task_cpu_s"]), 2),
+                    "torch_alone": importing},
         "rss_mb": [{"after_500": w["rss_500_mb"] and round(w["rss_500_mb"]), "peak": round(w["peak_rss_mb"])} for w in per],
         "status_s": round(status_s, 2),
     }
@@ -278,17 +295,19 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     print("\n| shots | tasks | workers | overhead median ms (latent / video tasks) | p90 ms | overhead CPU ms median "
           "| denoising tasks, mean ms: on a core / waiting for one / blocked "
-          "| start s: first, last worker; one alone (CPU s) | RSS peak over RSS after 500 tasks | status s | wall s "
+          "| start s: first, last worker [torch's import alone]; one alone (CPU s) "
+          "| RSS peak over RSS after 500 tasks | status s | wall s "
           "| file creation us |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         grown = [m["peak"] / m["after_500"] - 1 for m in r["rss_mb"] if m["after_500"]]
         rss = f"{max(grown):+.1%} most" if grown else "fewer than 500 tasks each"
         o, s, m = r["overhead_ms"], r["start_s"], r["latent_tasks_mean_ms"]
+        alone = s.get("alone", {})
         print(f"| {r['shots']} | {r['tasks']} | {r['workers']} | {o['median']} ({o['median_latent_tasks']} / "
               f"{o['median_video_tasks']}; {o['median_without_reading_inputs']}) | "
               f"{o['p90']} | {r['overhead_cpu_ms']['median']} | "
               f"{m['on_a_core']} / {m['waiting_for_a_core']} / {m['blocked']} | "
-              f"{s['first']}, {s['last']}; {s.get('alone', {}).get('s')} ({s.get('alone', {}).get('cpu_s')}) | {rss} | "
+              f"{s['first']}, {s['last']} [{s['torch_alone']}]; {alone.get('s')} ({alone.get('cpu_s')}) | {rss} | "
               f"{r['status_s']} | {r['wall_s']} | {r['file_creation_us']} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
