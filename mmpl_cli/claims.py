@@ -133,7 +133,8 @@ class Claims:
                 try:
                     os.link(record, path)
                 except FileExistsError:
-                    return None
+                    if not self._linked(path, record):
+                        return None
                 except FileNotFoundError:  # the record was cleaned away just now: written again, once
                     if attempt == 2 or os.path.lexists(record):
                         raise
@@ -151,6 +152,17 @@ class Claims:
                         older.unlink()
                 return path
         return None
+
+    @staticmethod
+    def _linked(claim: Path, record: Path) -> bool:
+        """Whether a link that failed as existing made `claim` all the same: over NFS a link whose reply
+        was lost is sent again and answered EEXIST. Such a claim links this process's record, which its
+        other claims keep fresh, so it would hold the task from every worker until this one ends."""
+        try:
+            info = os.lstat(claim)
+        except OSError:
+            return False
+        return stat.S_ISREG(info.st_mode) and _holder(claim).get("record") == record.name
 
     def _still_mine(self, claim: Path) -> bool | None:
         """Whether `claim` still holds the record this process linked there (record names are

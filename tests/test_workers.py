@@ -294,6 +294,34 @@ def test_a_claim_removed_right_after_its_link_is_lost_not_an_error(tmp_path, mon
     assert claims.try_claim("s/s000/plan", "a", timeout=60) is None
 
 
+def test_a_link_answered_as_existing_that_made_the_claim_holds_it(tmp_path, monkeypatch):
+    """Over NFS a link whose reply was lost is sent again and answered EEXIST though it was made: the
+    claim links this worker's record, so it is this worker's (not an orphan its other claims would keep
+    fresh until it ends). A claim that exists as another worker's is still lost."""
+    claims = Claims(RenderStore(tmp_path).claims_folder)
+    link = os.link
+
+    def made_but_answered_existing(src, dst, *args, **kwargs):
+        link(src, dst, *args, **kwargs)
+        raise FileExistsError(errno.EEXIST, "File exists", str(dst))
+
+    monkeypatch.setattr(os, "link", made_but_answered_existing)
+    claim = claims.try_claim("s/s000/plan", "a", timeout=60)
+    assert claim is not None and claims.holds(claim, "s/s000/plan")
+    claims.release(claim)
+    assert not claim.exists()
+    other = Claims(claims.folder)
+
+    def another_worker_links_first(src, dst, *args, **kwargs):  # between this worker's listing and its link
+        monkeypatch.setattr(os, "link", link)
+        assert other.try_claim("s/s001/plan", "b", timeout=60) == Path(dst)
+        link(src, dst, *args, **kwargs)  # EEXIST, and it is b's
+
+    monkeypatch.setattr(os, "link", another_worker_links_first)
+    assert claims.try_claim("s/s001/plan", "a", timeout=60) is None
+    assert other.holds(other.folder / "s.s001-plan.claim.0", "s/s001/plan")
+
+
 def test_a_claim_the_file_system_failed_to_release_ages_out(tmp_path, monkeypatch):
     """When a release cannot look at its claim (NFS can fail for a while: ESTALE, EIO) the claim
     stays, and the worker's next claims in that folder link a new record, so they do not keep the
