@@ -21,7 +21,7 @@ a stitch joins them with ffmpeg. So what is measured is mmpl's overhead, not a m
   start-up            from a worker's launch to its first task (imports, plans, priorities, hashes):
                       the first and the last of the eight, and one worker started alone; beside them,
                       torch's import alone: the last of as many `python -c "import torch"` as there
-                      are workers, started together just before the run (the part that is not mmpl's;
+                      are workers, started together right after the run (the part that is not mmpl's;
                       the collector paused, as a worker pauses it for torch's import)
   file creation       CPU microseconds to create an empty file, in 30 new folders laid out as a
                       render's tasks beside the run's, just before it: the state of the disk the run
@@ -196,16 +196,15 @@ def torch_alone(workers: int) -> float:
     start = time.time()
     procs = [subprocess.Popen([sys.executable, "-c", "import gc; gc.disable(); import time, torch; print(time.time())"],
                               stdout=subprocess.PIPE, text=True) for _ in range(workers)]
-    ends = [float(p.communicate()[0]) for p in procs]
+    printed = [p.communicate()[0] for p in procs]
     if any(p.returncode for p in procs):
-        raise SystemExit("python -c 'import torch' failed")
-    return round(max(ends) - start, 2)
+        raise SystemExit("python -c 'import torch' failed (its message is above)")
+    return round(max(float(text.split()[-1]) for text in printed) - start, 2)
 
 
 def run_batch(shots: int, workers: int, folder: Path, latent_size: tuple[int, int] | None = None) -> dict:
     shots_file = write_shots(folder / "shots.yaml", shots)
     creation = creation_us(folder)
-    importing = torch_alone(workers)
     if creation > 100:
         print(f"note: creating a file costs {creation:.0f} us of CPU here (about 20 where no files were removed "
               "nearby in the last six minutes): this run will be slower throughout", file=sys.stderr, flush=True)
@@ -219,6 +218,7 @@ def run_batch(shots: int, workers: int, folder: Path, latent_size: tuple[int, in
     if any(p.wait() for p in procs):
         raise SystemExit("a worker failed (its message is above)")
     wall = time.time() - launched
+    importing = torch_alone(workers)  # after the run: its workers met the page cache as before this figure
     per = [json.loads((stats_dir / f"w{i}.json").read_text()) for i in range(workers)]
     start = time.perf_counter()
     status = subprocess.run([sys.executable, "-m", "mmpl_cli", "status", str(out), "--json"], capture_output=True, text=True)

@@ -308,6 +308,7 @@ def test_a_link_answered_as_existing_that_made_the_claim_holds_it(tmp_path, monk
     monkeypatch.setattr(os, "link", made_but_answered_existing)
     claim = claims.try_claim("s/s000/plan", "a", timeout=60)
     assert claim is not None and claims.holds(claim, "s/s000/plan")
+    record = json.loads(claim.read_text())["record"]  # the worker's record (named in it), kept while it runs
     claims.release(claim)
     assert not claim.exists()
     other = Claims(claims.folder)
@@ -320,6 +321,8 @@ def test_a_link_answered_as_existing_that_made_the_claim_holds_it(tmp_path, monk
     monkeypatch.setattr(os, "link", another_worker_links_first)
     assert claims.try_claim("s/s001/plan", "a", timeout=60) is None
     assert other.holds(other.folder / "s.s001-plan.claim.0", "s/s001/plan")
+    # lost plainly: not taken as this worker's and then dropped, which would have set its record aside
+    assert json.loads(claims.try_claim("s/s002/plan", "a", timeout=60).read_text())["record"] == record
 
 
 def test_a_claim_the_file_system_failed_to_release_ages_out(tmp_path, monkeypatch):
