@@ -27,11 +27,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from mmpl_cli.files import (MAX_RECORD_BYTES, alive, clean_temporary_files, disk_errors, fsync_dir, load_json, parse_json,
-                            sha256_file, temporary_name)
+from mmpl_cli.files import (MAX_RECORD_BYTES, PID_LIMIT, alive, clean_temporary_files, disk_errors, fsync_dir, load_json,
+                            parse_json, sha256_file, temporary_name)
 from mmpl_cli.numerics import check_record
 from mmpl_cli.terms import SEEDINGS
 
+MAX_GENERATION_DIGITS = 9  # a claim's generation counts takeovers: a longer one was planted, and the next
+# generation's name could pass the file system's 255 bytes (every render of the folder failed); not a claim
 FUTURE_SLACK = 60.0  # seconds a claim's time may lie ahead of ours (clock skew between machines)
 FRESH = 2.0  # a claim linked or touched this recently (its time this close to ours) is held, without
 # reading whose it is (with eight workers, most asks meet a claim made milliseconds before): a worker of
@@ -88,14 +90,16 @@ class Claims:
     def _claims(self, task_id: str) -> list[tuple[int, Path]]:
         """The task's claims, oldest generation first: one listing of the claims folder, names
         compared as strings (a worker asks this several times a task; pathlib's glob cost more than
-        the rest of a claim). Other names there, such as `x.claim.²`, are not claims."""
+        the rest of a claim). Other names there, such as `x.claim.²` or a generation of ten digits,
+        are not claims."""
         try:
             names = os.listdir(self.folder)
         except OSError:  # no claim made in this render folder yet (or not a folder: then claiming says why)
             return []
         prefix = self._base(task_id).name + "."
         return sorted((int(name[len(prefix):]), self.folder / name) for name in names
-                      if name.startswith(prefix) and name[len(prefix):].isascii() and name[len(prefix):].isdigit())
+                      if name.startswith(prefix) and name[len(prefix):].isascii() and name[len(prefix):].isdigit()
+                      and len(name) - len(prefix) <= MAX_GENERATION_DIGITS)
 
     def try_claim(self, task_id: str, worker: str, timeout: float) -> Path | None:
         """Claim a task for `worker`; returns the claim file, or None if a live worker holds it."""
@@ -114,7 +118,7 @@ class Claims:
                 return None  # linked or touched just now: not read (whether its process is gone is asked later)
             holder = {} if planted else _holder(current)
             pid = holder.get("pid")
-            dead_here = (holder.get("host") == os.uname().nodename and isinstance(pid, int) and 0 < pid < 2**22
+            dead_here = (holder.get("host") == os.uname().nodename and isinstance(pid, int) and 0 < pid < PID_LIMIT
                          and not alive(pid))
             future = age < -FUTURE_SLACK  # a heartbeat from the future is no heartbeat: a wrong clock or tampering
             if not future and age < timeout and not dead_here and not planted:

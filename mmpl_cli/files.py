@@ -33,8 +33,14 @@ class StoreError(MMPLError):
     """The disk failed us (full, read-only, gone); finished work stays as it is."""
 
 
+PID_LIMIT = 1 << 22  # Linux's largest pid_max: a pid a render folder names beyond it is no process
+
+
 def alive(pid: int) -> bool:
-    """Whether a process of this machine is still running."""
+    """Whether a process of this machine is still running (a pid read from a render folder's file
+    names may be anything: 0 and below would ask about process groups, and a huge one overflows)."""
+    if not 0 < pid < PID_LIMIT:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -304,14 +310,21 @@ def write_atomic(path: Path, data: bytes | str) -> None:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
+TEMPORARY_DEPTH = 3  # mmpl writes no file deeper below a render folder than .mmpl/tasks/<shot>/
+
+
 def clean_temporary_files(root: Path, older_than: float = 0.0) -> None:
-    """Remove what interrupted writes left under `root`: temporary names whose writer is a dead
-    process on this machine, or older than `older_than` seconds (a live writer elsewhere cannot be
-    writing them any more)."""
+    """Remove what interrupted writes left under `root`, down to TEMPORARY_DEPTH folders: temporary
+    names whose writer is a dead process on this machine, or older than `older_than` seconds (a live
+    writer elsewhere cannot be writing them any more). Folders nested deeper are not mmpl's (Python
+    3.11's os.walk recursed once per level: a planted tree 1,000 deep ended every render)."""
     now = time.time()
+    top = os.fspath(root)
     # os.walk, not Path.rglob: each worker's start walks the whole folder (33,000 files at a thousand
     # shots), and rglob builds a Path per name; neither goes into a folder that is a symlink
-    for folder, _, names in os.walk(root):
+    for folder, below, names in os.walk(top):
+        if folder[len(top):].count(os.sep) >= TEMPORARY_DEPTH:
+            below.clear()
         for name in names:
             if TMP_MARK not in name:
                 continue

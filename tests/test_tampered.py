@@ -10,11 +10,14 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from conftest import run_cli, videos
+from mmpl_cli.files import HOST
 
 TIMEOUT = 180  # seconds: a tampered folder must never make a render wait for longer
 
@@ -27,6 +30,23 @@ def _copy(reference_dir: Path, tmp_path: Path) -> Path:
 
 def _render(shots_file, tiny_model_dir, out):
     return run_cli("render", str(shots_file), "--out", str(out), "--model-path", str(tiny_model_dir), timeout=TIMEOUT)
+
+
+@contextmanager
+def _deep_tree(top: Path, levels: int = 1200) -> Iterator[Path]:
+    """`levels` folders nested under `top`, removed level by level after (os.makedirs, rglob, rmtree and
+    pytest's own clean-up recurse once per level, and fail on them), also when the test fails."""
+    made = []
+    try:
+        for _ in range(levels):
+            top = top / "d"
+            top.mkdir()
+            made.append(top)
+        yield made[0]
+    finally:
+        for folder in reversed(made):
+            if folder.exists():
+                folder.rmdir()
 
 
 def _outside_untouched(tmp_path: Path, before: dict) -> None:
@@ -160,3 +180,29 @@ def test_a_symlink_planted_in_the_folder_does_not_lead_writes_outside(planted, s
     assert proc.returncode == 2, proc.stderr
     assert "leads outside the render folder" in proc.stderr and "Traceback" not in proc.stderr
     assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_impossible_pids_long_generations_and_deep_folders_in_the_folder_are_not_errors(shots_file, tiny_model_dir,
+                                                                                          reference_dir, tmp_path):
+    """Each ended every render of the folder with exit 1: a temporary name whose pid overflows C's
+    long (OverflowError from os.kill), a stale claim whose next generation's name would pass 255
+    bytes, a tree 1,200 folders deep (RecursionError in the start's clean-up)."""
+    out = _copy(reference_dir, tmp_path)
+    (out / ".mmpl/tasks/k/stitch.json").unlink()  # the stitch is computed again: it must be claimed
+    claims, events = out / ".mmpl/claims", out / ".mmpl/events"
+    claims.mkdir(exist_ok=True)
+    events.mkdir(exist_ok=True)
+    for folder in (claims, events):
+        (folder / f".worker.claim.tmp-{HOST}-{10**20}-deadbeef.claim").write_text("{}")
+    long = claims / ("k.stitch.claim." + "9" * 200)
+    long.write_text("{}")
+    os.utime(long, (1e9, 1e9))
+    with _deep_tree(claims):
+        proc = _render(shots_file, tiny_model_dir, out)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "unexpected error" not in proc.stderr
+    assert "k/stitch done" in proc.stdout
+    assert long.exists()  # not a claim: left alone
+    assert videos(out) == videos(reference_dir)
+
