@@ -114,7 +114,10 @@ class RenderStore:
 
     @property
     def claims_folder(self) -> Path:
-        return self.meta / "claims"
+        """Where the claims go: refused (exit 2) if a symlink leads there, or claiming and its clean-up
+        would link, and remove, files wherever it points."""
+        return self._confined(self.meta / "claims", follows_last=True)
+
 
     def restart(self, shot_ids: list[str]) -> None:
         """Forget every finished task and remove the videos of these shots: the explicit fresh start."""

@@ -167,11 +167,17 @@ def test_a_claim_from_the_future_is_taken_over(shots_file, tiny_model_dir, refer
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("planted", ["segments", ".mmpl/tasks"])
+@pytest.mark.parametrize("planted", ["segments", ".mmpl/tasks", ".mmpl/claims"])
 def test_a_symlink_planted_in_the_folder_does_not_lead_writes_outside(planted, shots_file, tiny_model_dir, tmp_path):
+    """Nor removals: through a symlinked claims folder, claiming took a user's file named like a stale
+    claim over (and removed it), and the clean-up removed one named like a dead process's temporary file."""
     out = tmp_path / "out"
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    users = [elsewhere / "k.s000-initial.claim.0", elsewhere / f".notes.tmp-{HOST}-{2**22 - 1}-x.txt"]
+    for path in users:
+        path.write_text("a user's file")
+        os.utime(path, (1e9, 1e9))
     (out / planted).parent.mkdir(parents=True, exist_ok=True)
     (out / ".mmpl").mkdir(exist_ok=True)
     (out / ".mmpl/manifest.json").write_text('{"store_version": 1}')  # an mmpl folder, so --out is accepted
@@ -179,7 +185,7 @@ def test_a_symlink_planted_in_the_folder_does_not_lead_writes_outside(planted, s
     proc = _render(shots_file, tiny_model_dir, out)
     assert proc.returncode == 2, proc.stderr
     assert "leads outside the render folder" in proc.stderr and "Traceback" not in proc.stderr
-    assert list(elsewhere.iterdir()) == []
+    assert sorted(elsewhere.iterdir()) == sorted(users) and all(p.read_text() == "a user's file" for p in users)
 
 
 @pytest.mark.slow
