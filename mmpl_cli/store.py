@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import stat
 from collections.abc import Callable, Iterable, Iterator
@@ -118,14 +119,18 @@ class RenderStore:
         would link, and remove, files wherever it points."""
         return self._confined(self.meta / "claims", follows_last=True)
 
-
     def restart(self, shot_ids: list[str]) -> None:
         """Forget every finished task and remove the videos of these shots: the explicit fresh start."""
         with disk_errors(self.root):
             for name in DECISIONS:
                 self.decision(name).unlink(missing_ok=True)
-            shutil.rmtree(self.meta / "tasks", ignore_errors=True)
-            shutil.rmtree(self.root / "segments", ignore_errors=True)
+            for folder in (self.meta / "tasks", self.root / "segments"):
+                try:
+                    shutil.rmtree(folder, ignore_errors=True)
+                except RecursionError:  # Python 3.11's rmtree recurses once per level
+                    raise InputError(Problem(str(folder), None, "--restart", "holds folders nested too deep to "
+                                             "remove (mmpl makes none deeper than one); nothing was rendered",
+                                             f"remove it yourself: rm -rf {shlex.quote(str(folder))}")) from None
             for shot_id in shot_ids:
                 (self.root / f"{shot_id}.mp4").unlink(missing_ok=True)
                 self.storyboard(shot_id).unlink(missing_ok=True)

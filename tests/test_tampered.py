@@ -212,3 +212,39 @@ def test_impossible_pids_long_generations_and_deep_folders_in_the_folder_are_not
     assert long.exists()  # not a claim: left alone
     assert videos(out) == videos(reference_dir)
 
+
+def test_something_planted_at_a_workers_event_log_is_refused_without_waiting(tmp_path):
+    """The event log's name is foreseeable (host, pid, worker): a FIFO there made the worker's first
+    event wait for a reader forever; it, or a folder, is bad input (exit 2), found at once."""
+    import threading
+
+    from mmpl_cli.errors import InputError
+    from mmpl_cli.store import RenderStore
+
+    for plant in (os.mkfifo, os.mkdir):
+        store = RenderStore(tmp_path / plant.__name__, worker="w")
+        log = store.event_log
+        log.folder.mkdir(parents=True)
+        plant(log.path)
+        raised = []
+        thread = threading.Thread(target=lambda: raised.append(pytest.raises(InputError, log.log, "started", "k/x", "h")),
+                                  daemon=True)
+        thread.start()
+        thread.join(timeout=30)
+        assert raised and "event log" in str(raised[0].value), plant
+    store = RenderStore(tmp_path / "plain", worker="w")
+    store.event_log.log("finished", "k/x", "h")
+    with open(store.event_log.path, "a") as fh:  # a line far longer than any event, then one more event
+        fh.write('{"event": "finished", "task": "k/y", "pad": "' + "x" * (1 << 17) + '"}\n')
+    store.event_log.log("finished", "k/z", "h")
+    assert store.event_log.computed_counts() == {"k/x": 1, "k/z": 1}
+
+
+def test_a_restart_that_meets_folders_too_deep_to_remove_says_so(tmp_path):
+    from mmpl_cli.errors import InputError
+    from mmpl_cli.store import RenderStore
+
+    store = RenderStore(tmp_path / "out")
+    (store.meta / "tasks" / "k").mkdir(parents=True)
+    with _deep_tree(store.meta / "tasks" / "k"), pytest.raises(InputError, match="nested too deep"):
+        store.restart(["k"])
