@@ -15,6 +15,8 @@ def status_report(store, manifest: dict) -> dict:
     for shot in manifest["shots"]:
         states = []
         for t in shot["tasks"]:
+            if t["segment"] is not None and type(t["segment"]) is not int:  # store.report: exit 2, naming the file
+                raise ValueError(f"a task's segment is {t['segment']!r}, not a whole number")
             state = store.state(t["id"], t["hash"])
             states.append(state)
             tasks.append({"id": t["id"], "shot": shot["id"], "kind": t["kind"], "segment": t["segment"],

@@ -195,7 +195,10 @@ def check_owner(store: RenderStore, shot_list: ShotList) -> None:
         recorded = store.read_manifest().get("shot_list")
         recorded = recorded if isinstance(recorded, dict) else {}
         path = recorded.get("path")
-        same_file = isinstance(path, str) and "\x00" not in path and str(Path(path).resolve()) == identity["shot_list"]
+        try:
+            same_file = isinstance(path, str) and "\x00" not in path and str(Path(path).resolve()) == identity["shot_list"]
+        except (OSError, RuntimeError):  # a symlink loop (RuntimeError in Python 3.11) or a name too long
+            same_file = False
         same_shots = recorded.get("shots") == json.loads(json.dumps([shot_record(s) for s in shot_list.shots]))
         if isinstance(path, str) and not (same_file or same_shots):  # a manifest that names no list binds nothing
             raise InputError(Problem(str(store.root), None, "--out",

@@ -121,6 +121,14 @@ class RenderStore:
 
     def restart(self, shot_ids: list[str]) -> None:
         """Forget every finished task and remove the videos of these shots: the explicit fresh start."""
+        for folder in (self.meta / "tasks", self.root / "segments"):  # before anything is removed
+            try:
+                kind = os.lstat(folder).st_mode
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISDIR(kind) and not stat.S_ISLNK(kind):  # a FIFO held rmtree's open forever
+                raise InputError(Problem(str(folder), None, "--restart", "expected a folder, found a file or FIFO "
+                                         "(planted?); nothing was removed", "move it away, or render into a new folder"))
         with disk_errors(self.root):
             for name in DECISIONS:
                 self.decision(name).unlink(missing_ok=True)
@@ -282,6 +290,8 @@ class RenderStore:
             return self._invalid(task_id, "task record of the wrong shape", quiet)
         if record["hash"] != task_hash:
             return STALE, None
+        if record["file"] != self._video_of(task_id):  # another file of the folder: another task's video, or a
+            return self._invalid(task_id, "task record names another file", quiet)  # name with a line break
         target = self.inside(record["file"])
         if target is None:
             return self._invalid(task_id, "task record names a file outside the render folder", quiet)
@@ -292,6 +302,12 @@ class RenderStore:
         if whole and sha256_file(target) != record["sha256"]:
             return self._invalid(task_id, f"{record['file']} was altered", quiet)
         return DONE, VideoFile(target)
+
+    def _video_of(self, task_id: str) -> str:
+        """The file a video task's record names, as save_video writes it (segment_video, shot_video)."""
+        shot, _, rest = task_id.partition("/")
+        segment, _, kind = rest.partition("/")
+        return f"{shot}.mp4" if rest == "stitch" else os.path.join("segments", shot, f"{segment}.mp4") if kind == "decode" else ""
 
     def inside(self, relative: str | Path) -> Path | None:
         """root / relative if that stays inside the folder with no symlink on the way, else None."""

@@ -248,3 +248,69 @@ def test_a_restart_that_meets_folders_too_deep_to_remove_says_so(tmp_path):
     (store.meta / "tasks" / "k").mkdir(parents=True)
     with _deep_tree(store.meta / "tasks" / "k"), pytest.raises(InputError, match="nested too deep"):
         store.restart(["k"])
+
+
+@pytest.mark.slow
+def test_a_video_record_naming_another_file_of_the_folder_is_not_certified(shots_file, tiny_model_dir,
+                                                                           reference_dir, tmp_path):
+    """A record must name its own task's file: the stitch's record pointed at a segment's video (with
+    its real checksum) kept a missing or garbage shot video "done" for ever, and a decode record whose
+    name held a line break slipped an outside video into ffmpeg's list of parts."""
+    out = _copy(reference_dir, tmp_path)
+    record_path = out / ".mmpl/tasks/k/stitch.json"
+    segment = "segments/k/s000.mp4"
+    record = json.loads(record_path.read_text())
+    record_path.write_text(json.dumps({**record, "file": segment,
+                                       "sha256": hashlib.sha256((out / segment).read_bytes()).hexdigest()}))
+    (out / "k.mp4").write_text("garbage")
+    proc = run_cli("status", str(out))
+    assert "1 task(s) remain" in proc.stdout, proc.stdout
+    proc = _render(shots_file, tiny_model_dir, out)
+    assert proc.returncode == 0, proc.stderr
+    assert "k/stitch: task record names another file" in proc.stdout
+    assert videos(out) == videos(reference_dir)
+
+
+def test_a_manifest_whose_segments_are_not_numbers_is_bad_input_in_text_too(reference_dir, tmp_path):
+    out = _copy(reference_dir, tmp_path)
+    manifest = json.loads((out / ".mmpl/manifest.json").read_text())
+    for task in manifest["shots"][0]["tasks"]:
+        task["segment"] = "x" if task["segment"] is not None else None
+    (out / ".mmpl/manifest.json").write_text(json.dumps(manifest))
+    for extra in ([], ["--json"]):
+        proc = run_cli("status", str(out), *extra)
+        assert proc.returncode == 2 and "manifest.json" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_restart_meets_a_fifo_where_its_folders_go_at_once_and_removes_nothing(tmp_path):
+    """shutil.rmtree opens what it is given before asking whether it is a folder: on a FIFO it waited
+    for a writer for ever, after the folder's decisions were removed."""
+    import threading
+
+    from mmpl_cli.errors import InputError
+    from mmpl_cli.store import RenderStore
+
+    store = RenderStore(tmp_path / "out")
+    store.meta.mkdir(parents=True)
+    store.decision("seeding").write_text("{}")
+    os.mkfifo(store.root / "segments")
+    raised = []
+    thread = threading.Thread(target=lambda: raised.append(pytest.raises(InputError, store.restart, ["k"])), daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert raised and "FIFO" in str(raised[0].value)
+    assert store.decision("seeding").exists()
+
+
+def test_a_manifest_naming_a_symlink_loop_as_its_shot_list_binds_nothing(shots_file, reference_dir, tmp_path):
+    from mmpl_cli.request import check_owner
+    from mmpl_cli.shotlist import load_shot_list
+    from mmpl_cli.store import RenderStore
+
+    out = _copy(reference_dir, tmp_path)
+    (out / ".mmpl/owner.json").unlink()  # a folder from before owners were recorded: its manifest names the list
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    manifest = json.loads((out / ".mmpl/manifest.json").read_text())
+    manifest["shot_list"]["path"] = str(tmp_path / "loop" / "x")
+    (out / ".mmpl/manifest.json").write_text(json.dumps(manifest))
+    check_owner(RenderStore(out), load_shot_list(shots_file))  # the same shots: no error (was RuntimeError)
