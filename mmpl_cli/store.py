@@ -271,6 +271,10 @@ class RenderStore:
             return self._invalid(task_id, "task file altered (checksum mismatch)", quiet)
         if meta.get("hash") != task_hash:
             return STALE, None
+        import numpy as np  # no task saves NaN or inf (runtime's finite check): one read back was planted
+
+        if not all(np.isfinite(np.frombuffer(data, np.float32)).all() for _, data in parts.values()):
+            return self._invalid(task_id, "task file holds NaN or infinity", quiet)
         try:
             candidate_of(parts)
             if not result:

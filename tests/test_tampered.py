@@ -314,3 +314,24 @@ def test_a_manifest_naming_a_symlink_loop_as_its_shot_list_binds_nothing(shots_f
     manifest["shot_list"]["path"] = str(tmp_path / "loop" / "x")
     (out / ".mmpl/manifest.json").write_text(json.dumps(manifest))
     check_owner(RenderStore(out), load_shot_list(shots_file))  # the same shots: no error (was RuntimeError)
+
+
+def test_a_task_file_holding_nan_with_true_checksums_is_computed_again(tmp_path):
+    """No task saves NaN or inf (a task whose output is not finite fails): one read back was planted,
+    and its checksums say nothing (anyone can compute them). It made a changed video, "done"."""
+    import torch
+
+    from mmpl_cli.results import Latents
+    from mmpl_cli.store import RenderStore
+
+    store = RenderStore(tmp_path / "out")
+    for value in (float("nan"), float("inf"), 1.0):
+        latents = torch.zeros(16, 3, 4, 4)
+        latents[0, 1, 2, 3] = value
+        store.save("k/s000/plan", "h", Latents(latents))
+        warned = []
+        loaded = RenderStore(tmp_path / "out", warn=warned.append).load("k/s000/plan", "h")
+        if value == 1.0:
+            assert loaded is not None and torch.equal(loaded.latents, latents) and not warned
+        else:
+            assert loaded is None and "holds NaN or infinity" in warned[0], value
