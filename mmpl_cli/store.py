@@ -308,10 +308,16 @@ class RenderStore:
         return DONE, VideoFile(target)
 
     def _video_of(self, task_id: str) -> str:
-        """The file a video task's record names, as save_video writes it (segment_video, shot_video)."""
+        """The file a video task's record names, as save_video writes it ("" for a task that makes none)."""
         shot, _, rest = task_id.partition("/")
         segment, _, kind = rest.partition("/")
-        return f"{shot}.mp4" if rest == "stitch" else os.path.join("segments", shot, f"{segment}.mp4") if kind == "decode" else ""
+        if rest == "stitch":
+            path = self.shot_video(shot)
+        elif kind == "decode" and segment[1:].isascii() and segment[1:].isdigit():
+            path = self.segment_video(shot, int(segment[1:]))
+        else:
+            return ""
+        return str(path.relative_to(self.root))
 
     def inside(self, relative: str | Path) -> Path | None:
         """root / relative if that stays inside the folder with no symlink on the way, else None."""
