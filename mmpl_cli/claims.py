@@ -163,10 +163,9 @@ class Claims:
         was lost is sent again and answered EEXIST. Such a claim links this process's record, which its
         other claims keep fresh, so it would hold the task from every worker until this one ends."""
         try:
-            info = os.lstat(claim)
+            return _read_claim(claim)[1].get("record") == record.name
         except OSError:
             return False
-        return stat.S_ISREG(info.st_mode) and _holder(claim).get("record") == record.name
 
     def _still_mine(self, claim: Path) -> bool | None:
         """Whether `claim` still holds the record this process linked there (record names are

@@ -121,7 +121,8 @@ class RenderStore:
 
     def restart(self, shot_ids: list[str]) -> None:
         """Forget every finished task and remove the videos of these shots: the explicit fresh start."""
-        for folder in (self.meta / "tasks", self.root / "segments"):  # before anything is removed
+        folders = (self.meta / "tasks", self.root / "segments")
+        for folder in folders:  # before anything is removed
             try:
                 kind = os.lstat(folder).st_mode
             except FileNotFoundError:
@@ -132,7 +133,7 @@ class RenderStore:
         with disk_errors(self.root):
             for name in DECISIONS:
                 self.decision(name).unlink(missing_ok=True)
-            for folder in (self.meta / "tasks", self.root / "segments"):
+            for folder in folders:
                 try:
                     shutil.rmtree(folder, ignore_errors=True)
                 except RecursionError:  # Python 3.11's rmtree recurses once per level
